@@ -1,0 +1,276 @@
+"""A GPT-2-style decoder with muP (Maximal Update Parametrization) and SP for comparison.
+
+Width = n_head * head_width. The width multiplier is m = width / base_width, with
+base_width = n_head * base_head_width. Every width-dependent choice lives in `mup_rules` below;
+this table is the whole of it (Tensor Programs V, Yang et al. 2022, Table 8 with the readout in
+the Table 3 "output multiplier" form used by microsoft/mup's MuReadout + MuAdam):
+
+| parameter class         | examples                          | init std                  | AdamW LR | AdamW decay |
+|-------------------------|-----------------------------------|---------------------------|----------|-------------|
+| hidden (matrix-like)    | qkv, attn out, MLP in and out     | gain / sqrt(fan_in)       | lr / m   | wd * m      |
+| embedding (vector-like) | token and position embeddings     | init_std                  | lr       | wd          |
+| readout                 | lm_head (untied)                  | 0, or gain/sqrt(base_width) | lr     | wd          |
+| norm / bias             | LayerNorm weight and bias, biases | 1 / 0                     | lr       | 0           |
+| logits (forward)        | lm_head output                    | multiplied by output_mult / m                         |
+| attention (forward)     | q . k                             | multiplied by attn_mult / d_head                      |
+
+attn_mult defaults to sqrt(base_head_width), so muP's attn_mult / d_head equals SP's
+1 / sqrt(d_head) at the base head width (SP: attn_mult / sqrt(base_head_width * d_head)).
+
+SP (standard parametrization): hidden and readout init std gain / sqrt(fan_in) at the actual width,
+every AdamW LR is lr, logits multiplied by output_mult, attention by attn_mult / sqrt(base_head_width
+* d_head). At m = 1 muP and SP are the same network with the same optimizer.
+
+Depth (CompleteP / depth-muP): each residual branch is multiplied by (n_layer / base_n_layer)^-alpha,
+and hidden LRs by (n_layer / base_n_layer)^(alpha - 1) (alpha = 1: CompleteP, alpha = 0.5:
+1/sqrt(L) depth-muP, alpha = 0: off). Both are 1 at the base depth.
+
+Weight-decay note: torch's AdamW shrinks a weight by lr_group * wd_group per step. We keep that
+product width-independent (wd_group = wd / lr_mult), so the pull towards zero per step does not
+fade as hidden LRs shrink with width ("independent" weight decay).
+
+Zero-initialised readout and query are init choices shared by both parametrizations.
+Parameter classes come from names, never from shapes: under ZeRO-3 a parameter's local shape is (0,).
+Each leaf module initialises itself in reset_parameters(), called from its own __init__, so the
+init survives DeepSpeed zero.Init (which partitions each module right after its __init__) and
+`model.apply(reset)` after building on the meta device.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 320  # padded to a multiple of 64 by the data layer
+    block_size: int = 256
+    n_layer: int = 2
+    n_head: int = 4
+    head_width: int = 32
+    parametrization: str = "mup"  # "mup" | "sp"
+    base_head_width: int = 32
+    base_n_layer: int = 0  # 0: the same as n_layer (no depth scaling)
+    depth_alpha: float = 0.0
+    init_std: float = 0.02  # embeddings
+    hidden_gain: float = 1.0  # hidden init std = gain / sqrt(fan_in)
+    output_mult: float = 1.0
+    attn_mult: float = 0.0  # 0: sqrt(base_head_width)
+    readout_zero_init: bool = True
+    query_zero_init: bool = False
+    bias: bool = True
+
+    @property
+    def width(self):
+        return self.n_head * self.head_width
+
+    @property
+    def base_width(self):
+        return self.n_head * self.base_head_width
+
+    @property
+    def width_mult(self):
+        return self.width / self.base_width
+
+    @property
+    def depth_mult(self):
+        return self.n_layer / (self.base_n_layer or self.n_layer)
+
+
+@dataclass(frozen=True)
+class Rule:
+    init_std: float
+    lr_mult: float
+    wd_mult: float
+
+
+def param_class(name):
+    """hidden | embedding | readout | vector, from the parameter's name alone."""
+    if name.endswith(".bias") or ".ln_" in name or name.startswith("ln_f."):
+        return "vector"
+    if name.startswith(("wte.", "wpe.")):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "readout"
+    return "hidden"
+
+
+def mup_rules(cfg, fan_in):
+    """The muP / SP rule for each parameter class, given a hidden matrix's fan_in (the table above)."""
+    m = cfg.width_mult if cfg.parametrization == "mup" else 1.0
+    depth_lr = cfg.depth_mult ** (cfg.depth_alpha - 1) if cfg.depth_alpha else 1.0
+    hidden_lr = depth_lr / m
+    if cfg.parametrization == "mup":
+        readout_std = cfg.hidden_gain / math.sqrt(cfg.base_width)
+    else:
+        readout_std = cfg.hidden_gain / math.sqrt(cfg.width)
+    return {
+        "hidden": Rule(cfg.hidden_gain / math.sqrt(fan_in), hidden_lr, 1 / hidden_lr),
+        "embedding": Rule(cfg.init_std, 1.0, 1.0),
+        "readout": Rule(0.0 if cfg.readout_zero_init else readout_std, 1.0, 1.0),
+        "vector": Rule(0.0, 1.0, 0.0),
+    }
+
+
+def output_scale(cfg):
+    """Logit multiplier: output_mult / m under muP, output_mult under SP."""
+    return cfg.output_mult / (cfg.width_mult if cfg.parametrization == "mup" else 1.0)
+
+
+def attention_scale(cfg):
+    attn_mult = cfg.attn_mult or math.sqrt(cfg.base_head_width)
+    if cfg.parametrization == "mup":
+        return attn_mult / cfg.head_width
+    return attn_mult / math.sqrt(cfg.base_head_width * cfg.head_width)
+
+
+def residual_scale(cfg):
+    return cfg.depth_mult ** -cfg.depth_alpha
+
+
+class Linear(nn.Linear):
+    """nn.Linear that draws N(0, std^2) weights and zero biases in its own reset_parameters."""
+
+    def __init__(self, fan_in, fan_out, bias, std):
+        self.std = std  # set before nn.Linear.__init__, which calls reset_parameters()
+        super().__init__(fan_in, fan_out, bias=bias)
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=self.std) if self.std > 0 else nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, num, dim, std):
+        self.std = std
+        super().__init__(num, dim)
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=self.std)
+
+
+class QKV(Linear):
+    """The fused q, k, v projection; the q third can start at zero (muP's optional query zero-init)."""
+
+    def __init__(self, width, bias, std, zero_query):
+        self.zero_query = zero_query
+        super().__init__(width, 3 * width, bias, std)
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.zero_query:
+            with torch.no_grad():
+                self.weight[: self.in_features].zero_()
+
+
+class Identity(nn.Module):
+    """A named no-op so hooks can read q, k and attention logits (coordinate checks)."""
+
+    def forward(self, x):
+        return x
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        rules = mup_rules(cfg, cfg.width)
+        self.n_head, self.head_width = cfg.n_head, cfg.head_width
+        self.scale = attention_scale(cfg)
+        self.c_attn = QKV(cfg.width, cfg.bias, rules["hidden"].init_std, cfg.query_zero_init)
+        self.c_proj = Linear(cfg.width, cfg.width, cfg.bias, rules["hidden"].init_std)
+        self.q, self.k, self.attn_logits = Identity(), Identity(), Identity()
+        self.record_logits = False  # coordinate checks compute the logits explicitly
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_width).transpose(1, 2) for t in (q, k, v))
+        q, k = self.q(q), self.k(k)
+        if self.record_logits:
+            self.attn_logits(q @ k.transpose(-2, -1) * self.scale)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.c_fc = Linear(cfg.width, 4 * cfg.width, cfg.bias, mup_rules(cfg, cfg.width)["hidden"].init_std)
+        self.c_proj = Linear(4 * cfg.width, cfg.width, cfg.bias, mup_rules(cfg, 4 * cfg.width)["hidden"].init_std)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.width, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.branch_scale = residual_scale(cfg)
+
+    def forward(self, x):
+        x = x + self.branch_scale * self.attn(self.ln_1(x))
+        return x + self.branch_scale * self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.parametrization not in ("mup", "sp"):
+            raise ValueError(f"parametrization must be 'mup' or 'sp', not {cfg.parametrization!r}")
+        self.cfg = cfg
+        rules = mup_rules(cfg, cfg.width)
+        self.wte = Embedding(cfg.vocab_size, cfg.width, rules["embedding"].init_std)
+        self.wpe = Embedding(cfg.block_size, cfg.width, rules["embedding"].init_std)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.width, bias=cfg.bias)
+        self.lm_head = Linear(cfg.width, cfg.vocab_size, False, rules["readout"].init_std)
+        self.logit_scale = output_scale(cfg)
+
+    def reset_parameters(self):
+        """Re-initialise every parameter (after building on the meta device and `to_empty`)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def param_rules(self):
+        """name -> (class, Rule) for every parameter, from names and the config alone."""
+        fan_in = {"c_attn": self.cfg.width, "c_fc": self.cfg.width, "attn.c_proj": self.cfg.width,
+                  "mlp.c_proj": 4 * self.cfg.width}
+        out = {}
+        for name, _ in self.named_parameters():
+            cls = param_class(name)
+            key = next((k for k in fan_in if f".{k}." in f".{name}"), None)
+            out[name] = (cls, mup_rules(self.cfg, fan_in[key] if key else self.cfg.width)[cls])
+        return out
+
+    def forward(self, idx, targets=None):
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x)) * self.logit_scale
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def num_params(self, embeddings=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.wpe.weight.numel()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :] / max(temperature, 1e-6)
+            if top_k:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
+        return idx

@@ -1,0 +1,1 @@
+"""mupgpt: the trainer's parts, one job per module (config, data, optim, engines, checkpoint, metrics)."""

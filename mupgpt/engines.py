@@ -1,0 +1,238 @@
+"""Where the model meets the hardware: one Engine interface for single process, DDP, FSDP2, DeepSpeed.
+
+The model (mup_model.GPT) knows nothing of parallelism; everything that wraps it (DDP, FSDP2,
+DeepSpeed, activation checkpointing, torch.compile, autocast) happens here. An engine offers:
+train_step(micro_batches) -> (mean loss, grad norm) as device tensors (no host sync), eval_loss,
+save(dir) / load(dir) of its native state, full_state_dict() for a consolidated export, and
+world info (rank, world_size, device, is_main).
+"""
+import contextlib
+import dataclasses
+import json
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
+
+from mupgpt.errors import UsageError
+from mupgpt.optim import adamw, clean_name, lr_scheduler
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def resolve_backend(cfg):
+    if cfg.backend != "auto":
+        return cfg.backend
+    launched_by_deepspeed = cfg.local_rank >= 0 and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+    if launched_by_deepspeed:
+        return "deepspeed"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def resolve_device(cfg):
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no GPU is visible: use --device cpu")
+    return cfg.device
+
+
+def resolve_precision(cfg, backend, device_type):
+    if cfg.precision != "auto":
+        if cfg.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UsageError("this GPU has no bf16: use --precision fp16 or fp32")
+        return cfg.precision
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "bf16" if backend == "deepspeed" else "fp32"
+
+
+def init_world(backend, device_type):
+    """Start torch.distributed when launched with several ranks; pin each rank to its GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend == "single" and world_size > 1:
+        raise UsageError(f"--backend single was launched with {world_size} processes: use ddp, fsdp or deepspeed")
+    if backend in ("ddp", "fsdp", "deepspeed") and not dist.is_initialized() and "RANK" in os.environ:
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if backend == "deepspeed":
+            import deepspeed
+            deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+        else:
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    if dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local) if device_type == "cuda" else torch.device("cpu")
+        return World(dist.get_rank(), dist.get_world_size(), local, device)
+    return World(device=torch.device(device_type))
+
+
+def count_params(model):
+    """Parameters without the position embeddings (as nanoGPT), also when ZeRO-3 has partitioned them."""
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters() if not n.endswith("wpe.weight"))
+
+
+def checkpoint_blocks(model, checkpoint_fn):
+    """Recompute each block's activations in backward. Names stay as they are (no wrapper module)."""
+    for block in model.h:
+        block.forward = functools.partial(checkpoint_fn, type(block).forward.__get__(block))
+
+
+class Engine:
+    """Single process (CPU or one GPU) and the base for the others."""
+
+    def __init__(self, cfg, model, groups, world, precision, total_steps):
+        self.cfg, self.model, self.world, self.precision = cfg, model, world, precision
+        self.device = world.device
+        self.grad_clip = cfg.grad_clip
+        model.to(self.device)
+        if cfg.gradient_checkpointing:
+            checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
+        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.optimizer = adamw(groups, cfg, self.device.type)
+        self.scheduler = lr_scheduler(self.optimizer, cfg, total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+    @property
+    def rank(self):
+        return self.world.rank
+
+    @property
+    def is_main(self):
+        return self.world.is_main
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def no_sync(self, last):
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches):
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            with self.no_sync(i == len(micro_batches) - 1), self.autocast():
+                loss = self.forward_model(x, y) / len(micro_batches)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        norm = self.clip()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.reduce_mean(total), norm
+
+    def clip(self):
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+
+    @torch.no_grad()
+    def eval_loss(self, x, y):
+        self.model.eval()
+        with self.autocast():
+            loss = self.forward_model(x, y)
+        self.model.train()
+        return self.reduce_mean(loss.float())
+
+    def reduce_mean(self, t):
+        if self.world.world_size > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world.world_size
+        return t
+
+    def lr(self):
+        """The schedule's current base LR (what a multiplier-1 group gets)."""
+        group = self.optimizer.param_groups[0]
+        return self.cfg.learning_rate * group["lr"] / group["initial_lr"]
+
+    # --- checkpoints: this engine's native format is a safetensors model + torch-saved optimizer
+    def save(self, path):
+        if self.is_main:
+            save_file(self.full_state_dict(), os.path.join(path, "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict()}, os.path.join(path, "optimizer.pt"))
+        torch.save({"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.zeros(0)},
+                   os.path.join(path, f"rng_rank{self.rank}.pt"))
+
+    def load(self, path):
+        self.load_model(load_file(os.path.join(path, "model.safetensors")))
+        opt_file = os.path.join(path, "optimizer.pt")
+        if os.path.exists(opt_file):
+            state = torch.load(opt_file, map_location=self.device, weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng_file):
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if self.device.type == "cuda" and rng["cuda"].numel():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+    def full_state_dict(self):
+        """The whole model's weights as plain CPU tensors under bare names (rank 0 gets them)."""
+        return {clean_name(k): v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+
+    def export(self, path, model_cfg):
+        """A consolidated model (safetensors + model_config.json) that loads into any backend."""
+        state = self.full_state_dict()
+        if self.is_main:
+            save_file(state, path)
+            with open(os.path.join(os.path.dirname(path), "model_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(model_cfg), f, indent=2)
+
+    def load_model(self, state):
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise UsageError(f"checkpoint does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                             "resume with the same --head_width, --n_head, --n_layer and --seq_len")
+
+
+class DDPEngine(Engine):
+    def __init__(self, cfg, model, groups, world, precision, total_steps):
+        super().__init__(cfg, model, groups, world, precision, total_steps)
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [world.local_rank] if self.device.type == "cuda" else None
+        self.forward_model = DistributedDataParallel(self.forward_model, device_ids=ids)
+
+    def no_sync(self, last):
+        return contextlib.nullcontext() if last else self.forward_model.no_sync()
+
+
+def build_engine(backend, cfg, model, groups, world, precision, total_steps):
+    if backend == "single":
+        return Engine(cfg, model, groups, world, precision, total_steps)
+    if backend == "ddp":
+        return DDPEngine(cfg, model, groups, world, precision, total_steps)
+    if backend == "fsdp":
+        from mupgpt.engine_fsdp import FSDPEngine
+        return FSDPEngine(cfg, model, groups, world, precision, total_steps)
+    if backend == "deepspeed":
+        from mupgpt.engine_deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(cfg, model, groups, world, precision, total_steps)
+    raise UsageError(f"unknown backend {backend!r}: use single, ddp, fsdp or deepspeed")

@@ -1,0 +1,15 @@
+"""Bad input is reported as one line that says what to do, with exit status 2 and no traceback."""
+import sys
+
+
+class UsageError(Exception):
+    pass
+
+
+def exit_on_usage_error(main):
+    """Run main(); a UsageError becomes 'error: <message>' on stderr and exit status 2."""
+    try:
+        return main()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

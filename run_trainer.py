@@ -1,0 +1,208 @@
+"""Train a muP GPT. One process, torchrun (DDP / FSDP2) or the deepspeed launcher, same flags.
+
+    python run_trainer.py --dataset stdlib --max_steps 300
+    deepspeed --num_gpus 8 run_trainer.py --head_width 32
+    torchrun --nproc_per_node 8 run_trainer.py --backend fsdp --head_width 32
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from mup_model import GPT, GPTConfig
+from mupgpt import checkpoint
+from mupgpt.config import parse_args
+from mupgpt.data import Batches, load_data
+from mupgpt.engines import build_engine, count_params, init_world, resolve_backend, resolve_device, resolve_precision
+from mupgpt.errors import UsageError, exit_on_usage_error
+from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
+from mupgpt.optim import param_groups
+
+
+def model_config(cfg, vocab_size):
+    return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), block_size=cfg.seq_len, n_layer=cfg.n_layer,
+                     n_head=cfg.n_head, head_width=cfg.head_width, parametrization=cfg.parametrization,
+                     base_head_width=cfg.base_head_width, base_n_layer=cfg.base_n_layer,
+                     depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
+                     attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
+                     query_zero_init=cfg.query_zero_init)
+
+
+def check_config(cfg):
+    """Bad flags fail here, before any process group or file exists."""
+    for name in ("head_width", "n_head", "n_layer", "base_head_width", "seq_len", "per_device_train_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
+    if cfg.head_width % 2 or cfg.base_head_width % 2:
+        raise UsageError(f"--head_width {cfg.head_width} and --base_head_width {cfg.base_head_width} must be even "
+                         "(widths are n_head x head_width; use 2^k head widths for a muP sweep)")
+    if cfg.learning_rate <= 0:
+        raise UsageError(f"--learning_rate must be positive, not {cfg.learning_rate}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise UsageError(f"--zero_stage must be 0, 1, 2 or 3, not {cfg.zero_stage}")
+    if cfg.offload not in ("none", "cpu", "nvme"):
+        raise UsageError(f"--offload must be none, cpu or nvme, not {cfg.offload!r}")
+    if cfg.base_n_layer < 0 or (cfg.depth_alpha and not cfg.base_n_layer):
+        raise UsageError("--depth_alpha needs --base_n_layer (the depth at which the depth scaling is 1)")
+
+
+def global_batch(cfg, world_size):
+    per_step = cfg.per_device_train_batch_size * world_size
+    total = cfg.train_batch_size or per_step
+    if total % per_step:
+        raise UsageError(f"--train_batch_size {total} is not a multiple of --per_device_train_batch_size "
+                         f"{cfg.per_device_train_batch_size} x {world_size} processes: pick one that divides")
+    return total, total // per_step
+
+
+class StopFlag:
+    """SIGTERM or Ctrl-C asks for a checkpoint and a clean exit; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step", flush=True)
+
+    def agreed(self, world, device):
+        """All ranks stop at the same step (they may get the signal at different times)."""
+        if world.world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def evaluate(engine, batches, iters):
+    losses = torch.stack([engine.eval_loss(*batches.val(i)) for i in range(iters)])
+    return losses.mean().item()
+
+
+def train(cfg):
+    check_config(cfg)
+    backend = resolve_backend(cfg)
+    device_type = resolve_device(cfg)
+    precision = resolve_precision(cfg, backend, device_type)
+    world = init_world(backend, device_type)
+    G, accum = global_batch(cfg, world.world_size)
+    run_dir = os.path.join(cfg.output_dir, cfg.name)
+    resume_path = checkpoint.find_resume(cfg.resume, run_dir)
+    trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
+    if world.is_main and not cfg.resume and (checkpoint.checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "summary.json"))):
+        raise UsageError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run_name")
+    if world.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+
+    data, tokenizer = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.barrier)
+    mcfg = model_config(cfg, data.vocab_size)
+    tokens_per_step = G * cfg.seq_len
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train) / tokens_per_step))
+
+    torch.manual_seed(cfg.seed)
+    if backend == "deepspeed":
+        from mupgpt.engine_deepspeed import build_model
+        model = build_model(mcfg, cfg, precision, world)
+    else:
+        model = GPT(mcfg)
+    n_params = count_params(model)
+    groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir if world.is_main else None)
+    engine = build_engine(backend, cfg, model, groups, world, precision, total_steps)
+    batches = Batches(data, cfg.seq_len, G, cfg.per_device_train_batch_size, world.rank, world.world_size,
+                      cfg.seed, world.device)
+
+    step, best_val = 0, float("inf")
+    if resume_path:
+        engine.load(resume_path)
+        step, best_val = trainer_state["step"], trainer_state.get("best_val_loss", float("inf"))
+        if world.is_main:
+            print(f"resumed from {resume_path} at step {step}", flush=True)
+    if world.is_main:
+        resolved = {"backend": backend, "precision": precision, "world_size": world.world_size,
+                    "train_batch_size": G, "gradient_accumulation_steps": accum, "total_steps": total_steps,
+                    "device": str(world.device), "n_params": n_params, "data": data.meta,
+                    "model": dataclasses.asdict(mcfg), "torch": torch.__version__}
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump({"args": dataclasses.asdict(cfg), "resolved": resolved}, f, indent=2)
+        print(f"{backend} | {world.world_size} rank(s) on {world.device} | {precision} | {n_params / 1e6:.2f}M params "
+              f"| width {mcfg.width} (m={mcfg.width_mult:g}, {cfg.parametrization}) | batch {G}x{cfg.seq_len} "
+              f"(accum {accum}) | {total_steps} steps | run dir {run_dir}", flush=True)
+
+    reporter = Reporter(run_dir, cfg, world.is_main, step)
+    flops_token = flops_per_token(mcfg, n_params)
+    peak = peak_flops(world.device) * world.world_size
+    stop = StopFlag()
+    t_start = t_log = time.time()
+    last_log_step, last_loss, val_loss, diverged = step, float("nan"), None, False
+    while step < total_steps:
+        loss, grad_norm = engine.train_step(batches.train(step))
+        step += 1
+        row = None
+        if step % cfg.log_interval == 0 or step == total_steps or step == 1:
+            last_loss = loss.item()
+            dt = time.time() - t_log
+            tps = (step - last_log_step) * tokens_per_step / max(dt, 1e-9)
+            mfu = flops_token * tps / peak if peak else 0.0
+            row = {"step": step, "loss": last_loss, "lr": engine.lr(), "grad_norm": float(grad_norm),
+                   "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu}
+            line = (f"step {step:>6}/{total_steps} | loss {last_loss:.4f} | lr {engine.lr():.3e} | "
+                    f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+            t_log, last_log_step = time.time(), step
+            diverged = not math.isfinite(last_loss)
+        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total_steps or diverged:
+            val_loss = evaluate(engine, batches, cfg.eval_iters) if not diverged else float("nan")
+            best_val = min(best_val, val_loss) if math.isfinite(val_loss) else best_val
+            row = row or {"step": step, "tokens": step * tokens_per_step}
+            row["val_loss"] = val_loss
+            line = (line if "loss" in row else f"step {step:>6}/{total_steps}") + f" | val {val_loss:.4f}"
+        if row:
+            reporter.log(row, line)
+            t_log = time.time()  # evaluation and logging are not counted as training time
+        stopping = diverged or stop.agreed(world, world.device) if row or world.world_size == 1 else False
+        if (cfg.save_interval and step % cfg.save_interval == 0) or (stopping and not diverged) or step == total_steps:
+            path = checkpoint.save(engine, run_dir, {"step": step, "best_val_loss": best_val}, cfg.keep_checkpoints)
+            t_log = time.time()
+            if stopping and world.is_main and not diverged:
+                print(f"stopped at step {step}; resume with --resume auto (checkpoint {path})", flush=True)
+        if stopping:
+            break
+
+    if world.is_main:
+        print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
+    export_path = os.path.join(run_dir, "model.safetensors")
+    engine.export(export_path, mcfg)
+    mem = peak_memory(world.device)
+    mem_t = torch.tensor([mem["peak_host_bytes"], mem["peak_device_bytes"]], dtype=torch.float64)
+    if world.world_size > 1:
+        torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
+    summary = {"final_train_loss": last_loss, "final_val_loss": val_loss,
+               "best_val_loss": best_val if math.isfinite(best_val) else None, "steps": step,
+               "tokens": step * tokens_per_step, "wall_s": time.time() - t_start, "diverged": diverged,
+               "completed": step >= total_steps, "peak_host_bytes_per_rank": int(mem_t[0]),
+               "peak_device_bytes_per_rank": int(mem_t[1]), "backend": backend, "world_size": world.world_size}
+    if world.is_main and (step >= total_steps or diverged):
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    reporter.finish(summary)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def main(argv=None):
+    return exit_on_usage_error(lambda: train(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
