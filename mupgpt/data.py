@@ -115,6 +115,8 @@ def load_documents(dataset):
         if "text" not in ds.column_names:
             raise UsageError(f"{dataset} has no 'text' field (columns: {ds.column_names}): name the text column 'text'")
         return _split(ds.select_columns(["text"])), os.path.abspath(dataset)
+    if dataset.startswith(("/", ".", "~")) or os.sep in dataset and not re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", dataset):
+        raise UsageError(f"no such file or folder: {dataset}: give a path to text files, 'stdlib', or a hub dataset name")
     name, config = HUB_ALIASES.get(dataset, (dataset.split(":")[0], dataset.split(":")[1] if ":" in dataset else None))
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise UsageError(f"unknown dataset {dataset!r}: give 'stdlib', a path to text files, or a hub dataset name")

@@ -1,0 +1,119 @@
+"""The muP rules as the model and optimizer apply them: init scaling, m = 1 equivalence, LRs reaching Adam."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mup_model import GPT, GPTConfig, param_class
+from mupgpt.optim import param_groups
+
+
+def build(head_width, parametrization="mup", seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, head_width=head_width,
+                    base_head_width=8, parametrization=parametrization, **kw)
+    return GPT(cfg)
+
+
+def std_slope(parametrization, name, **kw):
+    """Slope of log2(std) against log2(width) for one parameter across widths 8x apart."""
+    widths = [8, 16, 32, 64]
+    stds = [build(w, parametrization, **kw).get_parameter(name).std().item() for w in widths]
+    return np.polyfit(np.log2(widths), np.log2(stds), 1)[0]
+
+
+@pytest.mark.parametrize("name", ["h.0.attn.c_attn.weight", "h.0.attn.c_proj.weight", "h.1.mlp.c_fc.weight",
+                                  "h.1.mlp.c_proj.weight"])
+def test_hidden_init_std_scales_as_inverse_sqrt_width(name):
+    assert std_slope("mup", name) == pytest.approx(-0.5, abs=0.05)
+    assert std_slope("sp", name) == pytest.approx(-0.5, abs=0.05)
+
+
+def test_embedding_init_is_width_independent():
+    assert std_slope("mup", "wte.weight") == pytest.approx(0.0, abs=0.05)
+    assert std_slope("mup", "wpe.weight") == pytest.approx(0.0, abs=0.05)
+
+
+def test_readout_init_is_width_independent_under_mup_and_shrinks_under_sp():
+    assert std_slope("mup", "lm_head.weight", readout_zero_init=False) == pytest.approx(0.0, abs=0.05)
+    assert std_slope("sp", "lm_head.weight", readout_zero_init=False) == pytest.approx(-0.5, abs=0.05)
+    assert build(32).lm_head.weight.abs().max().item() == 0.0  # zero init is the default
+
+
+def test_query_zero_init_zeroes_only_the_query_third():
+    w = build(16, query_zero_init=True).h[0].attn.c_attn.weight
+    assert w[:32].abs().max().item() == 0.0 and w[32:].abs().min().item() >= 0 and w[32:].std().item() > 0
+
+
+def test_logit_and_attention_multipliers():
+    narrow, wide = build(8), build(64)
+    assert narrow.logit_scale == 1.0 and wide.logit_scale == pytest.approx(1 / 8)
+    assert narrow.h[0].attn.scale == pytest.approx(1 / math.sqrt(8))  # SP's value at the base width
+    assert wide.h[0].attn.scale == pytest.approx(math.sqrt(8) / 64)  # attn_mult / d_head
+    assert build(64, "sp").h[0].attn.scale == pytest.approx(1 / math.sqrt(64))
+    assert build(64, "sp").logit_scale == 1.0
+
+
+def train_losses(parametrization, head_width=8, steps=5):
+    model = build(head_width, parametrization, seed=3, readout_zero_init=False)
+    opt = torch.optim.AdamW(param_groups(model, 1e-2, 0.1), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        x = torch.randint(0, 128, (4, 16), generator=gen)
+        loss = model(x, x.roll(-1, 1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        out.append(loss.item())
+    return out
+
+
+def test_mup_equals_sp_at_base_width():
+    assert train_losses("mup") == train_losses("sp")  # bit for bit: same network, same optimizer
+
+
+def test_mup_differs_from_sp_away_from_base_width():
+    assert train_losses("mup", head_width=32) != train_losses("sp", head_width=32)  # power check
+
+
+def test_adam_first_step_moves_each_parameter_by_its_group_lr():
+    """Adam's first update is lr * g / (|g| + eps) ~ lr per element: it reads back each group's LR."""
+    lr, m = 1e-3, 4
+    model = build(8 * m, readout_zero_init=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(param_groups(model, lr, 0.0), lr=lr, eps=1e-12)
+    x = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
+    model(x, x.roll(-1, 1)).backward()
+    opt.step()
+    expected = {"hidden": lr / m, "embedding": lr, "readout": lr, "vector": lr}
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).abs()
+        moved = moved[p.grad.abs() > 0]  # rows of tokens absent from the batch get no gradient
+        assert moved.median().item() == pytest.approx(expected[param_class(name)], rel=1e-3), name
+
+
+def test_param_classes_come_from_names_not_shapes():
+    model = build(16)
+    expected = {n: param_class(n) for n, _ in model.named_parameters()}
+    for p in model.parameters():
+        p.data = torch.empty(0)  # what a ZeRO-3 partitioned parameter looks like locally
+    assert {n: c for n, (c, _) in model.param_rules().items()} == expected
+    groups = param_groups(model, 1e-2, 0.1)
+    hidden = [g for g in groups if g["name"] == "hidden"]
+    assert len(hidden) == 1 and hidden[0]["lr"] == pytest.approx(1e-2 / 2) and hidden[0]["weight_decay"] == pytest.approx(0.2)
+    assert all(g["weight_decay"] == 0 for g in groups if g["name"] == "vector")
+
+
+def test_meta_device_build_then_reset_parameters_equals_eager_init():
+    """reset_parameters replays the construction-time init in the same order: same seed, same weights."""
+    eager = build(16, seed=11, readout_zero_init=False)
+    with torch.device("meta"):
+        model = GPT(eager.cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(11)
+    model.reset_parameters()
+    for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        assert torch.equal(a, b), name
+    assert model.h[0].mlp.c_proj.weight.std().item() == pytest.approx(1 / math.sqrt(4 * 32), rel=0.1)  # fan_in = 4 x width

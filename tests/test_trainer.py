@@ -1,0 +1,145 @@
+"""The trainer end to end: loss falls, outputs, exact resume, preemption, DDP, and one-line errors."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, losses, run_cli, trainer_args
+from mupgpt.config import parse_args
+
+from run_trainer import train
+
+
+def run(out, corpus, data_dir, *extra):
+    return train(parse_args(trainer_args(out, corpus, data_dir, *extra)))
+
+
+def test_loss_falls_on_the_embedded_corpus(tmp_path):
+    summary = train(parse_args(["--dataset", "stdlib", "--tokenizer", "bytes", "--data_dir", str(tmp_path / "data"),
+                                "--output_dir", str(tmp_path), "--run_name", "r", "--max_steps", "40",
+                                "--n_layer", "1", "--seq_len", "64", "--log_interval", "1", "--eval_iters", "2"]))
+    run_losses = losses(tmp_path / "r")
+    assert run_losses[0] == pytest.approx(5.768, abs=0.01)  # ln(320): the zero-init readout starts uniform
+    assert summary["final_train_loss"] < run_losses[0] - 2.0
+    assert summary["final_val_loss"] < run_losses[0] - 2.0
+
+
+def test_run_directory_holds_every_output(tmp_path, corpus, data_dir):
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--eval_interval", "3")
+    d = tmp_path / "r"
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["args"]["head_width"] == 16 and cfg["resolved"]["backend"] == "single"
+    opt = json.loads((d / "opt_config.json").read_text())
+    assert opt["h.0.mlp.c_fc.weight"]["lr"] == opt["wte.weight"]["lr"]  # m = 1 here
+    rows = [json.loads(l) for l in open(d / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert "val_loss" in rows[2] and "val_loss" in rows[5] and "val_loss" not in rows[0]
+    summary = json.loads((d / "summary.json").read_text())
+    for key in ("final_train_loss", "best_val_loss", "final_val_loss", "steps", "tokens", "wall_s", "peak_host_bytes_per_rank"):
+        assert key in summary
+    exported = load_file(d / "model.safetensors")
+    assert "lm_head.weight" in exported and not any(k.startswith(("_orig_mod", "module.")) for k in exported)
+
+
+def test_resume_continues_bit_for_bit(tmp_path, corpus, data_dir):
+    extra = ["--max_steps", "8", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "2", "--weight_decay", "0.1"]
+    run(tmp_path, corpus, data_dir, "--run_name", "straight", *extra)
+    run(tmp_path, corpus, data_dir, "--run_name", "split", "--save_interval", "4", *extra)
+    split = tmp_path / "split"
+    shutil.rmtree(split / "checkpoints" / "step_00000008")  # as if the run had stopped after step 4
+    os.remove(split / "summary.json")
+    run(tmp_path, corpus, data_dir, "--run_name", "split", "--resume", "auto", *extra)
+    assert losses(split) == losses(tmp_path / "straight")
+    a, b = load_file(split / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_keep_the_last_k_and_skip_incomplete_ones(tmp_path, corpus, data_dir):
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--save_interval", "2",
+        "--keep_checkpoints", "2")
+    ckpts = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
+    assert ckpts == ["step_00000006", "step_00000008"]
+    # a save killed half-way leaves only a .tmp folder: resume takes the previous complete one
+    os.rename(tmp_path / "r" / "checkpoints" / "step_00000008", tmp_path / "r" / "checkpoints" / "step_00000008.tmp")
+    from mupgpt.checkpoint import find_resume
+    assert find_resume("auto", str(tmp_path / "r")).endswith("step_00000006")
+
+
+def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir):
+    """A preempted job: SIGTERM mid-run saves a checkpoint and exits 0; the resumed run is exact."""
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "pre")  # constant LR: any max_steps
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_trainer.py"), *args, "--max_steps", "1000000"],
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "pre" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stopped at step" in out and "Traceback" not in out, out[-2000:]
+    stopped_at = len(losses(tmp_path / "pre"))
+    assert stopped_at >= 5 and not (tmp_path / "pre" / "summary.json").exists()
+    total = str(stopped_at + 5)
+    resumed = run_cli([*args, "--resume", "auto", "--max_steps", total])
+    assert resumed.returncode == 0 and f"at step {stopped_at}" in resumed.stdout, resumed.stderr
+    straight = [*args[:-1], "straight", "--max_steps", total]  # same thread count as the runs above
+    assert run_cli(straight).returncode == 0
+    assert losses(tmp_path / "pre") == losses(tmp_path / "straight")
+
+
+def test_ddp_on_two_ranks_matches_one_process(tmp_path, corpus, data_dir):
+    common = ["--max_steps", "5", "--train_batch_size", "8"]
+    run(tmp_path, corpus, data_dir, "--run_name", "one", *common)
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "ddp", "--backend", "ddp", *common),
+                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", "29631"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["resolved"]["world_size"] == 2
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
+BAD_INPUTS = {
+    "batch does not divide": (["--train_batch_size", "6"], "not a multiple of --per_device_train_batch_size"),
+    "odd width": (["--head_width", "7"], "must be even"),
+    "zero stage": (["--zero_stage", "5"], "--zero_stage must be 0, 1, 2 or 3"),
+    "unknown dataset": (["--dataset", "no such dataset!"], "unknown dataset"),
+    "missing resume": (["--resume", "/nonexistent/ckpt"], "no such checkpoint"),
+    "unknown flag": (["--lerning_rate", "1"], "unrecognized arguments"),
+    "bad choice": (["--parametrization", "ntk"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, corpus, data_dir, case):
+    extra, message = BAD_INPUTS[case]
+    args = trainer_args(tmp_path, corpus, data_dir, "--max_steps", "2", *extra)
+    res = run_cli(args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+
+
+def test_bad_data_and_checkpoints_are_one_line_and_lose_nothing(tmp_path, corpus, data_dir):
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2")
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    cases = [
+        (["--run_name", "r"], "already holds a run: pass --resume auto"),  # would overwrite a finished run
+        (["--run_name", "x", "--data_dir", str(tmp_path / "empty"), "--dataset", str(tmp_path / "nofiles")], "no such"),
+    ]
+    ckpt = tmp_path / "r" / "checkpoints" / "step_00000004"
+    (ckpt / "trainer.json").write_text("{not json")
+    cases.append((["--run_name", "r2", "--resume", str(ckpt)], "not a complete checkpoint"))
+    for extra, message in cases:
+        res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "4", *extra))
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
