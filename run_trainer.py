@@ -18,10 +18,9 @@ from mup_model import GPT, GPTConfig
 from mupgpt import checkpoint
 from mupgpt.config import parse_args
 from mupgpt.data import Batches, load_data
-from mupgpt.engines import build_engine, count_params, init_world, resolve_backend, resolve_device, resolve_precision
+from mupgpt.engines import build, count_params, init_world, resolve_backend, resolve_device, resolve_precision
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
-from mupgpt.optim import param_groups
 
 
 def model_config(cfg, vocab_size):
@@ -108,21 +107,14 @@ def train(cfg):
     tokens_per_step = G * cfg.seq_len
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train) / tokens_per_step))
 
-    torch.manual_seed(cfg.seed)
-    if backend == "deepspeed":
-        from mupgpt.engine_deepspeed import build_model
-        model = build_model(mcfg, cfg, precision, world)
-    else:
-        model = GPT(mcfg)
-    n_params = count_params(model)
-    groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir if world.is_main else None)
-    engine = build_engine(backend, cfg, model, groups, world, precision, total_steps)
+    engine = build(backend, cfg, mcfg, world, precision, G, accum, total_steps, run_dir if world.is_main else None)
+    n_params = count_params(engine.model)
     batches = Batches(data, cfg.seq_len, G, cfg.per_device_train_batch_size, world.rank, world.world_size,
                       cfg.seed, world.device)
 
     step, best_val = 0, float("inf")
     if resume_path:
-        engine.load(resume_path)
+        checkpoint.restore(engine, resume_path, trainer_state, backend)
         step, best_val = trainer_state["step"], trainer_state.get("best_val_loss", float("inf"))
         if world.is_main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
@@ -169,7 +161,8 @@ def train(cfg):
             t_log = time.time()  # evaluation and logging are not counted as training time
         stopping = diverged or stop.agreed(world, world.device) if row or world.world_size == 1 else False
         if (cfg.save_interval and step % cfg.save_interval == 0) or (stopping and not diverged) or step == total_steps:
-            path = checkpoint.save(engine, run_dir, {"step": step, "best_val_loss": best_val}, cfg.keep_checkpoints)
+            path = checkpoint.save(engine, run_dir, {"step": step, "best_val_loss": best_val, "backend": backend,
+                                                          "world_size": world.world_size}, cfg.keep_checkpoints)
             t_log = time.time()
             if stopping and world.is_main and not diverged:
                 print(f"stopped at step {step}; resume with --resume auto (checkpoint {path})", flush=True)

@@ -71,3 +71,19 @@ def read_trainer_state(path):
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is not a complete checkpoint (trainer.json missing or corrupt): "
                          "resume from an earlier checkpoints/step_N folder, or start afresh") from None
+
+
+def restore(engine, path, trainer_state, backend):
+    """Native state when the same backend and world size wrote it; otherwise the consolidated weights."""
+    same = trainer_state.get("backend") == backend and trainer_state.get("world_size") == engine.world.world_size
+    if same:
+        engine.load(path)
+        return
+    from safetensors.torch import load_file
+    weights = os.path.join(path, "model.safetensors")
+    if not os.path.exists(weights):
+        raise UsageError(f"{path} has no model.safetensors: resume it with the backend and world size that wrote it")
+    engine.load_model(load_file(weights))
+    if engine.world.is_main:
+        print(f"note: {path} was written by {trainer_state.get('backend')} on {trainer_state.get('world_size')} rank(s); "
+              "loaded its weights, the optimizer state starts afresh", flush=True)

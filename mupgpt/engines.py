@@ -93,7 +93,8 @@ def count_params(model):
 def checkpoint_blocks(model, checkpoint_fn):
     """Recompute each block's activations in backward. Names stay as they are (no wrapper module)."""
     for block in model.h:
-        block.forward = functools.partial(checkpoint_fn, type(block).forward.__get__(block))
+        if "forward" not in vars(block):  # once only
+            block.forward = functools.partial(checkpoint_fn, type(block).forward.__get__(block))
 
 
 class Engine:
@@ -166,27 +167,33 @@ class Engine:
 
     def lr(self):
         """The schedule's current base LR (what a multiplier-1 group gets)."""
-        group = self.optimizer.param_groups[0]
-        return self.cfg.learning_rate * group["lr"] / group["initial_lr"]
+        return self.cfg.learning_rate * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
 
-    # --- checkpoints: this engine's native format is a safetensors model + torch-saved optimizer
+    # --- checkpoints: every backend writes a consolidated model.safetensors (portable across
+    # backends and world sizes) plus its native optimizer state; this one's is a torch-saved dict.
     def save(self, path):
+        self.save_consolidated(path)
         if self.is_main:
-            save_file(self.full_state_dict(), os.path.join(path, "model.safetensors"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict()}, os.path.join(path, "optimizer.pt"))
+
+    def load(self, path):
+        self.load_model(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)))
+        state = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.load_rng(path)
+
+    def save_consolidated(self, path):
+        state = self.full_state_dict()  # a collective under the sharded backends
+        if self.is_main:
+            save_file(state, os.path.join(path, "model.safetensors"))
         torch.save({"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.zeros(0)},
                    os.path.join(path, f"rng_rank{self.rank}.pt"))
 
-    def load(self, path):
-        self.load_model(load_file(os.path.join(path, "model.safetensors")))
-        opt_file = os.path.join(path, "optimizer.pt")
-        if os.path.exists(opt_file):
-            state = torch.load(opt_file, map_location=self.device, weights_only=True)
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+    def load_rng(self, path):
         rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng_file):
             rng = torch.load(rng_file, weights_only=True)
@@ -224,15 +231,27 @@ class DDPEngine(Engine):
         return contextlib.nullcontext() if last else self.forward_model.no_sync()
 
 
-def build_engine(backend, cfg, model, groups, world, precision, total_steps):
+def build(backend, cfg, mcfg, world, precision, global_batch, accum, total_steps, run_dir=None):
+    """Model, muP optimizer groups and engine for one backend: the only place wrapping happens."""
+    from mup_model import GPT
+    from mupgpt.optim import param_groups
+    torch.manual_seed(cfg.seed)
+    if backend == "deepspeed":
+        from mupgpt.engine_deepspeed import DeepSpeedEngine, build_model, ds_config
+        config = ds_config(cfg, precision, global_batch, accum, mcfg.width)
+        if run_dir:
+            with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
+                json.dump(config, f, indent=2)
+        model = build_model(mcfg, config)
+        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
+        return DeepSpeedEngine(cfg, model, groups, world, precision, total_steps, config)
+    model = GPT(mcfg)
+    groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
     if backend == "single":
         return Engine(cfg, model, groups, world, precision, total_steps)
     if backend == "ddp":
         return DDPEngine(cfg, model, groups, world, precision, total_steps)
     if backend == "fsdp":
         from mupgpt.engine_fsdp import FSDPEngine
-        return FSDPEngine(cfg, model, groups, world, precision, total_steps)
-    if backend == "deepspeed":
-        from mupgpt.engine_deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(cfg, model, groups, world, precision, total_steps)
+        return FSDPEngine(cfg, model, world, precision, total_steps, run_dir)
     raise UsageError(f"unknown backend {backend!r}: use single, ddp, fsdp or deepspeed")

@@ -1,0 +1,175 @@
+"""DeepSpeed ZeRO-0/1/2/3 (with CPU or NVMe offload) behind the Engine interface.
+
+The JSON in ds_configs/ (or --ds_config) says how to shard; the values the command line owns
+(micro batch, global batch, accumulation, precision, clipping) are filled in from the flags, and a
+config that sets them differently is refused. The muP groups go to DeepSpeed as the client
+optimizer's param groups and the schedule stays client-side (a LambdaLR over those groups):
+DeepSpeed's own config-file schedulers would set one LR for every group.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mup_model import GPT
+from mupgpt.engines import Engine, checkpoint_blocks
+from mupgpt.errors import UsageError
+from mupgpt.optim import clean_name, lr_scheduler
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def template_path(cfg):
+    if cfg.ds_config:
+        if not os.path.exists(cfg.ds_config):
+            raise UsageError(f"--ds_config {cfg.ds_config}: no such file")
+        return cfg.ds_config
+    if cfg.offload != "none":
+        if cfg.zero_stage != 3:
+            raise UsageError(f"--offload {cfg.offload} needs --zero_stage 3 (the shipped offload configs are ZeRO-3)")
+        return str(CONFIG_DIR / f"zero3_offload_{cfg.offload}.json")
+    return str(CONFIG_DIR / f"zero{cfg.zero_stage}.json")
+
+
+def _set(node, key, value, source, flag):
+    """Fill an 'auto' or absent value; refuse a different one (the flag owns it)."""
+    current = node.get(key, "auto")
+    if current != "auto" and current != value:
+        raise UsageError(f"{source} sets {key}={current!r} but the flags give {value!r}: "
+                         f"set it with {flag} or write \"auto\" in the config")
+    node[key] = value
+
+
+def ds_config(cfg, precision, global_batch, accum, width):
+    """The effective DeepSpeed config for this run (also written to the run directory)."""
+    path = template_path(cfg)
+    try:
+        config = json.load(open(path))
+    except ValueError as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): fix it or use one from ds_configs/") from None
+    _set(config, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, path, "--per_device_train_batch_size")
+    _set(config, "train_batch_size", global_batch, path, "--train_batch_size")
+    _set(config, "gradient_accumulation_steps", accum, path, "--train_batch_size")
+    _set(config, "gradient_clipping", cfg.grad_clip, path, "--grad_clip")
+    for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        node = config.setdefault(key, {})
+        _set(node, "enabled", on, path, "--precision")
+    if precision == "fp16":
+        config["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
+        config["fp16"].setdefault("initial_scale_power", 16)
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise UsageError(f"{path} has an '{key}' section: remove it; the muP per-group optimizer and schedule come from the trainer")
+    zero = config.setdefault("zero_optimization", {"stage": cfg.zero_stage})
+    if zero.get("stage") not in (0, 1, 2, 3):
+        raise UsageError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, not {zero.get('stage')!r}")
+    # sizes from the model: buckets about one layer, keep small (norm/bias) params resident
+    auto_sizes = {"reduce_bucket_size": width * width, "stage3_prefetch_bucket_size": int(0.9 * width * width),
+                  "stage3_param_persistence_threshold": 10 * width}
+    for key, value in auto_sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    for part in ("offload_param", "offload_optimizer"):
+        device = zero.get(part, {}).get("device", "none")
+        if device == "nvme":
+            nvme = zero[part].get("nvme_path", "auto")
+            nvme = cfg.nvme_path if nvme == "auto" else nvme
+            if not nvme or not os.path.isdir(nvme):
+                raise UsageError(f"NVMe offload needs an existing folder: pass --nvme_path DIR (got {nvme!r})")
+            zero[part]["nvme_path"] = nvme
+        elif device not in ("none", "cpu"):
+            raise UsageError(f"{part}.device {device!r} is not available here: use cpu or nvme (or none)")
+    if any(zero.get(p, {}).get("device", "none") != "none" for p in ("offload_param", "offload_optimizer")):
+        config["zero_force_ds_cpu_optimizer"] = False
+        if zero.get("stage") != 3 and "offload_param" in zero:
+            raise UsageError(f"{path}: offload_param needs zero_optimization.stage 3")
+    leftover = [k for k, v in zero.items() if v == "auto"]
+    if leftover:
+        raise UsageError(f"{path}: no value for {leftover} ('auto' is only filled for the keys in ds_configs/)")
+    return config
+
+
+def build_model(mcfg, config):
+    """Under ZeRO-3 each rank builds only its shard (zero.Init); the muP init runs inside each leaf."""
+    import deepspeed
+    if config["zero_optimization"].get("stage") == 3:
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            return GPT(mcfg)
+    return GPT(mcfg)
+
+
+class DeepSpeedEngine(Engine):
+    def __init__(self, cfg, model, groups, world, precision, total_steps, config):
+        import deepspeed
+        self.cfg, self.model, self.world, self.precision = cfg, model, world, precision
+        self.device, self.config = world.device, config
+        zero = config["zero_optimization"]
+        offload_opt = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+        if cfg.gradient_checkpointing:
+            deepspeed.checkpointing.configure(None, checkpoint_in_cpu=offload_opt, partition_activations=False)
+            checkpoint_blocks(model, deepspeed.checkpointing.checkpoint)
+        kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                  weight_decay=cfg.weight_decay)
+        if offload_opt:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+        else:
+            optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda", **kw)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False,
+            lr_scheduler=lambda opt: lr_scheduler(opt, cfg, total_steps))
+        self.forward_model = self.engine
+
+    def train_step(self, micro_batches):
+        total = torch.zeros((), device=self.device)
+        for x, y in micro_batches:
+            loss = self.engine(x, y)
+            self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+            self.engine.step()  # a real optimizer step (and schedule step) only at the boundary
+            total += loss.detach().float()
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+        return self.reduce_mean(total / len(micro_batches)), norm
+
+    @torch.no_grad()
+    def eval_loss(self, x, y):
+        self.engine.eval()
+        loss = self.engine(x, y)
+        self.engine.train()
+        return self.reduce_mean(loss.float())
+
+    def save(self, path):
+        self.engine.save_checkpoint(path, tag="deepspeed")
+        self.save_consolidated(path)
+
+    def load(self, path):
+        load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_module_strict=True)
+        if load_path is None:
+            raise UsageError(f"{path} holds no DeepSpeed state: resume it with the backend that wrote it")
+        self.load_rng(path)
+
+    def full_state_dict(self):
+        """fp32 master weights gathered from every rank's shard (all ranks must call this)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            if full is None:  # ZeRO-0 / no master copy: the parameter itself is whole
+                full = p.detach().float()
+            out[clean_name(name)] = full.cpu().contiguous()
+        return out
+
+    def load_model(self, state):
+        from deepspeed.utils import safe_set_full_fp32_param
+        params = dict(self.engine.module.named_parameters())
+        missing = sorted(set(map(clean_name, params)) - set(state))
+        if missing:
+            raise UsageError(f"checkpoint does not fit this model (missing {missing[:3]}): use the same model flags")
+        for name, p in params.items():
+            value = state[clean_name(name)].to(self.device)
+            if self.engine.zero_optimization_stage() == 0:
+                with torch.no_grad():
+                    p.copy_(value)
+            else:
+                safe_set_full_fp32_param(p, value)
