@@ -92,8 +92,12 @@ def train(cfg):
     backend = resolve_backend(cfg)
     device_type = resolve_device(cfg)
     precision = resolve_precision(cfg, backend, device_type)
+    G, accum = global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    ds_cfg = None
+    if backend == "deepspeed":
+        from mupgpt.engine_deepspeed import ds_config
+        ds_cfg = ds_config(cfg, precision, G, accum, cfg.n_head * cfg.head_width)
     world = init_world(backend, device_type)
-    G, accum = global_batch(cfg, world.world_size)
     run_dir = os.path.join(cfg.output_dir, cfg.name)
     resume_path = checkpoint.find_resume(cfg.resume, run_dir)
     trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
@@ -107,7 +111,7 @@ def train(cfg):
     tokens_per_step = G * cfg.seq_len
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train) / tokens_per_step))
 
-    engine = build(backend, cfg, mcfg, world, precision, G, accum, total_steps, run_dir if world.is_main else None)
+    engine = build(backend, cfg, mcfg, world, precision, total_steps, ds_cfg, run_dir if world.is_main else None)
     n_params = count_params(engine.model)
     batches = Batches(data, cfg.seq_len, G, cfg.per_device_train_batch_size, world.rank, world.world_size,
                       cfg.seed, world.device)

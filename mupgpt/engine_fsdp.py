@@ -25,7 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class FSDPEngine(Engine):
     def __init__(self, cfg, model, world, precision, total_steps, run_dir=None):
         if precision == "fp16":
-            raise UsageError("--backend fsdp supports bf16 and fp32 here: use --precision bf16 (or deepspeed for fp16)")
+            raise UsageError("--backend fsdp runs bf16 or fp32: use --precision bf16 (deepspeed has fp16 with loss scaling)")
         model.to(world.device)
         if cfg.gradient_checkpointing:
             checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))

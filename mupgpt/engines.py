@@ -57,6 +57,8 @@ def resolve_device(cfg):
 
 def resolve_precision(cfg, backend, device_type):
     if cfg.precision != "auto":
+        if cfg.precision == "fp16" and device_type == "cpu" and backend in ("deepspeed", "fsdp"):
+            raise UsageError(f"{backend} has no fp16 on CPU: use --precision bf16 or fp32 (fp16 needs a GPU)")
         if cfg.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UsageError("this GPU has no bf16: use --precision fp16 or fp32")
         return cfg.precision
@@ -65,11 +67,23 @@ def resolve_precision(cfg, backend, device_type):
     return "bf16" if backend == "deepspeed" else "fp32"
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_world(backend, device_type):
     """Start torch.distributed when launched with several ranks; pin each rank to its GPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's choice, without its warning
     if backend == "single" and world_size > 1:
         raise UsageError(f"--backend single was launched with {world_size} processes: use ddp, fsdp or deepspeed")
+    if backend == "deepspeed" and "RANK" not in os.environ:  # one process without a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if backend in ("ddp", "fsdp", "deepspeed") and not dist.is_initialized() and "RANK" in os.environ:
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -231,20 +245,19 @@ class DDPEngine(Engine):
         return contextlib.nullcontext() if last else self.forward_model.no_sync()
 
 
-def build(backend, cfg, mcfg, world, precision, global_batch, accum, total_steps, run_dir=None):
+def build(backend, cfg, mcfg, world, precision, total_steps, ds_config=None, run_dir=None):
     """Model, muP optimizer groups and engine for one backend: the only place wrapping happens."""
     from mup_model import GPT
     from mupgpt.optim import param_groups
     torch.manual_seed(cfg.seed)
     if backend == "deepspeed":
-        from mupgpt.engine_deepspeed import DeepSpeedEngine, build_model, ds_config
-        config = ds_config(cfg, precision, global_batch, accum, mcfg.width)
+        from mupgpt.engine_deepspeed import DeepSpeedEngine, build_model
         if run_dir:
             with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
-                json.dump(config, f, indent=2)
-        model = build_model(mcfg, config)
+                json.dump(ds_config, f, indent=2)
+        model = build_model(mcfg, ds_config)
         groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
-        return DeepSpeedEngine(cfg, model, groups, world, precision, total_steps, config)
+        return DeepSpeedEngine(cfg, model, groups, world, precision, total_steps, ds_config)
     model = GPT(mcfg)
     groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
     if backend == "single":

@@ -1,0 +1,140 @@
+"""ZeRO-1/2/3 (+ CPU offload) and FSDP2 on 2 real CPU ranks (gloo), through the real launchers."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, losses, run_cli, trainer_args
+from mup_model import GPT, param_class
+from mupgpt.config import parse_args
+from mupgpt.data import Batches, open_prepared
+from run_trainer import model_config
+
+DEEPSPEED = ("deepspeed", "--num_gpus", "2", "--master_port", "29641")
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29651")
+COMMON = ["--n_layer", "2", "--max_steps", "10", "--train_batch_size", "8", "--lr_scheduler_type", "cosine",
+          "--weight_decay", "0.1"]
+# name -> (launcher, flags)
+BACKENDS = {
+    "zero1": (DEEPSPEED, ["--zero_stage", "1", "--gradient_checkpointing"]),
+    "zero2": (DEEPSPEED, ["--zero_stage", "2"]),
+    "zero3": (DEEPSPEED, ["--zero_stage", "3", "--save_interval", "5"]),
+    "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu"]),
+    "fsdp": (TORCHRUN, ["--backend", "fsdp", "--save_interval", "5", "--gradient_checkpointing"]),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus, data_dir):
+    """One single-process reference run; the sharded runs are made on first use."""
+    out = tmp_path_factory.mktemp("sharded")
+    res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", "single", *COMMON))
+    assert res.returncode == 0, res.stderr[-2000:]
+    made = {}
+
+    def get(name, *extra, precision="fp32"):
+        key = (name, precision)
+        if key not in made:
+            launcher, flags = BACKENDS[name]
+            args = trainer_args(out, corpus, data_dir, "--run_name", f"{name}_{precision}", *COMMON, *flags, *extra)
+            res = run_cli([*args, "--precision", precision], launcher=launcher)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+            made[key] = out / f"{name}_{precision}"
+        return made[key]
+    get.out = out
+    return get
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_fp32_losses_match_one_process(runs, name):
+    run_dir = runs(name)
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["world_size"] == 2
+    assert losses(run_dir) == pytest.approx(losses(runs.out / "single"), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_bf16_losses_stay_within_a_bf16_ulp(runs, name):
+    """bf16 keeps 8 mantissa bits: one ulp is 2^-8 (0.4%) relative. Over 10 steps the loss of a bf16
+    run with fp32 master weights and fp32 reductions stays within that of fp32 (7e-4 measured)."""
+    bf16, fp32 = losses(runs(name, precision="bf16")), losses(runs.out / "single")
+    assert bf16 == pytest.approx(fp32, rel=2 ** -8)
+    assert bf16 != fp32  # it really ran in bf16
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_native_checkpoint_resumes_exactly(runs, name, corpus, data_dir):
+    run_dir = runs(name)
+    straight = losses(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000010")  # as if stopped after step 5
+    os.remove(run_dir / "summary.json")
+    launcher, flags = BACKENDS[name]
+    args = trainer_args(runs.out, corpus, data_dir, "--run_name", run_dir.name, *COMMON, *flags, "--resume", "auto")
+    res = run_cli([*args, "--precision", "fp32"], launcher=launcher)
+    assert res.returncode == 0 and "at step 5" in res.stdout, res.stderr[-3000:]
+    assert losses(run_dir) == straight
+
+
+def test_zero3_export_loads_into_one_process_with_the_same_eval_loss(runs, data_dir):
+    run_dir = runs("zero3")
+    cfg = parse_args(trainer_args(runs.out, "x", data_dir, *COMMON))
+    model = GPT(model_config(cfg, 257))
+    model.load_state_dict(load_file(run_dir / "model.safetensors"))
+    batches = Batches(open_prepared(str(next(data_dir.iterdir()))), cfg.seq_len, 8, 8, 0, 1, cfg.seed,
+                      torch.device("cpu"))
+    with torch.no_grad():
+        val = torch.stack([model(*batches.val(i)) for i in range(cfg.eval_iters)]).mean().item()
+    assert val == pytest.approx(json.loads((run_dir / "summary.json").read_text())["final_val_loss"], rel=1e-5)
+
+
+PROBE_FLAGS = ["--head_width", "32", "--base_head_width", "16", "--n_head", "2", "--n_layer", "2", "--seq_len", "16",
+               "--per_device_train_batch_size", "4", "--lr_scheduler_type", "constant", "--learning_rate", "1e-3",
+               "--adam_eps", "1e-12", "--grad_clip", "0", "--readout_zero_init", "false", "--precision", "fp32"]
+
+
+@pytest.mark.parametrize("launcher,backend", [(DEEPSPEED, "deepspeed"), (TORCHRUN, "fsdp")])
+def test_mup_init_and_group_lrs_survive_sharding(tmp_path, launcher, backend):
+    """ZeRO-3 (zero.Init) and FSDP2 on 2 ranks: the gathered init equals the one-process model
+    tensor by tensor, and Adam's first step moves every element by its muP group's LR (m = 2)."""
+    import subprocess
+    env = {**os.environ, "PROBE_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*launcher, str(ROOT / "tests" / "dist_probe.py"), "--backend", backend, *PROBE_FLAGS],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = parse_args(PROBE_FLAGS)
+    torch.manual_seed(cfg.seed)
+    reference = GPT(model_config(cfg, 257))
+    init, step1 = load_file(tmp_path / "init.safetensors"), load_file(tmp_path / "step1.safetensors")
+    for name, p in reference.named_parameters():
+        assert torch.equal(init[name], p.detach()), name
+        moved = (step1[name] - init[name]).abs()
+        expected = 1e-3 / 2 if param_class(name) == "hidden" else 1e-3
+        assert moved[moved > 0].median().item() == pytest.approx(expected, rel=1e-3), name
+
+
+DS_BAD = {
+    "config contradicts the flags": ({"train_micro_batch_size_per_gpu": 3}, [], "set it with --per_device_train_batch_size"),
+    "offload to a missing device": ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}}, [],
+                                    "is not available here"),
+    "stage outside 0-3": ({"zero_optimization": {"stage": 4}}, [], "stage must be 0, 1, 2 or 3"),
+    "config-file scheduler": ({"scheduler": {"type": "WarmupLR"}}, [], "remove it"),
+    "nvme without a path": (None, ["--offload", "nvme"], "pass --nvme_path"),
+    "nvme path missing": (None, ["--offload", "nvme", "--nvme_path", "/nonexistent/nvme"], "needs an existing folder"),
+    "offload below stage 3": (None, ["--offload", "cpu", "--zero_stage", "2"], "needs --zero_stage 3"),
+    "fp16 on CPU": (None, ["--precision", "fp16"], "no fp16 on CPU"),
+}
+
+
+@pytest.mark.parametrize("case", DS_BAD)
+def test_bad_deepspeed_input_is_one_line_and_exit_2(tmp_path, corpus, data_dir, case):
+    config, extra, message = DS_BAD[case]
+    args = trainer_args(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--max_steps", "2", *extra)
+    if config is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(config))
+        args += ["--ds_config", str(tmp_path / "ds.json")]
+    res = run_cli(args)
+    lines = [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]  # DeepSpeed's own log lines
+    assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-2000:]
