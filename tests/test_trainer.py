@@ -143,3 +143,19 @@ def test_bad_data_and_checkpoints_are_one_line_and_lose_nothing(tmp_path, corpus
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_prepare_and_sample_scripts(tmp_path, corpus, data_dir):
+    import subprocess
+    res = subprocess.run([sys.executable, "scripts/prepare_data.py", "--dataset", str(corpus), "--tokenizer", "bytes",
+                          "--data_dir", str(tmp_path / "d")], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads(res.stdout[res.stdout.index("{"):])
+    assert meta["tokenizer"] == "bytes" and os.path.exists(os.path.join(meta["path"], "train.bin"))
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "30")
+    res = subprocess.run([sys.executable, "scripts/sample.py", str(tmp_path / "r"), "--prompt", "def ",
+                          "--max_new_tokens", "40"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("def ") and len(res.stdout) > 20, res.stderr
+    res = subprocess.run([sys.executable, "scripts/sample.py", str(tmp_path / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1

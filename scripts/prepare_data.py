@@ -1,0 +1,35 @@
+"""Tokenize a dataset once into <data_dir>/<name>-<tokenizer>/{train,val}.bin + meta.json.
+
+    python scripts/prepare_data.py --dataset stdlib --tokenizer bytes
+    python scripts/prepare_data.py --dataset wikitext-103            # needs the hub
+    python scripts/prepare_data.py --dataset path/to/texts/ --tokenizer gpt2
+
+The trainer does the same on first use; this is for preparing ahead of a cluster job.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mupgpt.data import dataset_slug, prepare, resolve_tokenizer  # noqa: E402
+from mupgpt.errors import exit_on_usage_error  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="stdlib", help="stdlib, a hub dataset name, or a path to .txt/.jsonl/.parquet files")
+    p.add_argument("--tokenizer", default="auto", choices=["auto", "gpt2", "bytes"])
+    p.add_argument("--data_dir", default="data")
+    p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: up to 8 for large datasets)")
+    args = p.parse_args()
+    tokenizer = resolve_tokenizer(args.tokenizer, lambda tok: os.path.join(args.data_dir, f"{dataset_slug(args.dataset)}-{tok}"))
+    out = os.path.join(args.data_dir, f"{dataset_slug(args.dataset)}-{tokenizer.name}")
+    meta = prepare(args.dataset, tokenizer, out, args.num_proc)
+    print(json.dumps({"path": out, **meta}, indent=2))
+
+
+if __name__ == "__main__":
+    exit_on_usage_error(main)
