@@ -82,6 +82,27 @@ class StopFlag:
         return bool(flag.item())
 
 
+def start_profiler():
+    """--print_profile_results: profile steps 2 to 4 (after warm-up) and print the top operators."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3))
+    prof.start()
+    return prof
+
+
+def step_profiler(prof, is_main):
+    prof.step()
+    if prof.step_num < 5:
+        return prof
+    prof.stop()
+    if is_main:
+        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=20), flush=True)
+    return None
+
+
 def evaluate(engine, batches, iters):
     losses = torch.stack([engine.eval_loss(*batches.val(i)) for i in range(iters)])
     return losses.mean().item()
@@ -133,6 +154,9 @@ def train(cfg):
               f"| width {mcfg.width} (m={mcfg.width_mult:g}, {cfg.parametrization}) | batch {G}x{cfg.seq_len} "
               f"(accum {accum}) | {total_steps} steps | run dir {run_dir}", flush=True)
 
+    if cfg.debug:
+        torch.autograd.set_detect_anomaly(True)
+    profiler = start_profiler() if cfg.print_profile_results else None
     reporter = Reporter(run_dir, cfg, world.is_main, step)
     flops_token = flops_per_token(mcfg, n_params)
     peak = peak_flops(world.device) * world.world_size
@@ -142,6 +166,8 @@ def train(cfg):
     while step < total_steps:
         loss, grad_norm = engine.train_step(batches.train(step))
         step += 1
+        if profiler is not None:
+            profiler = step_profiler(profiler, world.is_main)
         row = None
         if step % cfg.log_interval == 0 or step == total_steps or step == 1:
             last_loss = loss.item()
