@@ -159,3 +159,14 @@ def test_prepare_and_sample_scripts(tmp_path, corpus, data_dir):
     res = subprocess.run([sys.executable, "scripts/sample.py", str(tmp_path / "nothing")], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1
+
+
+def test_wandb_without_a_key_logs_offline_and_never_prompts(tmp_path, corpus, data_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")  # no ~/.netrc with a key either
+    res = subprocess.run([sys.executable, str(ROOT / "run_trainer.py"),
+                          *trainer_args(tmp_path, corpus, data_dir, "--run_name", "w", "--max_steps", "3", "--wandb")],
+                         cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
