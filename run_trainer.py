@@ -163,6 +163,7 @@ def train(cfg):
     stop = StopFlag()
     t_start = t_log = time.time()
     last_log_step, last_loss, val_loss, diverged = step, float("nan"), None, False
+    train_mem = peak_memory(world.device)
     while step < total_steps:
         loss, grad_norm = engine.train_step(batches.train(step))
         step += 1
@@ -180,6 +181,7 @@ def train(cfg):
                     f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
             t_log, last_log_step = time.time(), step
             diverged = not math.isfinite(last_loss)
+            train_mem = peak_memory(world.device)  # before any eval, checkpoint or export at this step
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total_steps or diverged:
             val_loss = evaluate(engine, batches, cfg.eval_iters) if not diverged else float("nan")
             best_val = min(best_val, val_loss) if math.isfinite(val_loss) else best_val
@@ -203,15 +205,15 @@ def train(cfg):
         print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
     export_path = os.path.join(run_dir, "model.safetensors")
     engine.export(export_path, mcfg)
-    mem = peak_memory(world.device)
-    mem_t = torch.tensor([mem["peak_host_bytes"], mem["peak_device_bytes"]], dtype=torch.float64)
+    mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64)
     if world.world_size > 1:
         torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
     summary = {"final_train_loss": last_loss, "final_val_loss": val_loss,
                "best_val_loss": best_val if math.isfinite(best_val) else None, "steps": step,
                "tokens": step * tokens_per_step, "wall_s": time.time() - t_start, "diverged": diverged,
                "completed": step >= total_steps, "peak_host_bytes_per_rank": int(mem_t[0]),
-               "peak_device_bytes_per_rank": int(mem_t[1]), "backend": backend, "world_size": world.world_size}
+               "peak_device_bytes_per_rank": int(mem_t[1]),  # training steps only: max over ranks
+               "backend": backend, "world_size": world.world_size}
     if world.is_main and (step >= total_steps or diverged):
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -125,6 +125,7 @@ DS_BAD = {
     "nvme path missing": (None, ["--offload", "nvme", "--nvme_path", "/nonexistent/nvme"], "needs an existing folder"),
     "offload below stage 3": (None, ["--offload", "cpu", "--zero_stage", "2"], "needs --zero_stage 3"),
     "fp16 on CPU": (None, ["--precision", "fp16"], "no fp16 on CPU"),
+    "stage 0 in bf16": (None, ["--zero_stage", "0", "--precision", "bf16"], "ZeRO stage 0 runs fp32 only"),
 }
 
 
