@@ -189,8 +189,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_width).transpose(1, 2) for t in (q, k, v))
         q, k = self.q(q), self.k(k)
-        if self.record_logits:
-            self.attn_logits(q @ k.transpose(-2, -1) * self.scale)
+        if self.record_logits:  # only the entries attention uses: position t sees positions <= t
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            self.attn_logits((q @ k.transpose(-2, -1) * self.scale)[..., causal])
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
