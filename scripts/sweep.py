@@ -1,0 +1,165 @@
+"""A width x LR x parametrization x seed (x depth) grid of ordinary trainer runs, packed onto cores or hosts.
+
+    python scripts/sweep.py --out sweeps/transfer --widths 8,16,32,64 --lrs 3e-4,1e-3,3e-3 \\
+        --parametrizations mup,sp --seeds 0 -- --max_steps 300 --seq_len 64 --base_head_width 8
+
+Each grid point is `run_trainer.py` with its own run directory under <out>/runs/; a run whose
+summary.json exists is skipped, and an interrupted one resumes from its checkpoint, so a sweep can
+be re-run until done. Runs go out as slots free up: --jobs at a time here (one thread each by
+default), or --slots_per_host at a time on each host of a DeepSpeed-style --hostfile over ssh (the
+repository must be at the same path on every host, the sweep folder on a shared filesystem).
+Everything after `--` goes to every run unchanged, so steps, batch, warmup and schedule are the same
+at every width. Results: <out>/results.jsonl, one row per run, read by scripts/plot_mu_scaling.py.
+"""
+import argparse
+import itertools
+import json
+import math
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mupgpt.config import parse_args  # noqa: E402
+from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+
+
+def read_hostfile(path):
+    """DeepSpeed's format: `host slots=N` per line, # comments."""
+    hosts = []
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            hosts.append(line.split()[0])
+    if not hosts:
+        raise UsageError(f"{path} names no hosts: write one `host slots=N` line per node")
+    return hosts
+
+
+def grid(args):
+    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    try:
+        axes = (args.parametrizations.split(","), ints(args.widths), ints(args.depths) or [None],
+                floats(args.lrs), ints(args.seeds))
+    except ValueError as e:
+        raise UsageError(f"bad grid value ({e}): give comma-separated numbers, e.g. --lrs 1e-3,3e-3") from None
+    for p in axes[0]:
+        if p not in ("mup", "sp"):
+            raise UsageError(f"unknown parametrization {p!r}: use mup and/or sp")
+    return [dict(parametrization=p, width=w, depth=d, lr=lr, seed=s) for p, w, d, lr, s in itertools.product(*axes)]
+
+
+def run_name(point):
+    depth = f"_d{point['depth']}" if point["depth"] else ""
+    return f"{point['parametrization']}_w{point['width']}{depth}_lr{point['lr']:g}_s{point['seed']}"
+
+
+def trainer_flags(point, out, extra):
+    flags = ["--parametrization", point["parametrization"], "--head_width", str(point["width"]),
+             "--learning_rate", repr(point["lr"]), "--seed", str(point["seed"]), "--output_dir", str(out / "runs"),
+             "--run_name", run_name(point), "--resume", "auto", "--log_interval", "10"]
+    if point["depth"]:
+        flags += ["--n_layer", str(point["depth"])]
+    return flags + extra
+
+
+def result_row(point, run_dir):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    train = [r["loss"] for r in rows if "loss" in r]
+    tail = train[-max(1, len(train) // 4):]  # the last quarter of logged steps
+    finite = all(math.isfinite(x) for x in tail)
+    return {**point, "run": run_dir.name, "final_train_loss": summary["final_train_loss"],
+            "mean_train_loss": sum(tail) / len(tail) if finite else float("nan"),
+            "val_loss": summary["final_val_loss"], "diverged": bool(summary["diverged"]) or not finite,
+            "steps": summary["steps"]}
+
+
+def launch(slot, flags, log):
+    """A run on a slot: ('local', threads) runs here, (host, None) over ssh."""
+    host, threads = slot
+    cmd = [sys.executable, str(ROOT / "run_trainer.py"), *flags]
+    if host == "local":
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    remote = f"cd {shlex.quote(str(ROOT))} && OMP_NUM_THREADS=1 {' '.join(shlex.quote(c) for c in cmd)}"
+    return subprocess.run(["ssh", "-o", "BatchMode=yes", host, remote], stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def run_sweep(args, extra):
+    out = Path(args.out).resolve()
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    points = grid(args)
+    cfg = parse_args(trainer_flags(points[0], out, extra))  # checks the shared flags once, up front
+    from mupgpt.data import load_data
+    load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir)  # prepare once, not in every run at the same time
+    todo = [p for p in points if not (out / "runs" / run_name(p) / "summary.json").exists()]
+    if args.hostfile:
+        slots = [(h, None) for h in read_hostfile(args.hostfile) for _ in range(args.slots_per_host)]
+    else:
+        jobs = args.jobs or os.cpu_count() or 1
+        slots = [("local", max(1, (os.cpu_count() or 1) // jobs))] * jobs
+    print(f"{len(points)} runs in the grid, {len(points) - len(todo)} already done, {len(todo)} to run "
+          f"on {len(slots)} slot(s)", flush=True)
+    free, failed = queue.Queue(), []
+    for slot in slots:
+        free.put(slot)
+
+    def work(point):
+        slot = free.get()
+        try:
+            with open(out / "runs" / f"{run_name(point)}.log", "a") as log:
+                rc = launch(slot, trainer_flags(point, out, extra), log)
+            status = "done" if rc == 0 else f"failed (exit {rc}, see runs/{run_name(point)}.log)"
+            if rc != 0:
+                failed.append(run_name(point))
+            print(f"{run_name(point)} on {slot[0]}: {status}", flush=True)
+        finally:
+            free.put(slot)
+
+    threads = [threading.Thread(target=work, args=(p,)) for p in todo]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rows = [result_row(p, out / "runs" / run_name(p)) for p in points
+            if (out / "runs" / run_name(p) / "summary.json").exists()]
+    with open(out / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"{len(rows)} of {len(points)} runs finished -> {out / 'results.jsonl'}", flush=True)
+    return rows, failed
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="sweep folder (runs/ and results.jsonl go here)")
+    p.add_argument("--widths", default="8,16,32,64", help="head widths")
+    p.add_argument("--depths", default="", help="n_layer values (a depth sweep); empty: the trainer's --n_layer")
+    p.add_argument("--lrs", required=True, help="learning rates, e.g. 1e-3,2e-3,4e-3")
+    p.add_argument("--parametrizations", default="mup,sp")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--jobs", type=int, default=0, help="runs at once on this machine (default: one per core)")
+    p.add_argument("--hostfile", default="", help="run over ssh on these hosts instead (DeepSpeed hostfile format)")
+    p.add_argument("--slots_per_host", type=int, default=1)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    _, failed = run_sweep(args, extra)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error(main)
