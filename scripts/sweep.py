@@ -89,8 +89,18 @@ def launch(slot, flags, log):
     if host == "local":
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    remote = f"cd {shlex.quote(str(ROOT))} && OMP_NUM_THREADS=1 {' '.join(shlex.quote(c) for c in cmd)}"
-    return subprocess.run(["ssh", "-o", "BatchMode=yes", host, remote], stdout=log, stderr=subprocess.STDOUT).returncode
+    remote = f"{remote_exports()}cd {shlex.quote(str(ROOT))} && {' '.join(shlex.quote(c) for c in cmd)}"
+    ssh = ["ssh", "-o", "BatchMode=yes", *shlex.split(os.environ.get("SSH_ARGS", "")), host, remote]
+    return subprocess.run(ssh, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def remote_exports():
+    """The variables run_multi_node.sh forwards (its private env file), as shell exports."""
+    path = os.environ.get("MUPGPT_SSH_ENV")
+    lines = Path(path).read_text().splitlines() if path and os.path.exists(path) else []
+    pairs = dict(line.split("=", 1) for line in lines if "=" in line)
+    pairs.setdefault("OMP_NUM_THREADS", "1")
+    return "".join(f"export {k}={shlex.quote(v)}; " for k, v in pairs.items())
 
 
 def run_sweep(args, extra):

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# Launch mupgpt across the nodes of a hostfile over passwordless SSH.
+#
+#   ./run_multi_node.sh HOSTFILE NGPU_PER_NODE NUM_NODES SINGLE_RUN [extra trainer flags]
+#
+#   SINGLE_RUN=True   one run over NUM_NODES x NGPU_PER_NODE ranks (deepspeed runner + pdsh)
+#   SINGLE_RUN=False  a width x LR sweep, runs packed NGPU_PER_NODE at a time onto each node
+#
+# HOSTFILE is DeepSpeed's format (`host slots=N`, # comments), or `slurm` inside a SLURM allocation.
+# Environment:
+#   LAUNCHER=deepspeed|torchrun   torchrun: no pdsh needed; one torchrun per node over ssh (c10d rendezvous)
+#   BACKEND=fsdp|ddp              the trainer backend under torchrun (default fsdp)
+#   MASTER_PORT                   default: derived from the hostfile and arguments (deterministic)
+#   SSH_ARGS                      extra ssh options (e.g. "-i key -o StrictHostKeyChecking=no"), also given to pdsh
+#   SWEEP_WIDTHS, SWEEP_LRS, SWEEP_PARAMETRIZATIONS, SWEEP_SEEDS, SWEEP_DEPTHS, SWEEP_DIR, or
+#   SWEEP_FILE                    a file of KEY=VALUE lines with those keys
+#   DRY_RUN=1                     print the commands instead of running them
+# Variables forwarded to every rank: PYTHONPATH, WANDB_*, NCCL_*, GLOO_*, TP_SOCKET_IFNAME, DS_ACCELERATOR,
+# OMP_NUM_THREADS (values are written to a private env file, never printed).
+set -euo pipefail
+
+die() { echo "error: $*" >&2; exit 2; }
+usage="usage: $0 HOSTFILE NGPU_PER_NODE NUM_NODES SINGLE_RUN [extra trainer flags]"
+[ $# -ge 4 ] || die "$usage"
+hostfile=$1 ngpu=$2 nnodes=$3 single=$4
+shift 4
+[[ $ngpu =~ ^[1-9][0-9]*$ ]] || die "NGPU_PER_NODE must be a positive integer, not '$ngpu'"
+[[ $nnodes =~ ^[1-9][0-9]*$ ]] || die "NUM_NODES must be a positive integer, not '$nnodes'"
+case ${single,,} in
+  true) single=true ;;
+  false) single=false ;;
+  *) die "SINGLE_RUN must be True or False, not '$single'" ;;
+esac
+launcher=${LAUNCHER:-deepspeed}
+[[ $launcher == deepspeed || $launcher == torchrun ]] || die "LAUNCHER must be deepspeed or torchrun, not '$launcher'"
+repo=$(cd "$(dirname "$0")" && pwd)
+python=$(python3 -c 'import sys; print(sys.executable)')  # the real interpreter, not a shim
+read -r -a ssh_args <<< "${SSH_ARGS:-}"
+
+# --- hosts: from the hostfile (validated) or from SLURM ---------------------------------------
+hosts=()
+if [[ $hostfile == slurm ]]; then
+  [ -n "${SLURM_JOB_NODELIST:-}" ] || die "HOSTFILE 'slurm' needs SLURM_JOB_NODELIST: run inside salloc/sbatch"
+  mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+else
+  [ -f "$hostfile" ] || die "hostfile '$hostfile' not found: write one 'host slots=N' line per node (see hostfile.example)"
+  declare -A seen=()
+  lineno=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    lineno=$((lineno + 1))
+    line=${line%%#*}
+    read -r -a words <<< "$line"
+    [ ${#words[@]} -eq 0 ] && continue
+    host=${words[0]}
+    [ ${#words[@]} -eq 2 ] && [[ ${words[1]} =~ ^slots=([0-9]+)$ ]] ||
+      die "$hostfile line $lineno: expected 'host slots=N', got '${line}'"
+    slots=${BASH_REMATCH[1]}
+    [[ $host =~ ^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$ || $host =~ ^[0-9A-Fa-f:]+$ ]] ||
+      die "$hostfile line $lineno: '$host' is not a plain host name or address"
+    [ -z "${seen[$host]:-}" ] || die "$hostfile line $lineno: host '$host' is listed twice"
+    seen[$host]=1
+    # only the first NUM_NODES hosts run, so only they need the slots
+    [ ${#hosts[@]} -ge "$nnodes" ] || [ "$slots" -ge "$ngpu" ] ||
+      die "$hostfile line $lineno: $host has slots=$slots, fewer than NGPU_PER_NODE=$ngpu"
+    hosts+=("$host")
+  done < "$hostfile"
+fi
+[ ${#hosts[@]} -ge "$nnodes" ] || die "the hostfile names ${#hosts[@]} host(s), fewer than NUM_NODES=$nnodes"
+hosts=("${hosts[@]:0:$nnodes}")
+master=${hosts[0]}
+port=${MASTER_PORT:-$((29500 + $(printf '%s ' "${hosts[@]}" "$ngpu" "$nnodes" "$single" | cksum | cut -d' ' -f1) % 2000))}
+
+run() {  # print (DRY_RUN) or run a command
+  if [ "${DRY_RUN:-0}" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+
+# --- passwordless SSH to every node, before anything starts ----------------------------------
+if [ "${DRY_RUN:-0}" != 1 ]; then
+  failed=()
+  for h in "${hosts[@]}"; do
+    ssh -o BatchMode=yes -o ConnectTimeout=5 "${ssh_args[@]}" "$h" true </dev/null >/dev/null 2>&1 || failed+=("$h")
+  done
+  [ ${#failed[@]} -eq 0 ] || die "passwordless ssh failed to: ${failed[*]} (check keys, sshd and 'ssh -o BatchMode=yes HOST true')"
+fi
+
+# --- the environment every rank needs: a private file, never echoed --------------------------
+workdir=$(mktemp -d "${TMPDIR:-/tmp}/mupgpt-launch.XXXXXX")
+trap 'rm -rf "$workdir"' EXIT
+envfile=$workdir/env
+: > "$envfile"
+chmod 600 "$envfile"
+forwarded=()
+while IFS='=' read -r name _; do
+  if [[ $name =~ ^(PYTHONPATH|WANDB_.*|NCCL_.*|GLOO_.*|TP_SOCKET_IFNAME|DS_ACCELERATOR|OMP_NUM_THREADS)$ ]]; then
+    value=${!name}
+    [[ $value == *$'\n'* ]] && continue
+    printf '%s=%s\n' "$name" "$value" >> "$envfile"
+    forwarded+=("$name")
+  fi
+done < <(env)
+[ ${#forwarded[@]} -eq 0 ] || echo "forwarding to every rank: ${forwarded[*]}" >&2
+
+# --- single run ------------------------------------------------------------------------------
+if $single && [[ $launcher == deepspeed ]]; then
+  command -v pdsh >/dev/null || [ "${DRY_RUN:-0}" = 1 ] || die "pdsh is not installed: apt-get install pdsh, or LAUNCHER=torchrun"
+  dshosts=$workdir/hostfile
+  for h in "${hosts[@]}"; do echo "$h slots=$ngpu"; done > "$dshosts"
+  [ "${DRY_RUN:-0}" = 1 ] && dshosts=HOSTFILE.generated
+  log=$workdir/launch.log
+  set +e
+  (cd "$repo" && DS_ENV_FILE=$envfile PDSH_SSH_ARGS_APPEND="${SSH_ARGS:-}" \
+    run deepspeed --hostfile "$dshosts" --launcher pdsh --no_ssh_check --num_nodes "$nnodes" --num_gpus "$ngpu" \
+      --master_addr "$master" --master_port "$port" run_trainer.py "$@") 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+elif $single; then  # torchrun on every node over ssh, c10d rendezvous on the first
+  exports=""
+  while IFS='=' read -r name value; do exports+="export $name=$(printf %q "$value"); "; done < "$envfile"
+  pids=()
+  log=$workdir/launch.log
+  : > "$log"
+  for i in "${!hosts[@]}"; do
+    remote="$exports cd $(printf %q "$repo") && $(printf '%q ' "$python" -m torch.distributed.run \
+      --nnodes "$nnodes" --nproc_per_node "$ngpu" --node_rank "$i" --rdzv_backend c10d \
+      --rdzv_endpoint "$master:$port" --rdzv_id "mupgpt-$port" run_trainer.py --backend "${BACKEND:-fsdp}" "$@")"
+    if [ "${DRY_RUN:-0}" = 1 ]; then
+      printf '%q ' ssh "${ssh_args[@]}" "${hosts[$i]}"; echo "[remote] ${remote#"$exports"}"
+    else
+      ssh -o BatchMode=yes "${ssh_args[@]}" "${hosts[$i]}" "$remote" 2>&1 | sed "s/^/${hosts[$i]}: /" | tee -a "$log" &
+      pids+=($!)
+    fi
+  done
+  rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+else  # sweep mode
+  if [ -n "${SWEEP_FILE:-}" ]; then
+    [ -f "$SWEEP_FILE" ] || die "SWEEP_FILE '$SWEEP_FILE' not found"
+    while IFS='=' read -r key value; do
+      key=${key%%#*}; key=${key// /}
+      value=${value%%#*}; value=${value//[[:space:]]/}
+      [ -z "$key" ] && continue
+      [[ $key =~ ^SWEEP_(WIDTHS|LRS|PARAMETRIZATIONS|SEEDS|DEPTHS|DIR)$ ]] || die "$SWEEP_FILE: unknown key '$key'"
+      printf -v "$key" '%s' "$value"
+    done < "$SWEEP_FILE"
+  fi
+  sweephosts=$workdir/hostfile
+  for h in "${hosts[@]}"; do echo "$h slots=$ngpu"; done > "$sweephosts"
+  [ "${DRY_RUN:-0}" = 1 ] && sweephosts=HOSTFILE.generated
+  set +e
+  (cd "$repo" && MUPGPT_SSH_ENV=$envfile run python3 scripts/sweep.py --out "${SWEEP_DIR:-sweeps/multinode}" \
+    --widths "${SWEEP_WIDTHS:-8,16,32,64}" --lrs "${SWEEP_LRS:-0.001,0.002,0.004,0.008,0.016}" \
+    --parametrizations "${SWEEP_PARAMETRIZATIONS:-mup,sp}" --seeds "${SWEEP_SEEDS:-0}" --depths "${SWEEP_DEPTHS:-}" \
+    --hostfile "$sweephosts" --slots_per_host "$ngpu" -- "$@")
+  rc=$?
+  set -e
+  exit $rc
+fi
+
+# --- a failed run names its nodes ------------------------------------------------------------
+if [ "${rc:-0}" -ne 0 ] && [ "${DRY_RUN:-0}" != 1 ]; then
+  down=()
+  for h in "${hosts[@]}"; do
+    ssh -o BatchMode=yes -o ConnectTimeout=5 "${ssh_args[@]}" "$h" true </dev/null >/dev/null 2>&1 || down+=("$h")
+  done
+  failing=$(grep -oE "pdsh@[^:]*: [^:]+: ssh exited with exit code [0-9]+" "$log" 2>/dev/null |
+    awk '{print $2}' | tr -d ':' | sort -u | tr '\n' ' ')
+  msg="the run failed (exit $rc)"
+  [ ${#down[@]} -eq 0 ] || msg+="; unreachable node(s): ${down[*]}"
+  [ -z "$failing" ] || msg+="; ranks failed on: $failing"
+  echo "error: $msg. Fix or drop the node, then rerun with --resume auto to continue from the last checkpoint" >&2
+  exit 1
+fi
+exit "${rc:-0}"

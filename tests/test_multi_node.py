@@ -1,0 +1,178 @@
+"""run_multi_node.sh: the commands it builds, every hostfile error, and real runs on two hosts.
+
+The real hosts are network namespaces on this machine, each with its own address and a key-only
+sshd (tests/netns_hosts.py); the launcher reaches them with pdsh over ssh exactly as it would reach
+cluster nodes. Those tests skip, with the reason, only where namespaces can't be made.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, losses, run_cli, trainer_args
+from netns_hosts import Hosts, unavailable
+
+SCRIPT = str(ROOT / "run_multi_node.sh")
+
+
+def launch(args, env=None, timeout=600):
+    return subprocess.run([SCRIPT, *map(str, args)], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def dry(args, **env):
+    res = launch(args, {"DRY_RUN": "1", **env})
+    assert res.returncode == 0, res.stderr
+    return [line.rstrip() for line in res.stdout.strip().splitlines()]
+
+
+@pytest.fixture
+def hostfile(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("# two nodes\nnode-a slots=8\n\n127.0.0.2 slots=8   # the second\nnode-c slots=4\n")
+    return path
+
+
+def test_single_run_calls_the_deepspeed_runner_with_per_node_counts(hostfile):
+    (cmd,) = dry([hostfile, 8, 2, "True", "--head_width", "32", "--run_name", "a b"])
+    assert cmd.startswith("deepspeed --hostfile HOSTFILE.generated --launcher pdsh --no_ssh_check --num_nodes 2 "
+                          "--num_gpus 8 --master_addr node-a --master_port ")
+    assert cmd.endswith("run_trainer.py --head_width 32 --run_name a\\ b")  # flags pass through, quoted
+    port = int(cmd.split("--master_port ")[1].split()[0])
+    assert 29500 <= port < 31500 and dry([hostfile, 8, 2, "True"])[0].count(f"--master_port {port} ")  # deterministic
+    assert f"--master_port 29999 " in dry([hostfile, 8, 2, "True"], MASTER_PORT="29999")[0]
+
+
+def test_torchrun_path_starts_one_rendezvous_per_node(hostfile):
+    lines = dry([hostfile, 4, 3, "True", "--head_width", "16"], LAUNCHER="torchrun", BACKEND="ddp")
+    assert [l.split()[1] for l in lines] == ["node-a", "127.0.0.2", "node-c"]
+    for rank, line in enumerate(lines):
+        assert (f"--nnodes 3 --nproc_per_node 4 --node_rank {rank} --rdzv_backend c10d --rdzv_endpoint node-a:"
+                in line) and line.endswith("run_trainer.py --backend ddp --head_width 16")
+
+
+def test_sweep_mode_hands_the_grid_and_nodes_to_sweep_py(hostfile, tmp_path):
+    (tmp_path / "grid").write_text("SWEEP_WIDTHS=8,16\nSWEEP_LRS=1e-3,2e-3  # two\n")
+    (cmd,) = dry([hostfile, 2, 2, "false", "--max_steps", "50"], SWEEP_FILE=str(tmp_path / "grid"), SWEEP_SEEDS="0,1")
+    assert cmd.startswith("python3 scripts/sweep.py --out sweeps/multinode --widths 8\\,16 --lrs 1e-3\\,2e-3 "
+                          "--parametrizations mup\\,sp --seeds 0\\,1 ")
+    assert "--hostfile HOSTFILE.generated --slots_per_host 2 -- --max_steps 50" in cmd
+
+
+def test_secrets_are_forwarded_but_never_printed(hostfile):
+    res = launch([hostfile, 8, 1, "True"], {"DRY_RUN": "1", "WANDB_API_KEY": "s3cret-value", "NCCL_SOCKET_IFNAME": "eth0"})
+    assert res.returncode == 0 and "s3cret-value" not in res.stdout + res.stderr
+    assert "WANDB_API_KEY" in res.stderr and "NCCL_SOCKET_IFNAME" in res.stderr  # the names only
+
+
+HOSTFILE_ERRORS = {
+    "node-a slots=8\nnode-a slots=8\n": "listed twice",
+    "node-a slots=8\nnode-b slots=4\n": "fewer than NGPU_PER_NODE=8",
+    "node-a slots=8\n": "fewer than NUM_NODES=2",
+    "node-a slots=8\nnode-b\n": "expected 'host slots=N'",
+    "node-a slots=8\nnode-b slots=eight\n": "expected 'host slots=N'",
+    "node-a slots=8\n$(reboot) slots=8\n": "is not a plain host name or address",
+    "node-a slots=8\nuser@node-b slots=8\n": "is not a plain host name or address",
+    "node-a slots=8\n-oProxyCommand=x slots=8\n": "is not a plain host name or address",
+}
+
+
+@pytest.mark.parametrize("text", HOSTFILE_ERRORS, ids=range(len(HOSTFILE_ERRORS)))
+def test_hostfile_errors_are_one_line_and_exit_2(tmp_path, text):
+    (tmp_path / "hf").write_text(text)
+    res = launch([tmp_path / "hf", 8, 2, "True"], {"DRY_RUN": "1"})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and HOSTFILE_ERRORS[text] in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["hostfile.example", "0", "2", "True"], "NGPU_PER_NODE must be a positive integer"),
+    (["hostfile.example", "8", "x", "True"], "NUM_NODES must be a positive integer"),
+    (["hostfile.example", "8", "2", "maybe"], "SINGLE_RUN must be True or False"),
+    (["/nonexistent", "8", "2", "True"], "not found"),
+    (["hostfile.example"], "usage:"),
+])
+def test_argument_errors_are_one_line_and_exit_2(args, message):
+    res = launch(args, {"DRY_RUN": "1"})
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+
+
+def test_unreachable_nodes_are_named_before_anything_starts(tmp_path):
+    (tmp_path / "hf").write_text("127.0.0.2 slots=4\n127.0.0.3 slots=4\n")  # loopback, no sshd there
+    res = launch([tmp_path / "hf", 4, 2, "True"], {"SSH_ARGS": "-o ConnectTimeout=2"}, timeout=120)
+    assert res.returncode == 2 and "passwordless ssh failed to: 127.0.0.2 127.0.0.3" in res.stderr, res.stderr
+
+
+# ---- real hosts -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hosts():
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    made = Hosts(2)
+    yield made
+    made.close()
+
+
+def host_env(hosts):
+    return {"SSH_ARGS": hosts.ssh_args, "GLOO_SOCKET_IFNAME": "mupnet", "OMP_NUM_THREADS": "1"}
+
+
+FLAGS = ["--n_layer", "2", "--max_steps", "8", "--precision", "fp32", "--zero_stage", "3"]
+
+
+def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
+    args = trainer_args(tmp_path, corpus, data_dir, *FLAGS)
+    res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"], host_env(hosts))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "10.77.0.1: " in res.stdout and "10.77.0.2: " in res.stdout  # ranks ran on both hosts
+    one = run_cli([*args, "--run_name", "one_host"], launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29671"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert losses(tmp_path / "two_hosts") == pytest.approx(losses(tmp_path / "one_host"), rel=1e-5)
+
+
+def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_dir):
+    env = {**host_env(hosts), "SWEEP_DIR": str(tmp_path / "sweep"), "SWEEP_WIDTHS": "8,16", "SWEEP_LRS": "2e-3",
+           "SWEEP_PARAMETRIZATIONS": "mup,sp"}
+    res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *TINY, "--max_steps", "5", "--base_head_width", "8",
+                  "--dataset", corpus, "--data_dir", data_dir], env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    rows = [json.loads(l) for l in open(tmp_path / "sweep" / "results.jsonl")]
+    assert len(rows) == 4 and all(r["steps"] == 5 for r in rows)
+    ran_on = {line.split(" on ")[1].split(":")[0] for line in res.stdout.splitlines() if ": done" in line}
+    assert ran_on == set(hosts.addresses)
+
+
+def test_a_dead_node_stops_the_launcher_promptly_and_the_run_resumes(hosts, tmp_path, corpus, data_dir):
+    args = trainer_args(tmp_path, corpus, data_dir, "--n_layer", "2", "--precision", "fp32", "--zero_stage", "3",
+                        "--save_interval", "10", "--run_name", "r")
+    proc = subprocess.Popen([SCRIPT, hosts.hostfile(tmp_path / "hf"), "1", "2", "True", *args, "--max_steps", "5000"],
+                            cwd=ROOT, env={**os.environ, **host_env(hosts)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 25):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before the node could die"
+    hosts.kill(1)  # the second node dies: its ranks and its sshd
+    killed = time.time()
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        hosts.start_sshd(1)
+    assert time.time() - killed < 90 and proc.returncode != 0
+    assert "unreachable node(s): 10.77.0.2" in err and "--resume auto" in err, err[-2000:]
+    last = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir() if not p.name.endswith(".tmp"))[-1]
+    step = int(last.split("_")[1])
+    deadline = time.time() + 20
+    while time.time() < deadline and not hosts.reachable(1):
+        time.sleep(0.2)
+    res = launch([tmp_path / "hf", 1, 2, "True", *args, "--max_steps", str(step + 3), "--resume", "auto"],
+                 host_env(hosts))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"resumed from {tmp_path / 'r' / 'checkpoints' / last} at step {step}" in res.stdout
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == step + 3
