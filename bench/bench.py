@@ -1,0 +1,172 @@
+"""Throughput, MFU and peak memory of the trainer per backend, and side by side with a reference trainer.
+
+    python bench/bench.py --name cpu_small --backends single,deepspeed_zero3 --steps 40 --warmup 10 --repeats 3
+    python bench/bench.py --name vs_nanogpt --backends single --reference /path/to/nanoGPT   # its train.py
+
+Each measurement is a real `run_trainer.py` run (launched as a user would) logging every step; the
+first --warmup steps are dropped and the median tokens/s over the rest, then over --repeats runs, is
+reported with the logged MFU and the run's peak memory. A reference checkout's train.py (nanoGPT's
+command line) runs the identical model, batch, sequence, fp32 and no compile on the same tokens; its
+per-iteration times give its tokens/s. Results: bench/results/<name>.json and a Markdown table.
+"""
+import argparse
+import json
+import os
+import pickle
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+
+# backend name -> (launcher prefix, trainer flags)
+BACKENDS = {
+    "single": ([], ["--backend", "single"]),
+    "ddp2": (["torchrun", "--nproc_per_node", "2"], ["--backend", "ddp"]),
+    "fsdp2": (["torchrun", "--nproc_per_node", "2"], ["--backend", "fsdp"]),
+    "deepspeed_zero3": ([], ["--backend", "deepspeed", "--zero_stage", "3"]),
+    "deepspeed_zero2": ([], ["--backend", "deepspeed", "--zero_stage", "2"]),
+    "deepspeed_zero3_offload_cpu": ([], ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu"]),
+}
+
+
+def model_flags(args):
+    return ["--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--head_width", str(args.head_width),
+            "--base_head_width", str(args.head_width), "--seq_len", str(args.seq_len),
+            "--per_device_train_batch_size", str(args.batch), "--precision", args.precision,
+            "--tokenizer", "bytes", "--dataset", args.dataset, "--data_dir", args.data_dir]
+
+
+def run_ours(backend, args, out):
+    launcher, flags = BACKENDS[backend]
+    cmd = [*launcher, *([sys.executable] if not launcher else []), str(ROOT / "run_trainer.py"), *flags,
+           *model_flags(args), "--max_steps", str(args.steps), "--log_interval", "1", "--eval_interval", "0",
+           "--eval_iters", "1", "--lr_scheduler_type", "constant", "--output_dir", str(out), "--run_name", backend]
+    if args.compile:
+        cmd.append("--compile")
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **args.env})
+    if res.returncode != 0:
+        raise RuntimeError(f"{backend} failed:\n{res.stderr[-3000:]}")
+    rows = [json.loads(l) for l in open(out / backend / "metrics.jsonl")]
+    rows = [r for r in rows if "tokens_per_s" in r and r["step"] > args.warmup]
+    summary = json.loads((out / backend / "summary.json").read_text())
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+            "mfu": statistics.median(r["mfu"] for r in rows),
+            "peak_host_mib": summary["peak_host_bytes_per_rank"] / 2**20,
+            "peak_device_mib": summary["peak_device_bytes_per_rank"] / 2**20}
+
+
+def run_reference(path, args, work):
+    """The reference's train.py (nanoGPT's flags) on our prepared tokens, same dims, fp32, no compile."""
+    train_py = Path(path) / "train.py"
+    if not train_py.exists():
+        raise UsageError(f"--reference {path} has no train.py: point it at a nanoGPT checkout")
+    prepared = Path(args.data_dir) / f"{args.dataset}-bytes"
+    data = work / "data" / "bench"
+    data.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        shutil.copy(prepared / f"{split}.bin", data / f"{split}.bin")
+    if (Path(path) / "configurator.py").exists():  # nanoGPT reads it from its working directory
+        shutil.copy(Path(path) / "configurator.py", work)
+    with open(data / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 320}, f)  # our vocabulary as the model sees it (257 padded to 320)
+    cmd = [sys.executable, str(train_py), "--dataset=bench", f"--n_layer={args.n_layer}", f"--n_head={args.n_head}",
+           f"--n_embd={args.n_head * args.head_width}", f"--block_size={args.seq_len}", f"--batch_size={args.batch}",
+           "--gradient_accumulation_steps=1", "--dropout=0.0", "--bias=True", f"--compile={args.compile}",
+           f"--dtype={'float32' if args.precision == 'fp32' else 'bfloat16'}", "--device=cpu", "--eval_interval=1000000",
+           "--eval_iters=1", "--log_interval=1", f"--max_iters={args.steps}", "--always_save_checkpoint=False",
+           "--decay_lr=False", f"--out_dir={work / 'out'}"]
+    res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, **args.env})
+    if res.returncode != 0:
+        raise RuntimeError(f"reference failed:\n{res.stderr[-3000:]}")
+    times = [(int(m.group(1)), float(m.group(2))) for m in re.finditer(r"iter (\d+): loss \S+, time ([\d.]+)ms", res.stdout)]
+    times = [t for i, t in times if i > args.warmup]
+    return {"tokens_per_s": statistics.median(args.batch * args.seq_len / (t / 1000) for t in times)}
+
+
+def environment():
+    import torch
+    info = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()}
+    try:
+        import deepspeed
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    else:
+        cpu = [l for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        info["device"] = f"CPU: {cpu[0].split(':', 1)[1].strip() if cpu else platform.processor()}, {os.cpu_count()} cores"
+    info["load_1min"] = os.getloadavg()[0]
+    return info
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True)
+    p.add_argument("--backends", default="single", help=f"comma-separated: {', '.join(BACKENDS)}")
+    p.add_argument("--reference", default="", help="a nanoGPT checkout to run side by side (never committed)")
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--head_width", type=int, default=64)
+    p.add_argument("--seq_len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dataset", default="stdlib")
+    p.add_argument("--data_dir", default="data")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every run (0: leave as is)")
+    args = p.parse_args()
+    args.env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    unknown = [b for b in args.backends.split(",") if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"unknown backend(s) {unknown}: use {', '.join(BACKENDS)}")
+    from mupgpt.data import load_data
+    load_data(args.dataset, "bytes", args.data_dir)
+    results = {"name": args.name, "config": {k: v for k, v in vars(args).items() if k != "env"},
+               "environment": environment(), "backends": {}}
+    work = Path(tempfile.mkdtemp(prefix="mupgpt-bench-"))
+    try:
+        for backend in args.backends.split(","):
+            reps = [run_ours(backend, args, work / f"{backend}{r}") for r in range(args.repeats)]
+            results["backends"][backend] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+            results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
+        if args.reference:
+            reps = [run_reference(args.reference, args, work / f"ref{r}") for r in range(args.repeats)]
+            ref = statistics.median(r["tokens_per_s"] for r in reps)
+            results["reference"] = {"path": os.path.abspath(args.reference), "tokens_per_s": ref,
+                                    "repeats_tokens_per_s": [r["tokens_per_s"] for r in reps]}
+            for b in results["backends"].values():
+                b["ratio_to_reference"] = b["tokens_per_s"] / ref
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    out = ROOT / "bench" / "results" / f"{args.name}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"-> {out}")
+
+
+def table(results):
+    lines = ["| backend | tokens/s | MFU | peak host MiB/rank | vs reference |", "|---|---|---|---|---|"]
+    for name, b in results["backends"].items():
+        ratio = f"{b['ratio_to_reference']:.2f}x" if "ratio_to_reference" in b else "-"
+        lines.append(f"| {name} | {b['tokens_per_s']:,.0f} | {100 * b['mfu']:.1f}% | {b['peak_host_mib']:,.0f} | {ratio} |")
+    if "reference" in results:
+        lines.append(f"| reference train.py | {results['reference']['tokens_per_s']:,.0f} | | | 1.00x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error(main)

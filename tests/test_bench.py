@@ -1,0 +1,24 @@
+"""bench/bench.py measures real trainer runs and writes its JSON and table."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_measures_the_single_backend(tmp_path, corpus, data_dir):
+    name = "pytest_tiny"
+    res = subprocess.run([sys.executable, "bench/bench.py", "--name", name, "--backends", "single", "--n_layer", "1",
+                          "--n_head", "2", "--head_width", "16", "--seq_len", "32", "--batch", "4", "--steps", "8",
+                          "--warmup", "2", "--repeats", "2", "--dataset", str(corpus), "--data_dir", str(data_dir),
+                          "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = ROOT / "bench" / "results" / f"{name}.json"
+    try:
+        assert res.returncode == 0, res.stderr[-2000:]
+        result = json.loads(out.read_text())
+        single = result["backends"]["single"]
+        assert single["tokens_per_s"] > 0 and len(single["repeats_tokens_per_s"]) == 2 and single["peak_host_mib"] > 50
+        assert 0 < single["mfu"] < 1 and result["environment"]["torch"]
+        assert "| single |" in res.stdout
+    finally:
+        out.unlink(missing_ok=True)
