@@ -31,6 +31,7 @@ from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 BACKENDS = {
     "single": ([], ["--backend", "single"]),
     "ddp2": (["torchrun", "--nproc_per_node", "2"], ["--backend", "ddp"]),
+    "fsdp": (["torchrun", "--nproc_per_node", "1"], ["--backend", "fsdp"]),
     "fsdp2": (["torchrun", "--nproc_per_node", "2"], ["--backend", "fsdp"]),
     "deepspeed_zero3": ([], ["--backend", "deepspeed", "--zero_stage", "3"]),
     "deepspeed_zero2": ([], ["--backend", "deepspeed", "--zero_stage", "2"]),
