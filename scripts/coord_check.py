@@ -32,24 +32,26 @@ MAX_SLOPE = 0.15
 VOCAB = 257  # the byte tokenizer's
 
 
-def watched_modules(model):
-    """name -> module whose output is recorded; attention blocks compute their logits explicitly."""
+def watched_modules(model, depth=False):
+    """name -> module whose output is recorded; attention blocks compute their logits explicitly.
+    Across depths only the same relative place compares, so a depth check watches the last block."""
     out = {"wte": model.wte, "wpe": model.wpe}
-    for i, block in enumerate(model.h):
+    blocks = {"last": model.h[-1]} if depth else {f"h.{i}": b for i, b in enumerate(model.h)}
+    for name, block in blocks.items():
         block.attn.record_logits = True
-        out.update({f"h.{i}.attn.q": block.attn.q, f"h.{i}.attn.k": block.attn.k,
-                    f"h.{i}.attn.logits": block.attn.attn_logits, f"h.{i}.attn": block.attn,
-                    f"h.{i}.mlp": block.mlp, f"h.{i}.residual": block})
+        out.update({f"{name}.attn.q": block.attn.q, f"{name}.attn.k": block.attn.k,
+                    f"{name}.attn.logits": block.attn.attn_logits, f"{name}.attn": block.attn,
+                    f"{name}.mlp": block.mlp, f"{name}.residual": block})
     out["logits"] = model.lm_head
     return out
 
 
-def record(engine, batch, steps):
+def record(engine, batch, steps, depth=False):
     """[step][module] -> mean |output| after 0..steps-1 updates (averaged over ranks)."""
     model = engine.model
     current = {}
     hooks = []
-    for name, module in watched_modules(model).items():
+    for name, module in watched_modules(model, depth).items():
         scale = model.logit_scale if name == "logits" else 1.0
 
         def hook(mod, inp, out, name=name, scale=scale):
@@ -123,7 +125,7 @@ def run(args, world=None):
                 ds_cfg = ds_config(cfg, "fp32", args.batch * n, 1, cfg.n_head * cfg.head_width)
             world = world or init_world(backend, "cpu" if not torch.cuda.is_available() else "cuda")
             engine = build(backend, cfg, model_config(cfg, VOCAB), world, "fp32", args.steps, ds_cfg)
-            runs[size].append(record(engine, local_batch(args, world), args.steps))
+            runs[size].append(record(engine, local_batch(args, world), args.steps, bool(args.depths)))
     table = slopes(sizes, runs)
     result = {"parametrization": args.parametrization, "backend": backend, "world_size": world.world_size,
               "vary": "depth" if args.depths else "head_width", "sizes": sizes, "slopes": table,
