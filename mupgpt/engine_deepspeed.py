@@ -113,7 +113,10 @@ class DeepSpeedEngine(Engine):
         zero = config["zero_optimization"]
         offload_opt = zero.get("offload_optimizer", {}).get("device", "none") != "none"
         if cfg.gradient_checkpointing:
-            deepspeed.checkpointing.configure(None, checkpoint_in_cpu=offload_opt, partition_activations=False)
+            # with the optimizer offloaded, keep the checkpoints in host memory too (the seed's setting);
+            # on a CPU device they are there already, and DeepSpeed's CPU path loses the input under ZeRO-3
+            in_cpu = offload_opt and self.device.type == "cuda"
+            deepspeed.checkpointing.configure(None, checkpoint_in_cpu=in_cpu, partition_activations=False)
             checkpoint_blocks(model, deepspeed.checkpointing.checkpoint)
         kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                   weight_decay=cfg.weight_decay)

@@ -23,7 +23,7 @@ BACKENDS = {
     "zero1": (DEEPSPEED, ["--zero_stage", "1", "--gradient_checkpointing"]),
     "zero2": (DEEPSPEED, ["--zero_stage", "2"]),
     "zero3": (DEEPSPEED, ["--zero_stage", "3", "--save_interval", "5"]),
-    "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu"]),
+    "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu", "--gradient_checkpointing"]),
     "fsdp": (TORCHRUN, ["--backend", "fsdp", "--save_interval", "5", "--gradient_checkpointing"]),
 }
 
