@@ -114,8 +114,9 @@ def plot(tab, axis, summary, path, metric):
         ax.set_ylim(bottom, top * 1.01)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel(f"{metric.replace('_', ' ')} (x: diverged or off the chart; *: optimum)")
-    fig.tight_layout()
+    axes[0][0].set_ylabel(metric.replace("_", " "))
+    fig.text(0.5, 0.005, "*: optimum per " + axis + "    x: diverged, or above the top of the chart", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
