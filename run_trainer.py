@@ -122,7 +122,7 @@ def train(cfg):
     run_dir = os.path.join(cfg.output_dir, cfg.name)
     resume_path = checkpoint.find_resume(cfg.resume, run_dir)
     trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
-    if world.is_main and not cfg.resume and (checkpoint.checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "summary.json"))):
+    if not cfg.resume and (checkpoint.checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "summary.json"))):
         raise UsageError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run_name")
     if world.is_main:
         os.makedirs(run_dir, exist_ok=True)
@@ -205,7 +205,8 @@ def train(cfg):
         print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
     export_path = os.path.join(run_dir, "model.safetensors")
     engine.export(export_path, mcfg)
-    mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64)
+    mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64,
+                         device=world.device)  # NCCL reduces device tensors only
     if world.world_size > 1:
         torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
     summary = {"final_train_loss": last_loss, "final_val_loss": val_loss,
