@@ -5,9 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, trainer_args
-from mupgpt.config import parse_args
-from run_trainer import train
+from conftest import ROOT, run_cli, trainer_args
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import estimate_memory  # noqa: E402
@@ -23,10 +21,10 @@ def test_prediction_holds_against_measured_peak_memory(tmp_path, corpus, data_di
     flags = ["--n_head", "8", "--head_width", "64", "--base_head_width", "64", "--seq_len", "64",
              "--per_device_train_batch_size", "4", "--max_steps", "3", "--precision", "fp32"]
     peak = {}
-    for layers in (2, 10):
-        summary = train(parse_args(trainer_args(tmp_path, corpus, data_dir, *flags, "--n_layer", str(layers),
-                                                "--run_name", f"L{layers}")))
-        peak[layers] = summary["peak_host_bytes_per_rank"]
+    for layers in (2, 10):  # fresh processes: peak RSS is a high-water mark over a process's life
+        res = run_cli(trainer_args(tmp_path, corpus, data_dir, *flags, "--n_layer", str(layers), "--run_name", f"L{layers}"))
+        assert res.returncode == 0, res.stderr[-2000:]
+        peak[layers] = json.loads((tmp_path / f"L{layers}" / "summary.json").read_text())["peak_host_bytes_per_rank"]
     model = dict(n_head=8, head_width=64, vocab=257, seq_len=64, batch=4, stage=0, precision="fp32")
     predicted = [estimate(*sum(([f"--{k}", v] for k, v in {**model, "n_layer": L}.items()), []))["per_rank_device_bytes"]
                  for L in (2, 10)]

@@ -139,3 +139,17 @@ def test_bad_deepspeed_input_is_one_line_and_exit_2(tmp_path, corpus, data_dir, 
     res = run_cli(args)
     lines = [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]  # DeepSpeed's own log lines
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-2000:]
+
+
+def test_zero3_checkpoint_resumes_into_one_process_from_its_consolidated_weights(runs, corpus, data_dir):
+    """Another backend and world size: the weights come from the checkpoint's model.safetensors and the
+    optimizer starts afresh, so step 6's loss (computed from the weights after step 5) is unchanged."""
+    zero3 = runs("zero3")
+    checkpoint = zero3 / "checkpoints" / "step_00000005"
+    args = trainer_args(runs.out, corpus, data_dir, "--run_name", "from_zero3", *COMMON, "--precision", "fp32",
+                        "--resume", str(checkpoint))
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "written by deepspeed on 2 rank(s); loaded its weights, the optimizer state starts afresh" in res.stdout
+    resumed = losses(runs.out / "from_zero3")
+    assert len(resumed) == 5 and resumed[0] == pytest.approx(losses(zero3)[5], rel=1e-5)
