@@ -153,3 +153,16 @@ def test_zero3_checkpoint_resumes_into_one_process_from_its_consolidated_weights
     assert "written by deepspeed on 2 rank(s); loaded its weights, the optimizer state starts afresh" in res.stdout
     resumed = losses(runs.out / "from_zero3")
     assert len(resumed) == 5 and resumed[0] == pytest.approx(losses(zero3)[5], rel=1e-5)
+
+
+def test_nvme_offload_trains_like_one_process(tmp_path, runs, corpus, data_dir):
+    """ZeRO-3 with parameters and optimizer offloaded to a disk folder (DeepSpeed's async I/O op, libaio)."""
+    (tmp_path / "nvme").mkdir()
+    args = trainer_args(runs.out, corpus, data_dir, "--run_name", "nvme", *COMMON, "--precision", "fp32",
+                        "--backend", "deepspeed", "--zero_stage", "3", "--offload", "nvme",
+                        "--nvme_path", str(tmp_path / "nvme"))
+    res = run_cli(args, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((runs.out / "nvme" / "ds_config.json").read_text())["zero_optimization"]["offload_param"]["device"] == "nvme"
+    assert any((tmp_path / "nvme").rglob("*"))  # DeepSpeed's swap files went there
+    assert losses(runs.out / "nvme") == pytest.approx(losses(runs.out / "single"), rel=1e-5)
