@@ -48,3 +48,7 @@ def run_cli(args, launcher=(sys.executable,), env=None, timeout=600):
 def losses(run_dir, key="loss"):
     rows = [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl")]
     return [r[key] for r in rows if key in r]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multinode: runs on real hosts made from network namespaces (skips where they can't be made)")
