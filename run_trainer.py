@@ -24,8 +24,11 @@ from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
 
 
 def model_config(cfg, vocab_size):
-    return GPTConfig(vocab_size=64 * math.ceil(vocab_size / 64), block_size=cfg.seq_len, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, head_width=cfg.head_width, parametrization=cfg.parametrization,
+    if cfg.vocab_size and cfg.vocab_size < vocab_size:
+        raise UsageError(f"--vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
+                         "drop it or give at least that")
+    vocab_size = 64 * math.ceil(max(vocab_size, cfg.vocab_size) / 64)
+    return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, head_width=cfg.head_width, parametrization=cfg.parametrization,
                      base_head_width=cfg.base_head_width, base_n_layer=cfg.base_n_layer,
                      depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
                      attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
@@ -158,7 +161,7 @@ def train(cfg):
         torch.autograd.set_detect_anomaly(True)
     profiler = start_profiler() if cfg.print_profile_results else None
     reporter = Reporter(run_dir, cfg, world.is_main, step)
-    flops_token = flops_per_token(mcfg, n_params)
+    flops_token = flops_per_token(mcfg)
     peak = peak_flops(world.device) * world.world_size
     stop = StopFlag()
     t_start = t_log = time.time()
@@ -192,7 +195,8 @@ def train(cfg):
             reporter.log(row, line)
             t_log = time.time()  # evaluation and logging are not counted as training time
         stopping = diverged or stop.agreed(world, world.device) if row or world.world_size == 1 else False
-        if (cfg.save_interval and step % cfg.save_interval == 0) or (stopping and not diverged) or step == total_steps:
+        save_now = (cfg.save_interval and step % cfg.save_interval == 0) or (stopping and not diverged) or step == total_steps
+        if cfg.save and save_now:
             path = checkpoint.save(engine, run_dir, {"step": step, "best_val_loss": best_val, "backend": backend,
                                                           "world_size": world.world_size}, cfg.keep_checkpoints)
             t_log = time.time()
@@ -203,8 +207,8 @@ def train(cfg):
 
     if world.is_main:
         print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
-    export_path = os.path.join(run_dir, "model.safetensors")
-    engine.export(export_path, mcfg)
+    if cfg.save:
+        engine.export(os.path.join(run_dir, "model.safetensors"), mcfg)
     mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64,
                          device=world.device)  # NCCL reduces device tensors only
     if world.world_size > 1:

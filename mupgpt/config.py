@@ -26,6 +26,8 @@ class TrainConfig:
     readout_zero_init: bool = _f(True, "start the readout at zero (both parametrizations)")
     query_zero_init: bool = _f(False, "start the query projection at zero")
     seq_len: int = _f(128, "tokens per training sequence (also the model's context length)")
+    vocab_size: int = _f(0, "model vocabulary, padded to a multiple of 64 (0: the tokenizer's); a larger one keeps "
+                         "unused rows, e.g. 50304 to benchmark GPT-2's shape on byte tokens")
     # optimisation
     learning_rate: float = _f(3e-3, "base AdamW learning rate (muP scales hidden layers by 1/m)", aliases=["--lr"])
     weight_decay: float = _f(0.0, "AdamW weight decay; kept width-independent per step (see mup_model.py)")
@@ -64,6 +66,7 @@ class TrainConfig:
     log_interval: int = _f(10, "steps between log lines (the loss is only read back from the device on these)")
     eval_interval: int = _f(100, "steps between validation evaluations (0: only at the end)")
     eval_iters: int = _f(10, "validation batches per evaluation")
+    save: bool = _f(True, "write checkpoints and the final model export (false: throughput benchmarks)")
     save_interval: int = _f(0, "steps between checkpoints (0: only at the end and on SIGTERM/Ctrl-C)")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     resume: str = _f("", "'auto' (the run directory's latest checkpoint, if any) or a checkpoint path")

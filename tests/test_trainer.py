@@ -115,6 +115,7 @@ BAD_INPUTS = {
     "missing resume": (["--resume", "/nonexistent/ckpt"], "no such checkpoint"),
     "unknown flag": (["--lerning_rate", "1"], "unrecognized arguments"),
     "bad choice": (["--parametrization", "ntk"], "invalid choice"),
+    "vocabulary too small": (["--vocab_size", "100"], "smaller than the tokenizer's 257"),
 }
 
 
@@ -170,3 +171,12 @@ def test_wandb_without_a_key_logs_offline_and_never_prompts(tmp_path, corpus, da
     assert res.returncode == 0, res.stderr[-2000:]
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_benchmark_runs_write_no_checkpoints_and_keep_a_larger_vocabulary(tmp_path, corpus, data_dir):
+    summary = run(tmp_path, corpus, data_dir, "--run_name", "b", "--max_steps", "3", "--save", "false",
+                  "--vocab_size", "1000")
+    run_dir = tmp_path / "b"
+    assert summary["completed"] and (run_dir / "summary.json").exists()
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "model.safetensors").exists()
+    assert json.loads((run_dir / "config.json").read_text())["resolved"]["model"]["vocab_size"] == 1024
