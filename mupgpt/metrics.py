@@ -12,9 +12,13 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L
               "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
-def flops_per_token(cfg, n_params):
-    """6N for the matmuls plus the attention scores and values (PaLM appendix B, as nanoGPT)."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.width * cfg.block_size
+def flops_per_token(cfg):
+    """6N over the matmul weights plus the attention scores and values (PaLM appendix B, as nanoGPT).
+
+    N counts the blocks' projections and the readout; the embeddings are lookups (nanoGPT's N holds
+    the token embedding once, as the readout it is tied to; here the readout is its own matrix)."""
+    n_matmul = cfg.n_layer * 12 * cfg.width**2 + cfg.vocab_size * cfg.width
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.width * cfg.block_size
 
 
 _cpu_peak = None

@@ -117,3 +117,11 @@ def test_meta_device_build_then_reset_parameters_equals_eager_init():
     for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
         assert torch.equal(a, b), name
     assert model.h[0].mlp.c_proj.weight.std().item() == pytest.approx(1 / math.sqrt(4 * 32), rel=0.1)  # fan_in = 4 x width
+
+
+def test_mfu_counts_every_matmul_weight_and_no_embedding():
+    from mupgpt.metrics import flops_per_token
+    cfg = GPTConfig(vocab_size=320, block_size=64, n_layer=3, n_head=4, head_width=16)
+    model = GPT(cfg)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops_per_token(cfg) == 6 * matmul + 12 * cfg.n_layer * cfg.width * cfg.block_size
