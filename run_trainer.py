@@ -28,7 +28,8 @@ def model_config(cfg, vocab_size):
         raise UsageError(f"--vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
                          "drop it or give at least that")
     vocab_size = 64 * math.ceil(max(vocab_size, cfg.vocab_size) / 64)
-    return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head, head_width=cfg.head_width, parametrization=cfg.parametrization,
+    return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     head_width=cfg.head_width, parametrization=cfg.parametrization,
                      base_head_width=cfg.base_head_width, base_n_layer=cfg.base_n_layer,
                      depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
                      attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
