@@ -126,6 +126,7 @@ DS_BAD = {
     "offload below stage 3": (None, ["--offload", "cpu", "--zero_stage", "2"], "needs --zero_stage 3"),
     "fp16 on CPU": (None, ["--precision", "fp16"], "no fp16 on CPU"),
     "stage 0 in bf16": (None, ["--zero_stage", "0", "--precision", "bf16"], "ZeRO stage 0 runs fp32 only"),
+    "compile under ZeRO-3": (None, ["--compile"], "--compile under ZeRO-3 runs slower"),
 }
 
 
@@ -166,3 +167,17 @@ def test_nvme_offload_trains_like_one_process(tmp_path, runs, corpus, data_dir):
     assert json.loads((runs.out / "nvme" / "ds_config.json").read_text())["zero_optimization"]["offload_param"]["device"] == "nvme"
     assert any((tmp_path / "nvme").rglob("*"))  # DeepSpeed's swap files went there
     assert losses(runs.out / "nvme") == pytest.approx(losses(runs.out / "single"), rel=1e-5)
+
+
+def test_zero2_compiles_without_recompiling_and_trains_the_same(tmp_path, corpus, data_dir):
+    """torch.compile under ZeRO-2 (one process): nothing hits dynamo's recompile limit and the losses
+    are those of the eager run (ZeRO-3 refuses --compile: see the bad-input cases)."""
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        args = trainer_args(tmp_path, corpus, data_dir, "--run_name", name, "--backend", "deepspeed", "--zero_stage",
+                            "2", "--max_steps", "4", "--save", "false", *extra)
+        res = run_cli(args)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "recompile_limit" not in res.stderr, res.stderr[-3000:]
+        runs[name] = losses(tmp_path / name)
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
