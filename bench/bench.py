@@ -6,8 +6,8 @@
 Each measurement is a real `run_trainer.py` run (launched as a user would) logging every step; the
 first --warmup steps are dropped and the median tokens/s over the rest, then over --repeats runs, is
 reported with the logged MFU and the run's peak memory. A reference checkout's train.py (nanoGPT's
-command line) runs the identical model, batch, sequence, fp32 and no compile on the same tokens; its
-per-iteration times give its tokens/s. Results: bench/results/<name>.json and a Markdown table.
+command line) runs the identical model, batch, sequence, precision and compile setting on the same
+tokens; its per-iteration times give its tokens/s. Results: bench/results/<name>.json and a Markdown table.
 """
 import argparse
 import json
@@ -43,14 +43,16 @@ def model_flags(args):
     return ["--n_layer", str(args.n_layer), "--n_head", str(args.n_head), "--head_width", str(args.head_width),
             "--base_head_width", str(args.head_width), "--seq_len", str(args.seq_len),
             "--per_device_train_batch_size", str(args.batch), "--precision", args.precision,
-            "--tokenizer", "bytes", "--dataset", args.dataset, "--data_dir", args.data_dir]
+            "--tokenizer", "bytes", "--dataset", args.dataset, "--data_dir", args.data_dir,
+            "--vocab_size", str(args.vocab_size)]
 
 
 def run_ours(backend, args, out):
     launcher, flags = BACKENDS[backend]
     cmd = [*launcher, *([sys.executable] if not launcher else []), str(ROOT / "run_trainer.py"), *flags,
            *model_flags(args), "--max_steps", str(args.steps), "--log_interval", "1", "--eval_interval", "0",
-           "--eval_iters", "1", "--lr_scheduler_type", "constant", "--output_dir", str(out), "--run_name", backend]
+           "--eval_iters", "1", "--lr_scheduler_type", "constant", "--output_dir", str(out), "--run_name", backend,
+           "--save", "false"]
     if args.compile:
         cmd.append("--compile")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **args.env})
@@ -66,8 +68,9 @@ def run_ours(backend, args, out):
 
 
 def run_reference(path, args, work):
-    """The reference's train.py (nanoGPT's flags) on our prepared tokens, same dims, fp32, no compile."""
-    train_py = Path(path) / "train.py"
+    """The reference's train.py (nanoGPT's flags) on our prepared tokens: same dims, precision and compile."""
+    path = Path(path).resolve()
+    train_py = path / "train.py"
     if not train_py.exists():
         raise UsageError(f"--reference {path} has no train.py: point it at a nanoGPT checkout")
     prepared = Path(args.data_dir) / f"{args.dataset}-bytes"
@@ -75,16 +78,16 @@ def run_reference(path, args, work):
     data.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val"):
         shutil.copy(prepared / f"{split}.bin", data / f"{split}.bin")
-    if (Path(path) / "configurator.py").exists():  # nanoGPT reads it from its working directory
-        shutil.copy(Path(path) / "configurator.py", work)
-    with open(data / "meta.pkl", "wb") as f:
-        pickle.dump({"vocab_size": 320}, f)  # our vocabulary as the model sees it (257 padded to 320)
+    if (path / "configurator.py").exists():  # nanoGPT reads it from its working directory
+        shutil.copy(path / "configurator.py", work)
+    with open(data / "meta.pkl", "wb") as f:  # our vocabulary as the model sees it (padded to 64)
+        pickle.dump({"vocab_size": 64 * -(-max(257, args.vocab_size) // 64)}, f)
     cmd = [sys.executable, str(train_py), "--dataset=bench", f"--n_layer={args.n_layer}", f"--n_head={args.n_head}",
            f"--n_embd={args.n_head * args.head_width}", f"--block_size={args.seq_len}", f"--batch_size={args.batch}",
            "--gradient_accumulation_steps=1", "--dropout=0.0", "--bias=True", f"--compile={args.compile}",
-           f"--dtype={'float32' if args.precision == 'fp32' else 'bfloat16'}", "--device=cpu", "--eval_interval=1000000",
-           "--eval_iters=1", "--log_interval=1", f"--max_iters={args.steps}", "--always_save_checkpoint=False",
-           "--decay_lr=False", f"--out_dir={work / 'out'}"]
+           f"--dtype={'float32' if args.precision == 'fp32' else 'bfloat16'}", f"--device={args.device}",
+           "--eval_interval=1000000", "--eval_iters=1", "--log_interval=1", f"--max_iters={args.steps}",
+           "--always_save_checkpoint=False", "--decay_lr=False", f"--out_dir={work / 'out'}"]
     res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, **args.env})
     if res.returncode != 0:
         raise RuntimeError(f"reference failed:\n{res.stderr[-3000:]}")
@@ -103,6 +106,7 @@ def environment():
         pass
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
     else:
         cpu = [l for l in open("/proc/cpuinfo") if l.startswith("model name")]
         info["device"] = f"CPU: {cpu[0].split(':', 1)[1].strip() if cpu else platform.processor()}, {os.cpu_count()} cores"
@@ -120,6 +124,8 @@ def main():
     p.add_argument("--head_width", type=int, default=64)
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab_size", type=int, default=0,
+                   help="model vocabulary (0: the byte tokenizer's 257, padded to 320)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=40)
@@ -130,6 +136,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every run (0: leave as is)")
     args = p.parse_args()
     args.env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    import torch
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
     unknown = [b for b in args.backends.split(",") if b not in BACKENDS]
     if unknown:
         raise UsageError(f"unknown backend(s) {unknown}: use {', '.join(BACKENDS)}")
@@ -140,7 +148,12 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="mupgpt-bench-"))
     try:
         for backend in args.backends.split(","):
-            reps = [run_ours(backend, args, work / f"{backend}{r}") for r in range(args.repeats)]
+            try:
+                reps = [run_ours(backend, args, work / f"{backend}{r}") for r in range(args.repeats)]
+            except RuntimeError as e:  # one backend failing does not lose the others' figures
+                print(e, file=sys.stderr)
+                results["backends"][backend] = {"error": str(e)[-2000:]}
+                continue
             results["backends"][backend] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
             results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
         if args.reference:
@@ -149,7 +162,8 @@ def main():
             results["reference"] = {"path": os.path.abspath(args.reference), "tokens_per_s": ref,
                                     "repeats_tokens_per_s": [r["tokens_per_s"] for r in reps]}
             for b in results["backends"].values():
-                b["ratio_to_reference"] = b["tokens_per_s"] / ref
+                if "tokens_per_s" in b:
+                    b["ratio_to_reference"] = b["tokens_per_s"] / ref
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
@@ -160,12 +174,17 @@ def main():
 
 
 def table(results):
-    lines = ["| backend | tokens/s | MFU | peak host MiB/rank | vs reference |", "|---|---|---|---|---|"]
+    lines = ["| backend | tokens/s | MFU | peak host MiB/rank | peak device MiB | vs reference |",
+             "|---|---|---|---|---|---|"]
     for name, b in results["backends"].items():
+        if "error" in b:
+            lines.append(f"| {name} | failed: {b['error'].strip().splitlines()[-1][:120]} | | | | |")
+            continue
         ratio = f"{b['ratio_to_reference']:.2f}x" if "ratio_to_reference" in b else "-"
-        lines.append(f"| {name} | {b['tokens_per_s']:,.0f} | {100 * b['mfu']:.1f}% | {b['peak_host_mib']:,.0f} | {ratio} |")
+        lines.append(f"| {name} | {b['tokens_per_s']:,.0f} | {100 * b['mfu']:.1f}% | {b['peak_host_mib']:,.0f} "
+                     f"| {b['peak_device_mib']:,.0f} | {ratio} |")
     if "reference" in results:
-        lines.append(f"| reference train.py | {results['reference']['tokens_per_s']:,.0f} | | | 1.00x |")
+        lines.append(f"| reference train.py | {results['reference']['tokens_per_s']:,.0f} | | | | 1.00x |")
     return "\n".join(lines)
 
 

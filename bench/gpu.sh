@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU figures of bench/RESULTS.md, on one GPU. Run from the project root with the byte tokens of
+# the stdlib corpus prepared in data/ (python scripts/prepare_data.py --tokenizer bytes) and, for the
+# side-by-side row, a nanoGPT checkout at ref/nanoGPT (never committed):
+#
+#   bash bench/gpu.sh throughput   # GPT-2 124M shape: single, FSDP2, ZeRO-3 with compile; nanoGPT; fp16 checks
+#   bash bench/gpu.sh largest 32x4096 24x4096   # ZeRO-3 + CPU offload, the first size (layers x width) that trains 10 steps
+#
+# Results: bench/results/*.json and logs under ${OUT:-bench/results/gpu_logs}.
+set -uo pipefail
+OUT=${OUT:-bench/results/gpu_logs}
+mkdir -p "$OUT" bench/results
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 - <<'EOF' | tee "$OUT/environment.txt"
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+try:
+    import deepspeed; print("deepspeed", deepspeed.__version__)
+except ImportError as e:
+    print("no deepspeed:", e)
+print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/environment.txt"
+free -g | tee -a "$OUT/environment.txt"
+
+dev=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else 'cpu')")
+gpt2_124m=(--n_layer 12 --n_head 12 --head_width 64 --seq_len 1024 --vocab_size 50304 --precision bf16)
+
+case "${1:-}" in
+throughput)
+    ref=$( [ -d ref/nanoGPT ] && echo --reference ref/nanoGPT )
+    timeout 270 python3 bench/bench.py --name ${dev}_gpt2_124m_compile --backends single,fsdp "${gpt2_124m[@]}" \
+        --batch 16 --compile --steps 50 --warmup 20 --repeats 1 $ref 2>&1 | tee "$OUT/compile.log" | tail -6
+    # fp16 with dynamic loss scaling: the single backend (GradScaler) and DeepSpeed ZeRO-2/3, against bf16
+    small=(--n_layer 4 --n_head 4 --head_width 64 --seq_len 256 --max_steps 60 --log_interval 10 --eval_interval 0
+           --tokenizer bytes --save false --output_dir /tmp/fp16runs --lr 3e-3)
+    for run in "single bf16" "single fp16" "deepspeed fp16 2" "deepspeed fp16 3" "deepspeed bf16 3"; do
+        set -- $run
+        timeout 60 python3 run_trainer.py "${small[@]}" --backend "$1" --precision "$2" \
+            ${3:+--zero_stage $3} --run_name "$1_$2${3:-}" > "$OUT/fp16_$1_$2${3:-}.log" 2>&1 \
+            || echo "$run failed: $(tail -3 "$OUT/fp16_$1_$2${3:-}.log")"
+        python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(sys.argv[2], ' '.join(f'{x[\"loss\"]:.3f}' for x in r if 'loss' in x))" \
+            "/tmp/fp16runs/$1_$2${3:-}/metrics.jsonl" "$run" 2>/dev/null | tee -a "$OUT/fp16_summary.txt"
+    done
+    timeout 130 python3 bench/bench.py --name ${dev}_gpt2_124m_zero3_compile --backends deepspeed_zero3 \
+        "${gpt2_124m[@]}" --batch 16 --compile --steps 50 --warmup 20 --repeats 1 2>&1 | tee "$OUT/zero3_compile.log" | tail -4
+    timeout 100 python3 bench/bench.py --name ${dev}_gpt2_124m_eager --backends single,deepspeed_zero3 \
+        "${gpt2_124m[@]}" --batch 16 --steps 30 --warmup 10 --repeats 1 2>&1 | tee "$OUT/eager.log" | tail -5
+    ;;
+largest)
+    shift
+    for size in "$@"; do
+        layers=${size%x*}; width=${size#*x}
+        echo "== ZeRO-3 + CPU offload: $layers layers x $width wide"
+        (while sleep 5; do free -m | awk '/Mem/ {print $3}'; done) > "$OUT/largest_${size}_host_used_mib.txt" &
+        sampler=$!
+        timeout ${LARGEST_TIMEOUT:-480} python3 run_trainer.py --backend deepspeed --zero_stage 3 --offload cpu \
+            --n_layer "$layers" --n_head $((width / 128)) --head_width 128 --base_head_width 128 --seq_len 1024 \
+            --vocab_size 50304 --per_device_train_batch_size 1 --gradient_checkpointing --max_steps 10 \
+            --log_interval 1 --eval_interval 0 --eval_iters 1 --tokenizer bytes --save false \
+            --output_dir /tmp/largest --run_name "L${layers}_W${width}" > "$OUT/largest_${size}.log" 2>&1
+        rc=$?
+        kill $sampler
+        echo "host memory used, max over 5 s samples: $(sort -n "$OUT/largest_${size}_host_used_mib.txt" | tail -1) MiB"
+        grep -E "params|step +[0-9]+/|done|Error|error|Killed" "$OUT/largest_${size}.log" | tail -20
+        cp "/tmp/largest/L${layers}_W${width}/summary.json" "$OUT/largest_${size}_summary.json" 2>/dev/null
+        [ $rc -eq 0 ] && break
+        echo "rc=$rc"
+    done
+    ;;
+*)
+    echo "usage: bash bench/gpu.sh throughput | largest LAYERSxWIDTH..." >&2; exit 2 ;;
+esac
+cp bench/results/${dev}_*.json "$OUT/" 2>/dev/null
+true
