@@ -133,6 +133,15 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
             lr_scheduler=lambda opt: lr_scheduler(opt, cfg, total_steps))
+        backup = getattr(self.engine.optimizer, "backup_optimizer", None)
+        if backup is not None:
+            # Partial offload (offload_optimizer.ratio < 1) steps the GPU-resident part with a second
+            # optimizer that shares the param-group dicts except the first, which it copies once: share
+            # that one too, or the schedule never reaches the first muP group's GPU part.
+            first = self.engine.optimizer.optimizer.param_groups[0]
+            for key, value in backup.defaults.items():
+                first.setdefault(key, value)
+            backup.param_groups[0] = first
         if cfg.compile:
             self.engine.compile()  # compiles the module in place: parameter names stay bare
         self.forward_model = self.engine
