@@ -5,6 +5,7 @@
 #
 #   bash bench/gpu.sh throughput   # GPT-2 124M shape: single, FSDP2, ZeRO-3 with compile; nanoGPT; fp16 checks
 #   bash bench/gpu.sh largest 32x4096 24x4096   # ZeRO-3 + CPU offload, the first size (layers x width) that trains 10 steps
+#   DS_CONFIG=ds_configs/zero3_offload_cpu_partial.json bash bench/gpu.sh largest 32x4096   # part of Adam on the GPU
 #
 # Results: bench/results/*.json and logs under ${OUT:-bench/results/gpu_logs}.
 set -uo pipefail
@@ -54,14 +55,19 @@ largest)
         echo "== ZeRO-3 + CPU offload: $layers layers x $width wide"
         (while sleep 5; do free -m | awk '/Mem/ {print $3}'; done) > "$OUT/largest_${size}_host_used_mib.txt" &
         sampler=$!
-        timeout ${LARGEST_TIMEOUT:-480} python3 run_trainer.py --backend deepspeed --zero_stage 3 --offload cpu \
+        (while sleep 3; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits; done) \
+            > "$OUT/largest_${size}_device_used_mib.txt" &
+        device_sampler=$!
+        offload=(--offload cpu); [ -n "${DS_CONFIG:-}" ] && offload=(--ds_config "$DS_CONFIG")
+        timeout ${LARGEST_TIMEOUT:-480} python3 run_trainer.py --backend deepspeed --zero_stage 3 "${offload[@]}" \
             --n_layer "$layers" --n_head $((width / 128)) --head_width 128 --base_head_width 128 --seq_len 1024 \
             --vocab_size 50304 --per_device_train_batch_size 1 --gradient_checkpointing --max_steps 10 \
             --log_interval 1 --eval_interval 0 --eval_iters 1 --tokenizer bytes --save false \
             --output_dir /tmp/largest --run_name "L${layers}_W${width}" > "$OUT/largest_${size}.log" 2>&1
         rc=$?
-        kill $sampler
+        kill $sampler $device_sampler
         echo "host memory used, max over 5 s samples: $(sort -n "$OUT/largest_${size}_host_used_mib.txt" | tail -1) MiB"
+        echo "device memory used (nvidia-smi), max over 3 s samples: $(sort -n "$OUT/largest_${size}_device_used_mib.txt" | tail -1) MiB"
         grep -E "params|step +[0-9]+/|done|Error|error|Killed" "$OUT/largest_${size}.log" | tail -20
         cp "/tmp/largest/L${layers}_W${width}/summary.json" "$OUT/largest_${size}_summary.json" 2>/dev/null
         [ $rc -eq 0 ] && break
