@@ -11,6 +11,8 @@ path (fp32 weights and Adam; bf16 only in autocast). ZeRO-1 shards the optimizer
 world size N, ZeRO-2 also the gradients, ZeRO-3 (and FSDP2) also the weights. Offload moves the
 sharded optimizer states and gradients (and with ZeRO-3 the weights) to host memory (nvme: to disk);
 on the host DeepSpeed holds the gradients in fp32 and 1.5x for buffers (18 B/param x 1.5 in bf16).
+--offload_ratio r < 1 (offload_optimizer.ratio) keeps the fraction 1 - r of Adam's states and fp32
+gradients on the device.
 Activations per layer use s*b*h*34 bytes in half precision for a pre-LN GPT block with flash
 attention (Korthikanti et al. 2022, without the s^2 attention term), s*b*h*2 with activation
 checkpointing plus one recomputed layer; the logits add s*b*V*(2 + 4 + 4) bytes (logits, fp32 loss
@@ -45,6 +47,8 @@ def estimate(args):
         raise UsageError(f"--stage must be 0, 1, 2 or 3, not {args.stage}")
     if args.offload != "none" and args.stage != 3:
         raise UsageError("--offload needs --stage 3")
+    if not 0 <= args.offload_ratio <= 1 or (args.offload_ratio < 1 and args.offload != "cpu"):
+        raise UsageError("--offload_ratio is a fraction in [0, 1] and needs --offload cpu")
     n_params, cfg = count_params(args)
     N, P = args.world_size, n_params
     half = args.precision in ("bf16", "fp16")
@@ -59,9 +63,12 @@ def estimate(args):
     if args.offload == "cpu":
         # DeepSpeed keeps the offloaded gradients in fp32 (4 B, not 2) and reserves 1.5x for its pinned
         # buffers (its own estimate_zero3_model_states_mem_needs: 18 B/param x 1.5). Measured on an H100
-        # host: 4.44B params, 103.8 GiB peak RSS, this rule 111.7 GiB (bench/RESULTS.md).
-        host = 1.5 * (optim + 4 * P / N + weights) if half else 1.5 * (optim + grads + weights)
-        optim, grads = 0.0, 0.0
+        # host: 4.44B params, 103.8 GiB peak RSS, this rule 111.7 GiB; 6.86B with ratio 0.55: 110.9 GiB
+        # RSS and 49.2 GiB device, this rule 103.5 and 47.6 GiB (bench/RESULTS.md).
+        states = optim + (4 * P / N if half else grads)
+        r = args.offload_ratio
+        host = 1.5 * (r * states + weights)
+        optim, grads = (1 - r) * states, 0.0
         weights = 2 * 12 * cfg.width**2 * (2 if half else 4)  # about two layers gathered at a time
     elif args.offload == "nvme":
         optim, grads = 0.0, 0.0
@@ -88,6 +95,8 @@ def build_parser():
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--stage", type=int, default=0, help="0 (single/DDP), 1, 2, 3 (ZeRO-3 or FSDP2)")
     p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"])
+    p.add_argument("--offload_ratio", type=float, default=1.0,
+                   help="fraction of Adam's states offloaded (offload_optimizer.ratio; the rest stays on the device)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -48,6 +48,10 @@ def test_zero_stages_shard_what_the_paper_says():
     assert s3["weights"] == pytest.approx(2 * P / 8)
     offload = estimate(*base, "--stage", 3, "--offload", "cpu")
     assert offload["breakdown_bytes"]["optimizer"] == 0 and offload["per_rank_host_bytes"] == pytest.approx(1.5 * 18 * P / 8)
+    # partial offload: Adam's states and fp32 gradients of the kept part (45%) stay on the device
+    partial = estimate(*base, "--stage", 3, "--offload", "cpu", "--offload_ratio", "0.55")
+    assert partial["breakdown_bytes"]["optimizer"] == pytest.approx(0.45 * 16 * P / 8)
+    assert partial["per_rank_host_bytes"] == pytest.approx(1.5 * (0.55 * 16 + 2) * P / 8)
 
 
 def test_offload_below_stage_3_is_one_line_and_exit_2():
