@@ -24,8 +24,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class FSDPEngine(Engine):
     def __init__(self, cfg, model, world, precision, total_steps, run_dir=None):
-        if precision == "fp16":
-            raise UsageError("--backend fsdp runs bf16 or fp32: use --precision bf16 (deepspeed has fp16 with loss scaling)")
         model.to(world.device)
         if cfg.gradient_checkpointing:
             checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
@@ -37,6 +35,9 @@ class FSDPEngine(Engine):
         groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
         super().__init__(cfg, model, groups, world, "fp32", total_steps)  # no autocast: FSDP casts itself
         self.precision = precision
+        if precision == "fp16":  # dynamic loss scaling; ranks agree on skipping a step that overflowed
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(self.device.type)
 
     def no_sync(self, last):
         self.model.set_requires_gradient_sync(last)
@@ -52,7 +53,8 @@ class FSDPEngine(Engine):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=os.path.join(path, "dcp"))
         if self.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict()}, os.path.join(path, "scheduler.pt"))
+            torch.save({"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
+                       os.path.join(path, "scheduler.pt"))
         self.save_consolidated(path)
 
     def load(self, path):
@@ -62,6 +64,8 @@ class FSDPEngine(Engine):
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         sched = torch.load(os.path.join(path, "scheduler.pt"), weights_only=True)
         self.scheduler.load_state_dict(sched["scheduler"])
+        if "scaler" in sched:
+            self.scaler.load_state_dict(sched["scaler"])
         self.load_rng(path)
 
     def full_state_dict(self):

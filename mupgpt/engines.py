@@ -57,7 +57,7 @@ def resolve_device(cfg):
 
 def resolve_precision(cfg, backend, device_type):
     if cfg.precision != "auto":
-        if cfg.precision == "fp16" and device_type == "cpu" and backend in ("deepspeed", "fsdp"):
+        if cfg.precision == "fp16" and device_type == "cpu" and backend == "deepspeed":
             raise UsageError(f"{backend} has no fp16 on CPU: use --precision bf16 or fp32 (fp16 needs a GPU)")
         if cfg.precision == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UsageError("this GPU has no bf16: use --precision fp16 or fp32")

@@ -1,5 +1,6 @@
 """ZeRO-1/2/3 (+ CPU offload) and FSDP2 on 2 real CPU ranks (gloo), through the real launchers."""
 import json
+import math
 import os
 import shutil
 import sys
@@ -68,6 +69,33 @@ def test_bf16_losses_stay_within_a_bf16_ulp(runs, name):
     assert bf16 != fp32  # it really ran in bf16
 
 
+@pytest.mark.parametrize("name", ["single", "fsdp"])
+def test_fp16_trains_like_fp32_with_gradients_unscaled(runs, name, corpus, data_dir):
+    """fp16 keeps 11 significant bits: over 10 steps the losses and the logged (unscaled) gradient
+    norms stay within two fp16 ulps (2^-9) of fp32; a loss scale left in the norms would be 65536x."""
+    if name == "single":
+        res = run_cli(trainer_args(runs.out, corpus, data_dir, "--run_name", "single_fp16", *COMMON, "--precision", "fp16"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        run_dir = runs.out / "single_fp16"
+    else:
+        run_dir = runs(name, precision="fp16")
+    fp32 = runs.out / "single"
+    assert losses(run_dir) == pytest.approx(losses(fp32), rel=2 ** -9)
+    assert losses(run_dir, "grad_norm") == pytest.approx(losses(fp32, "grad_norm"), rel=2 ** -9)
+    assert losses(run_dir) != losses(fp32)  # it really ran in fp16
+
+
+def test_fsdp_fp16_skips_an_overflowing_step_on_every_rank(tmp_path):
+    import subprocess
+    res = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "fp16_probe.py")], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PROBE_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((tmp_path / "fp16.json").read_text())
+    assert result["overflow"]["moved"] is False and result["overflow"]["scales"] == [2.0**39] * 2
+    assert result["fits"]["moved"] is True and result["fits"]["scales"] == [1024.0] * 2
+    assert math.isfinite(result["fits"]["loss"])
+
+
 @pytest.mark.parametrize("name", ["zero3", "fsdp"])
 def test_native_checkpoint_resumes_exactly(runs, name, corpus, data_dir):
     run_dir = runs(name)
@@ -127,7 +155,7 @@ DS_BAD = {
     "nvme without a path": (None, ["--offload", "nvme"], "pass --nvme_path"),
     "nvme path missing": (None, ["--offload", "nvme", "--nvme_path", "/nonexistent/nvme"], "needs an existing folder"),
     "offload below stage 3": (None, ["--offload", "cpu", "--zero_stage", "2"], "needs --zero_stage 3"),
-    "fp16 on CPU": (None, ["--precision", "fp16"], "no fp16 on CPU"),
+    "fp16 on CPU": (None, ["--precision", "fp16"], "deepspeed has no fp16 on CPU"),
     "stage 0 in bf16": (None, ["--zero_stage", "0", "--precision", "bf16"], "ZeRO stage 0 runs fp32 only"),
     "compile under ZeRO-3": (None, ["--compile"], "--compile under ZeRO-3 runs slower"),
 }
