@@ -33,6 +33,8 @@ class FSDPEngine(Engine):
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
+        # fused AdamW takes ShardedGradScaler's found-inf in a shape it rejects (torch 2.11, H100)
+        self.fused_adamw = precision != "fp16"
         super().__init__(cfg, model, groups, world, "fp32", total_steps)  # no autocast: FSDP casts itself
         self.precision = precision
         if precision == "fp16":  # dynamic loss scaling; ranks agree on skipping a step that overflowed

@@ -40,8 +40,8 @@ def param_groups(model, lr, weight_decay, run_dir=None):
     return groups
 
 
-def adamw(groups, cfg, device_type):
-    fused = device_type == "cuda"
+def adamw(groups, cfg, device_type, fused=True):
+    fused = fused and device_type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
 
