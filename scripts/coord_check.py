@@ -112,7 +112,8 @@ def run(args, world=None):
                      "--n_layer", str(args.n_layer), "--seq_len", str(args.seq_len), "--learning_rate", str(args.lr),
                      "--per_device_train_batch_size", str(args.batch), "--seed", str(seed), "--grad_clip", "0",
                      "--lr_scheduler_type", "constant", "--precision", "fp32", "--backend", backend,
-                     "--zero_stage", "3", "--query_zero_init", str(args.query_zero_init)]
+                     "--zero_stage", "3", "--query_zero_init", str(args.query_zero_init),
+                     "--init_std", str(args.init_std)]
             if args.depths:
                 flags += ["--n_layer", str(size), "--base_n_layer", str(sizes[0]), "--depth_alpha", str(args.depth_alpha)]
             else:
@@ -178,6 +179,7 @@ def build_parser():
     p.add_argument("--depths", default="", help="comma-separated depths: a depth check instead of a width check")
     p.add_argument("--depth_alpha", type=float, default=1.0, help="with --depths: 1 CompleteP, 0.5 depth-muP")
     p.add_argument("--head_width", type=int, default=16, help="with --depths: the fixed head width")
+    p.add_argument("--init_std", type=float, default=0.02, help="embedding init std (the trainer's default)")
     p.add_argument("--base_head_width", type=int, default=16)
     p.add_argument("--n_head", type=int, default=2)
     p.add_argument("--n_layer", type=int, default=2)
