@@ -25,8 +25,8 @@ BACKENDS = {
     "zero2": (DEEPSPEED, ["--zero_stage", "2"]),
     "zero3": (DEEPSPEED, ["--zero_stage", "3", "--save_interval", "5"]),
     "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu", "--gradient_checkpointing"]),
-    # the GPU-resident half of the optimizer only exists on a GPU; here this checks the config and the
-    # engine's sharing of the first param group (verified on an H100: bench/RESULTS.md)
+    # the GPU-resident part of the optimizer only exists on a GPU: here the config trains; the schedule
+    # reaching that part is the next test, and its losses were checked on an H100 (bench/RESULTS.md)
     "zero3_offload_cpu_partial": (DEEPSPEED, ["--ds_config", str(ROOT / "ds_configs" / "zero3_offload_cpu_partial.json")]),
     "fsdp": (TORCHRUN, ["--backend", "fsdp", "--save_interval", "5", "--gradient_checkpointing"]),
 }
@@ -201,14 +201,48 @@ def test_nvme_offload_trains_like_one_process(tmp_path, runs, corpus, data_dir):
 
 
 def test_zero2_compiles_without_recompiling_and_trains_the_same(tmp_path, corpus, data_dir):
-    """torch.compile under ZeRO-2 (one process): nothing hits dynamo's recompile limit and the losses
-    are those of the eager run (ZeRO-3 refuses --compile: see the bad-input cases)."""
+    """torch.compile under ZeRO-2 (one process): dynamo traces the model's forward, nothing hits its
+    recompile limit, and the losses are those of the eager run (ZeRO-3 refuses --compile: see the
+    bad-input cases)."""
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         args = trainer_args(tmp_path, corpus, data_dir, "--run_name", name, "--backend", "deepspeed", "--zero_stage",
                             "2", "--max_steps", "4", "--save", "false", *extra)
-        res = run_cli(args)
+        res = run_cli(args, env={"TORCH_LOGS": "dynamo"})  # dynamo logs each frame it traces
         assert res.returncode == 0, res.stderr[-3000:]
+        traced = "start tracing forward" in res.stderr and "mup_model.py" in res.stderr
+        assert traced == (name == "compiled"), res.stderr[-3000:]
         assert "recompile_limit" not in res.stderr, res.stderr[-3000:]
         runs[name] = losses(tmp_path / name)
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
+
+
+PARTIAL_PROBE = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from mupgpt.config import parse_args
+from mupgpt.engine_deepspeed import ds_config
+from mupgpt.engines import build, init_world
+from run_trainer import model_config
+cfg = parse_args(["--backend", "deepspeed", "--ds_config", sys.argv[2], "--n_layer", "2", "--seq_len", "32",
+                  "--per_device_train_batch_size", "2", "--num_warmup_steps", "5", "--precision", "fp32"])
+ds = ds_config(cfg, "fp32", 2, 1, cfg.n_head * cfg.head_width)
+engine = build("deepspeed", cfg, model_config(cfg, 257), init_world("deepspeed", "cpu"), "fp32", 10, ds)
+zero = engine.engine.optimizer
+for _ in range(3):
+    engine.scheduler.step()
+print(json.dumps({"schedule": [g["lr"] for g in zero.optimizer.param_groups],
+                  "gpu_side": [g["lr"] for g in zero.backup_optimizer.param_groups]}))
+"""
+
+
+def test_partial_offload_schedule_reaches_the_gpu_side_optimizer(tmp_path):
+    """With offload_optimizer.ratio < 1 DeepSpeed steps the GPU-resident states with a second optimizer
+    that copies param group 0 once: every one of its groups must follow the LR schedule."""
+    import subprocess
+    config = ROOT / "ds_configs" / "zero3_offload_cpu_partial.json"
+    res = subprocess.run([sys.executable, "-c", PARTIAL_PROBE, str(ROOT), str(config)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    lrs = json.loads(res.stdout.strip().splitlines()[-1])
+    assert lrs["schedule"][0] > 0 and lrs["gpu_side"] == lrs["schedule"]
