@@ -6,6 +6,7 @@
 #   bash bench/gpu.sh throughput   # GPT-2 124M shape: single, FSDP2, ZeRO-3 with compile; nanoGPT; fp16 checks
 #   bash bench/gpu.sh largest 32x4096 24x4096   # ZeRO-3 + CPU offload, the first size (layers x width) that trains 10 steps
 #   DS_CONFIG=ds_configs/zero3_offload_cpu_partial.json bash bench/gpu.sh largest 32x4096   # part of Adam on the GPU
+#   bash bench/gpu.sh checks       # exactness on the GPU: partial vs full offload, checkpoint_in_cpu, FSDP2 fp16
 #
 # Results: bench/results/*.json and logs under ${OUT:-bench/results/gpu_logs}.
 set -uo pipefail
@@ -25,6 +26,11 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 free -g | tee -a "$OUT/environment.txt"
 
 dev=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if torch.cuda.is_available() else 'cpu')")
+# print a run's logged losses after a label, and keep them in $OUT/$3
+losses() {
+    python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(sys.argv[2], ' '.join(f'{x[\"loss\"]:.6f}' for x in r if 'loss' in x))" \
+        "$1/metrics.jsonl" "$2" | tee -a "$OUT/$3"
+}
 gpt2_124m=(--n_layer 12 --n_head 12 --head_width 64 --seq_len 1024 --vocab_size 50304 --precision bf16)
 
 case "${1:-}" in
@@ -40,8 +46,7 @@ throughput)
         timeout 60 python3 run_trainer.py "${small[@]}" --backend "$1" --precision "$2" \
             ${3:+--zero_stage $3} --run_name "$1_$2${3:-}" > "$OUT/fp16_$1_$2${3:-}.log" 2>&1 \
             || echo "$run failed: $(tail -3 "$OUT/fp16_$1_$2${3:-}.log")"
-        python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; print(sys.argv[2], ' '.join(f'{x[\"loss\"]:.3f}' for x in r if 'loss' in x))" \
-            "/tmp/fp16runs/$1_$2${3:-}/metrics.jsonl" "$run" 2>/dev/null | tee -a "$OUT/fp16_summary.txt"
+        losses "/tmp/fp16runs/$1_$2${3:-}" "$run" fp16_summary.txt
     done
     timeout 130 python3 bench/bench.py --name ${dev}_gpt2_124m_zero3_compile --backends deepspeed_zero3 \
         "${gpt2_124m[@]}" --batch 16 --compile --steps 50 --warmup 20 --repeats 1 2>&1 | tee "$OUT/zero3_compile.log" | tail -4
@@ -74,8 +79,31 @@ largest)
         echo "rc=$rc"
     done
     ;;
+checks)
+    # ZeRO-3 + CPU offload in fp32: all of Adam offloaded, part of it kept on the GPU (many small
+    # sub-groups so both sides hold some), and with activation checkpoints in host memory
+    tiny=(--backend deepspeed --zero_stage 3 --precision fp32 --n_layer 2 --n_head 2 --head_width 32 --seq_len 64
+          --per_device_train_batch_size 4 --max_steps 10 --num_warmup_steps 5 --lr 1e-2 --log_interval 1
+          --eval_interval 0 --eval_iters 1 --tokenizer bytes --save false --output_dir /tmp/checks)
+    python3 -c "import json; c=json.load(open('ds_configs/zero3_offload_cpu_partial.json')); z=c['zero_optimization']; z['sub_group_size']=2000; z['offload_optimizer']['ratio']=0.5; json.dump(c, open('/tmp/partial_small.json', 'w'))"
+    for run in "full --offload cpu" "partial --ds_config /tmp/partial_small.json" "ckpt_in_cpu --offload cpu --gradient_checkpointing"; do
+        set -- $run
+        name=$1; shift
+        python3 run_trainer.py "${tiny[@]}" "$@" --run_name "$name" > "$OUT/checks_$name.log" 2>&1 \
+            || echo "$name failed: $(tail -3 "$OUT/checks_$name.log")"
+        losses "/tmp/checks/$name" "$name" checks.txt
+    done
+    # FSDP2 in fp16 (ShardedGradScaler) and bf16 on one GPU, the fp16 runs' model and steps
+    small=(--n_layer 4 --n_head 4 --head_width 64 --seq_len 256 --max_steps 60 --log_interval 10 --eval_interval 0
+           --tokenizer bytes --save false --output_dir /tmp/checks --lr 3e-3)
+    for p in fp16 bf16; do
+        torchrun --nproc_per_node 1 run_trainer.py "${small[@]}" --backend fsdp --precision $p --run_name fsdp_$p \
+            > "$OUT/checks_fsdp_$p.log" 2>&1 || echo "fsdp $p failed: $(tail -3 "$OUT/checks_fsdp_$p.log")"
+        losses "/tmp/checks/fsdp_$p" "fsdp $p" checks.txt
+    done
+    ;;
 *)
-    echo "usage: bash bench/gpu.sh throughput | largest LAYERSxWIDTH..." >&2; exit 2 ;;
+    echo "usage: bash bench/gpu.sh throughput | largest LAYERSxWIDTH... | checks" >&2; exit 2 ;;
 esac
 cp bench/results/${dev}_*.json "$OUT/" 2>/dev/null
 true
