@@ -9,16 +9,16 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
 
-from mup_model import GPT, GPTConfig
+from mup_model import GPTConfig
 from mupgpt import checkpoint
 from mupgpt.config import parse_args
 from mupgpt.data import Batches, load_data
-from mupgpt.engines import build, count_params, init_world, resolve_backend, resolve_device, resolve_precision
+from mupgpt.engines import (build, count_params, exit_process, init_world, resolve_backend, resolve_device,
+                            resolve_precision)
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
 
@@ -236,4 +236,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)
+    exit_process(0)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines import build, init_world  # noqa: E402
+from mupgpt.engines import build, exit_process, init_world  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 from run_trainer import model_config  # noqa: E402
 
@@ -212,3 +212,4 @@ def main():
 
 if __name__ == "__main__":
     exit_on_usage_error(main)
+    exit_process(0)

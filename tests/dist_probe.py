@@ -14,7 +14,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines import build, init_world, resolve_backend  # noqa: E402
+from mupgpt.engines import build, exit_process, init_world, resolve_backend  # noqa: E402
 from run_trainer import model_config  # noqa: E402
 
 out, argv = os.environ["PROBE_OUT"], sys.argv[1:]  # the deepspeed launcher puts --local_rank first
@@ -37,4 +37,4 @@ if world.is_main:
     os.makedirs(out, exist_ok=True)
     save_file(init, os.path.join(out, "init.safetensors"))
     save_file(step1, os.path.join(out, "step1.safetensors"))
-torch.distributed.barrier()
+exit_process(0)

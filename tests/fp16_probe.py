@@ -18,7 +18,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines import build, init_world  # noqa: E402
+from mupgpt.engines import build, exit_process, init_world  # noqa: E402
 from run_trainer import model_config  # noqa: E402
 
 cfg = parse_args(["--backend", "fsdp", "--precision", "fp16", "--n_layer", "2", "--seq_len", "32",
@@ -46,4 +46,4 @@ fits = step()
 if world.is_main:
     with open(os.path.join(os.environ["PROBE_OUT"], "fp16.json"), "w") as f:
         json.dump({"overflow": overflow, "fits": fits}, f)
-dist.barrier()
+exit_process(0)
