@@ -1,33 +1,39 @@
 """A GPT-2-style decoder with muP (Maximal Update Parametrization) and SP for comparison.
 
 Width = n_head * head_width. The width multiplier is m = width / base_width, with
-base_width = n_head * base_head_width. Every width-dependent choice lives in `mup_rules` below;
-this table is the whole of it (Tensor Programs V, Yang et al. 2022, Table 8 with the readout in
-the Table 3 "output multiplier" form used by microsoft/mup's MuReadout + MuAdam):
+base_width = n_head * base_head_width; the depth multiplier is d = n_layer / base_n_layer.
+Every width- and depth-dependent choice lives in `mup_rules` below; this table is the whole of it.
+Width: Tensor Programs V (Yang et al. 2022), Table 8, with the readout in the Table 3 "output
+multiplier" form of microsoft/mup's MuReadout + MuAdam. Depth: CompleteP (Dey et al. 2025), Table 1,
+as its reference implementation (nanoGPT-mup, completep branch) applies it; alpha = 1 is CompleteP,
+0.5 the 1/sqrt(L) depth-muP, 0 turns depth scaling off (every d term is 1, as it is at d = 1).
 
-| parameter class         | examples                          | init std                  | AdamW LR | AdamW decay |
-|-------------------------|-----------------------------------|---------------------------|----------|-------------|
-| hidden (matrix-like)    | qkv, attn out, MLP in and out     | gain / sqrt(fan_in)       | lr / m   | wd * m      |
-| embedding (vector-like) | token and position embeddings     | init_std                  | lr       | wd          |
-| readout                 | lm_head (untied)                  | 0, or gain/sqrt(base_width) | lr     | wd          |
-| norm / bias             | LayerNorm weight and bias, biases | 1 / 0                     | lr       | 0           |
-| logits (forward)        | lm_head output                    | multiplied by output_mult / m                         |
-| attention (forward)     | q . k                             | multiplied by attn_mult / d_head                      |
+| parameter class         | examples                          | init std                  | AdamW LR          | AdamW decay | AdamW eps  |
+|-------------------------|-----------------------------------|---------------------------|-------------------|-------------|------------|
+| hidden (matrix-like)    | qkv, attn out, MLP in and out     | gain / sqrt(fan_in)       | lr / m * d^(a-1)  | wd / (LR/lr)| eps * d^-a |
+| block vector            | LayerNorms and biases in blocks   | 1 / 0                     | lr * d^(a-1)      | 0           | eps * d^-a |
+| embedding (vector-like) | token and position embeddings     | init_std                  | lr                | wd          | eps        |
+| readout                 | lm_head (untied)                  | 0, or gain/sqrt(base_width) | lr              | wd          | eps        |
+| final norm              | ln_f                              | 1 / 0                     | lr                | 0           | eps        |
+| logits (forward)        | lm_head output                    | multiplied by output_mult / m                                      |
+| attention (forward)     | q . k                             | multiplied by attn_mult / d_head                                   |
+| residual branch (fwd)   | each attention and MLP output     | multiplied by d^-a before it is added to the stream                |
 
 attn_mult defaults to sqrt(base_head_width), so muP's attn_mult / d_head equals SP's
 1 / sqrt(d_head) at the base head width (SP: attn_mult / sqrt(base_head_width * d_head)).
 
 SP (standard parametrization): hidden and readout init std gain / sqrt(fan_in) at the actual width,
-every AdamW LR is lr, logits multiplied by output_mult, attention by attn_mult / sqrt(base_head_width
-* d_head). At m = 1 muP and SP are the same network with the same optimizer.
+no width factor in any LR, logits multiplied by output_mult, attention by attn_mult /
+sqrt(base_head_width * d_head). At m = 1 muP and SP are the same network with the same optimizer.
+The depth rules apply to both.
 
-Depth (CompleteP / depth-muP): each residual branch is multiplied by (n_layer / base_n_layer)^-alpha,
-and hidden LRs by (n_layer / base_n_layer)^(alpha - 1) (alpha = 1: CompleteP, alpha = 0.5:
-1/sqrt(L) depth-muP, alpha = 0: off). Both are 1 at the base depth.
+Depth: a block parameter's gradient carries the branch multiplier d^-a, so its Adam eps shrinks with
+it (else eps would swamp the gradient in deep models); CompleteP's reference also scales eps by 1/m
+for every group, which we leave out in width, as microsoft/mup does.
 
 Weight-decay note: torch's AdamW shrinks a weight by lr_group * wd_group per step. We keep that
-product width-independent (wd_group = wd / lr_mult), so the pull towards zero per step does not
-fade as hidden LRs shrink with width ("independent" weight decay).
+product independent of width and depth (wd_group = wd / lr_mult), so the pull towards zero per step
+does not fade as hidden LRs shrink ("independent" weight decay).
 
 Zero-initialised readout and query are init choices shared by both parametrizations.
 Parameter classes come from names, never from shapes: under ZeRO-3 a parameter's local shape is (0,).
@@ -84,12 +90,15 @@ class Rule:
     init_std: float
     lr_mult: float
     wd_mult: float
+    eps_mult: float = 1.0
 
 
 def param_class(name):
-    """hidden | embedding | readout | vector, from the parameter's name alone."""
-    if name.endswith(".bias") or ".ln_" in name or name.startswith("ln_f."):
-        return "vector"
+    """hidden | block_vector | embedding | readout | final_norm, from the parameter's name alone."""
+    if name.startswith("ln_f."):
+        return "final_norm"
+    if name.endswith(".bias") or ".ln_" in name:  # every bias is inside a block (lm_head has none)
+        return "block_vector"
     if name.startswith(("wte.", "wpe.")):
         return "embedding"
     if name.startswith("lm_head."):
@@ -100,17 +109,19 @@ def param_class(name):
 def mup_rules(cfg, fan_in):
     """The muP / SP rule for each parameter class, given a hidden matrix's fan_in (the table above)."""
     m = cfg.width_mult if cfg.parametrization == "mup" else 1.0
-    depth_lr = cfg.depth_mult ** (cfg.depth_alpha - 1) if cfg.depth_alpha else 1.0
+    a = cfg.depth_alpha
+    depth_lr, depth_eps = (cfg.depth_mult ** (a - 1), cfg.depth_mult ** -a) if a else (1.0, 1.0)
     hidden_lr = depth_lr / m
     if cfg.parametrization == "mup":
         readout_std = cfg.hidden_gain / math.sqrt(cfg.base_width)
     else:
         readout_std = cfg.hidden_gain / math.sqrt(cfg.width)
     return {
-        "hidden": Rule(cfg.hidden_gain / math.sqrt(fan_in), hidden_lr, 1 / hidden_lr),
+        "hidden": Rule(cfg.hidden_gain / math.sqrt(fan_in), hidden_lr, 1 / hidden_lr, depth_eps),
+        "block_vector": Rule(0.0, depth_lr, 0.0, depth_eps),
         "embedding": Rule(cfg.init_std, 1.0, 1.0),
         "readout": Rule(0.0 if cfg.readout_zero_init else readout_std, 1.0, 1.0),
-        "vector": Rule(0.0, 1.0, 0.0),
+        "final_norm": Rule(0.0, 1.0, 0.0),
     }
 
 

@@ -32,7 +32,7 @@ class FSDPEngine(Engine):
         for block in model.h:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
-        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
+        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir)
         # fused AdamW takes ShardedGradScaler's found-inf in a shape it rejects (torch 2.11, H100)
         self.fused_adamw = precision != "fp16"
         super().__init__(cfg, model, groups, world, "fp32", total_steps)  # no autocast: FSDP casts itself

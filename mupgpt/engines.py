@@ -282,10 +282,10 @@ def build(backend, cfg, mcfg, world, precision, total_steps, ds_config=None, run
             with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
                 json.dump(ds_config, f, indent=2)
         model = build_model(mcfg, ds_config)
-        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
+        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir)
         return DeepSpeedEngine(cfg, model, groups, world, precision, total_steps, ds_config)
     model = GPT(mcfg)
-    groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, run_dir)
+    groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir)
     if backend == "single":
         return Engine(cfg, model, groups, world, precision, total_steps)
     if backend == "ddp":

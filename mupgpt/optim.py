@@ -20,8 +20,8 @@ def clean_name(name):
     return name
 
 
-def param_groups(model, lr, weight_decay, run_dir=None):
-    """AdamW groups with their muP LR and decay; writes run_dir/opt_config.json (name -> lr, wd)."""
+def param_groups(model, lr, weight_decay, eps=1e-8, run_dir=None):
+    """AdamW groups with their muP LR, decay and eps; writes run_dir/opt_config.json (name -> lr, wd, eps)."""
     rules = model.param_rules()
     buckets = defaultdict(list)
     table = {}
@@ -29,11 +29,11 @@ def param_groups(model, lr, weight_decay, run_dir=None):
         if not p.requires_grad:
             continue
         cls, rule = rules[clean_name(name)]
-        group_lr, group_wd = lr * rule.lr_mult, weight_decay * rule.wd_mult
-        buckets[(cls, group_lr, group_wd)].append(p)
-        table[clean_name(name)] = {"class": cls, "lr": group_lr, "weight_decay": group_wd}
-    groups = [{"params": ps, "lr": glr, "weight_decay": gwd, "name": cls}
-              for (cls, glr, gwd), ps in sorted(buckets.items(), key=lambda kv: kv[0])]
+        key = (cls, lr * rule.lr_mult, weight_decay * rule.wd_mult, eps * rule.eps_mult)
+        buckets[key].append(p)
+        table[clean_name(name)] = dict(zip(("class", "lr", "weight_decay", "eps"), key))
+    groups = [{"params": ps, "lr": glr, "weight_decay": gwd, "eps": geps, "name": cls}
+              for (cls, glr, gwd, geps), ps in sorted(buckets.items(), key=lambda kv: kv[0])]
     if run_dir is not None:
         with open(os.path.join(run_dir, "opt_config.json"), "w") as f:
             json.dump(table, f, indent=1)

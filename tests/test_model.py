@@ -11,8 +11,9 @@ from mupgpt.optim import param_groups
 
 def build(head_width, parametrization="mup", seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, head_width=head_width,
-                    base_head_width=8, parametrization=parametrization, **kw)
+    kw = {"n_layer": 2, **kw}
+    cfg = GPTConfig(vocab_size=128, block_size=16, n_head=2, head_width=head_width, base_head_width=8,
+                    parametrization=parametrization, **kw)
     return GPT(cfg)
 
 
@@ -55,8 +56,8 @@ def test_logit_and_attention_multipliers():
     assert build(64, "sp").logit_scale == 1.0
 
 
-def train_losses(parametrization, head_width=8, steps=5):
-    model = build(head_width, parametrization, seed=3, readout_zero_init=False)
+def train_losses(parametrization, head_width=8, steps=5, **kw):
+    model = build(head_width, parametrization, seed=3, readout_zero_init=False, **kw)
     opt = torch.optim.AdamW(param_groups(model, 1e-2, 0.1), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -78,20 +79,41 @@ def test_mup_differs_from_sp_away_from_base_width():
     assert train_losses("mup", head_width=32) != train_losses("sp", head_width=32)  # power check
 
 
-def test_adam_first_step_moves_each_parameter_by_its_group_lr():
-    """Adam's first update is lr * g / (|g| + eps) ~ lr per element: it reads back each group's LR."""
-    lr, m = 1e-3, 4
-    model = build(8 * m, readout_zero_init=False)
+@pytest.mark.parametrize("n_layer,alpha", [(2, 0.0), (8, 0.5), (8, 1.0)])
+def test_adam_first_step_moves_each_parameter_by_its_group_lr(n_layer, alpha):
+    """Adam's first update is lr * g / (|g| + eps) ~ lr per element: it reads back each group's LR,
+    with the width factor 1/m and, 4x deeper than the base depth, CompleteP's depth factor 4^(alpha-1)."""
+    lr, m, d = 1e-3, 4, n_layer / 2
+    model = build(8 * m, readout_zero_init=False, n_layer=n_layer, base_n_layer=2, depth_alpha=alpha)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(param_groups(model, lr, 0.0), lr=lr, eps=1e-12)
+    opt = torch.optim.AdamW(param_groups(model, lr, 0.0, eps=1e-12), lr=lr)
     x = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
     model(x, x.roll(-1, 1)).backward()
     opt.step()
-    expected = {"hidden": lr / m, "embedding": lr, "readout": lr, "vector": lr}
+    depth_lr = d ** (alpha - 1) if alpha else 1.0
+    expected = {"hidden": lr / m * depth_lr, "block_vector": lr * depth_lr, "embedding": lr, "readout": lr,
+                "final_norm": lr}
     for name, p in model.named_parameters():
         moved = (p.detach() - before[name]).abs()
         moved = moved[p.grad.abs() > 0]  # rows of tokens absent from the batch get no gradient
         assert moved.median().item() == pytest.approx(expected[param_class(name)], rel=1e-3), name
+
+
+def test_depth_scales_residual_branches_and_block_eps():
+    """(L / L_base)^-alpha on every residual branch and on the Adam eps of every block parameter."""
+    for alpha in (0.5, 1.0):
+        model = build(16, n_layer=8, base_n_layer=2, depth_alpha=alpha)
+        assert all(b.branch_scale == pytest.approx(4 ** -alpha) for b in model.h)
+        eps = {g["name"]: g["eps"] for g in param_groups(model, 1e-2, 0.1, eps=1e-8)}
+        assert eps == pytest.approx({"hidden": 1e-8 * 4 ** -alpha, "block_vector": 1e-8 * 4 ** -alpha,
+                                     "embedding": 1e-8, "readout": 1e-8, "final_norm": 1e-8})
+    off = build(16, n_layer=8, base_n_layer=2, depth_alpha=0.0)
+    assert off.h[0].branch_scale == 1.0 and all(r.lr_mult in (1.0, 0.5) and r.eps_mult == 1.0
+                                                 for _, r in off.param_rules().values())
+
+
+def test_depth_rules_are_the_identity_at_the_base_depth():
+    assert train_losses("mup", depth_alpha=1.0) == train_losses("mup")  # n_layer = base_n_layer = 2
 
 
 def test_param_classes_come_from_names_not_shapes():
@@ -103,7 +125,7 @@ def test_param_classes_come_from_names_not_shapes():
     groups = param_groups(model, 1e-2, 0.1)
     hidden = [g for g in groups if g["name"] == "hidden"]
     assert len(hidden) == 1 and hidden[0]["lr"] == pytest.approx(1e-2 / 2) and hidden[0]["weight_decay"] == pytest.approx(0.2)
-    assert all(g["weight_decay"] == 0 for g in groups if g["name"] == "vector")
+    assert all(g["weight_decay"] == 0 for g in groups if g["name"] in ("block_vector", "final_norm"))
 
 
 def test_meta_device_build_then_reset_parameters_equals_eager_init():
