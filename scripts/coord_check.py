@@ -2,15 +2,26 @@
 
 For each width (or depth), a few seeds, one fixed batch and a high LR, record after each of the first
 T steps the mean |x| of every module's output (embeddings, attention and MLP outputs, the residual
-stream, q, k, the attention logits, the logits), then fit the slope of log2(mean |x|) against
-log2(width). Under muP every slope stays near 0; under SP hidden outputs and logits grow.
+stream, q, k, the attention logits, the logits) and its learned part, mean |x - x at step 1|, then fit
+the slope of their log2 against log2(width) (or depth). Under muP every slope stays near 0; under SP
+hidden outputs and logits grow.
 
     python scripts/coord_check.py --parametrization mup --out coord_mup
     torchrun --nproc_per_node 2 scripts/coord_check.py --backend fsdp ...     # the same under FSDP2
     deepspeed --num_gpus 2 scripts/coord_check.py --backend deepspeed ...     # and ZeRO-3
+    python scripts/coord_check.py --depths 2,4,8,16 --depth_alpha 1 --n_head 4 --head_width 32 --steps 10
 
-Verdict: muP passes when |slope| <= 0.15 for every module at steps >= 2 and the zero-initialised
-readout gives exactly 0 logits at step 1. Writes <out>/coord.json (every slope) and <out>/coord.png.
+Width verdict: muP passes when |slope| of mean |x| <= 0.15 for every module at steps >= 2 and the
+zero-initialised readout gives exactly 0 logits at step 1.
+Depth verdict (the last block, the final residual stream and the logits across depths): passes when
+|slope| of the learned part <= 0.15 for every module from the first step whose gradient reaches the
+blocks (step 3 with the zero-initialised readout) and the logits are 0 at step 1. The learned part,
+not |x|: under CompleteP the L branches start independent and scaled by 1/L, so at init the
+stream's block part shrinks like L^-1/2 by design, while what CompleteP keeps depth-independent is
+each step's update (its Figure 7 shows the same init shrinkage). The last block's attention logits
+(q . k) are recorded but not judged: they shrink with depth without any depth scaling too (see the
+README), so no depth rule controls them.
+Writes <out>/coord.json (every slope) and <out>/coord.png.
 """
 import argparse
 import json
@@ -47,26 +58,29 @@ def watched_modules(model, depth=False):
 
 
 def record(engine, batch, steps, depth=False):
-    """[step][module] -> mean |output| after 0..steps-1 updates (averaged over ranks)."""
+    """[step][module] -> (mean |x|, mean |x - x at step 1|) after 0..steps-1 updates, averaged over ranks."""
     model = engine.model
-    current = {}
+    current, first = {}, {}
     hooks = []
     for name, module in watched_modules(model, depth).items():
         scale = model.logit_scale if name == "logits" else 1.0
 
         def hook(mod, inp, out, name=name, scale=scale):
-            current[name] = (out.detach().float().abs().mean() * scale).reshape(1)
+            out = out.detach().float() * scale
+            first.setdefault(name, out)
+            current[name] = torch.stack([out.abs().mean(), (out - first[name]).abs().mean()])
         hooks.append(module.register_forward_hook(hook))
-    history = []
+    l1, delta = [], []
     for _ in range(steps):
         current.clear()
         engine.train_step([batch])
         names = sorted(current)
-        values = engine.reduce_mean(torch.cat([current[n] for n in names]))
-        history.append(dict(zip(names, values.tolist())))
+        values = engine.reduce_mean(torch.cat([current[n] for n in names])).view(-1, 2)
+        l1.append(dict(zip(names, values[:, 0].tolist())))
+        delta.append(dict(zip(names, values[:, 1].tolist())))
     for h in hooks:
         h.remove()
-    return history
+    return l1, delta
 
 
 def slopes(sizes, runs):
@@ -86,14 +100,26 @@ def slopes(sizes, runs):
     return out
 
 
-def verdict(slope_table, runs):
-    """muP passes when every |slope| <= MAX_SLOPE from step 2 on and the logits are exactly 0 at step 1."""
-    bad = [(t, m, s) for t, mods in slope_table.items() if t >= 2 for m, s in mods.items()
-           if s is None or abs(s) > MAX_SLOPE]
+NOT_JUDGED_IN_DEPTH = ("last.attn.logits",)
+
+
+def verdict(slope_table, runs, from_step=2, skip=()):
+    """Passes when every |slope| <= MAX_SLOPE from from_step on (modules in skip aside) and the
+    logits are exactly 0 at step 1."""
+    judged = [(t, m, s) for t, mods in slope_table.items() if t >= from_step for m, s in mods.items() if m not in skip]
+    bad = [(t, m, s) for t, m, s in judged if s is None or abs(s) > MAX_SLOPE]
     logits_step1 = max(h[0]["logits"] for hist in runs.values() for h in hist)
-    return {"passes": not bad and logits_step1 == 0.0, "max_abs_slope": max(
-        (abs(s) for t, mods in slope_table.items() if t >= 2 for s in mods.values() if s is not None), default=0.0),
-        "violations": [{"step": t, "module": m, "slope": s} for t, m, s in bad], "logits_at_step1": logits_step1}
+    return {"passes": not bad and logits_step1 == 0.0, "judged_from_step": from_step, "not_judged": list(skip),
+            "max_abs_slope": max((abs(s) for _, _, s in judged if s is not None), default=0.0),
+            "violations": [{"step": t, "module": m, "slope": s} for t, m, s in bad], "logits_at_step1": logits_step1}
+
+
+def first_body_step(deltas):
+    """The first step at which the token embeddings have moved: the first whose forward pass sees a
+    gradient step on the blocks (step 3 when the readout starts at zero: step 1's gradient reaches
+    only the readout)."""
+    hist = next(iter(deltas.values()))[0]
+    return next((t + 1 for t in range(len(hist)) if hist[t]["wte"] > 0), len(hist) + 1)
 
 
 def run(args, world=None):
@@ -103,9 +129,9 @@ def run(args, world=None):
     backend = args.backend
     if backend == "auto":
         backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single")
-    runs = {}
+    runs, deltas = {}, {}
     for size in sizes:
-        runs[size] = []
+        runs[size], deltas[size] = [], []
         for seed in range(args.seeds):
             flags = ["--parametrization", args.parametrization, "--head_width", str(args.head_width),
                      "--base_head_width", str(args.base_head_width), "--n_head", str(args.n_head),
@@ -126,12 +152,21 @@ def run(args, world=None):
                 ds_cfg = ds_config(cfg, "fp32", args.batch * n, 1, cfg.n_head * cfg.head_width)
             world = world or init_world(backend, "cpu" if not torch.cuda.is_available() else "cuda")
             engine = build(backend, cfg, model_config(cfg, VOCAB), world, "fp32", args.steps, ds_cfg)
-            runs[size].append(record(engine, local_batch(args, world), args.steps, bool(args.depths)))
-    table = slopes(sizes, runs)
+            l1, delta = record(engine, local_batch(args, world), args.steps, bool(args.depths))
+            runs[size].append(l1)
+            deltas[size].append(delta)
+    table, delta_table = slopes(sizes, runs), slopes(sizes, deltas)
+    if args.depths:
+        judged = verdict(delta_table, runs, first_body_step(deltas), NOT_JUDGED_IN_DEPTH)
+    else:
+        judged = verdict(table, runs)
     result = {"parametrization": args.parametrization, "backend": backend, "world_size": world.world_size,
-              "vary": "depth" if args.depths else "head_width", "sizes": sizes, "slopes": table,
-              **verdict(table, runs),
-              "l1": {str(s): [[h[t] for t in range(args.steps)] for h in runs[s]] for s in sizes}}
+              "vary": "depth" if args.depths else "head_width", "sizes": sizes,
+              "depth_alpha": args.depth_alpha if args.depths else None,
+              "judged": "learned part" if args.depths else "mean |x|", **judged,
+              "slopes": table, "delta_slopes": delta_table,
+              "l1": {str(s): [[h[t] for t in range(args.steps)] for h in runs[s]] for s in sizes},
+              "delta": {str(s): [[h[t] for t in range(args.steps)] for h in deltas[s]] for s in sizes}}
     return result, world
 
 
@@ -147,26 +182,36 @@ def local_batch(args, world):
 
 
 def plot(result, path):
+    """One panel per judged step (a depth check: the learned part), a curve per module."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     plt.rcParams["axes.prop_cycle"] = plt.cycler(color=plt.get_cmap("tab20").colors)
-    sizes, steps = result["sizes"], len(result["slopes"])
-    fig, axes = plt.subplots(1, steps, figsize=(3.2 * steps, 3.4), sharey=True)
-    for t, ax in enumerate(np.atleast_1d(axes)):
-        for module in result["l1"][str(sizes[0])][0][t]:
-            ys = [np.mean([h[t][module] for h in result["l1"][str(s)]]) for s in sizes]
+    depth = result["vary"] == "depth"
+    data = result["delta" if depth else "l1"]
+    sizes = result["sizes"]
+    steps = [t for t in range(len(result["slopes"])) if not depth or t + 1 >= result["judged_from_step"]]
+    cols = min(5, len(steps))
+    rows = -(-len(steps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), sharey=True, squeeze=False)
+    for ax, t in zip(axes.flat, steps):
+        for module in data[str(sizes[0])][0][t]:
+            ys = [np.mean([h[t][module] for h in data[str(s)]]) for s in sizes]
             if min(ys) > 0:
-                ax.plot(sizes, ys, marker=".", label=module)
+                ax.plot(sizes, ys, marker=".", label=module, ls=":" if module in result["not_judged"] else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"step {t + 1}")
         ax.set_xlabel(result["vary"])
-    np.atleast_1d(axes)[0].set_ylabel("mean |activation|")
-    np.atleast_1d(axes)[-1].legend(fontsize=5, loc="center left", bbox_to_anchor=(1, 0.5))
+    for ax in axes.flat[len(steps):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("mean |x - x at step 1|" if depth else "mean |activation|")
+    axes.flat[len(steps) - 1].legend(fontsize=5, loc="center left", bbox_to_anchor=(1, 0.5))
     status = "passes" if result["passes"] else "fails"
-    fig.suptitle(f"{result['parametrization']} coordinate check ({result['backend']}, {result['world_size']} rank(s)): "
-                 f"{status}, max |slope| {result['max_abs_slope']:.2f}")
+    kind = f"depth check, alpha {result['depth_alpha']:g}" if depth else "coordinate check"
+    fig.suptitle(f"{result['parametrization']} {kind} ({result['backend']}, {result['world_size']} rank(s)): "
+                 f"{status}, max |slope| {result['max_abs_slope']:.2f}" + ("  (dotted: not judged)" if depth else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -205,8 +250,10 @@ def main():
         with open(os.path.join(args.out, "coord.json"), "w") as f:
             json.dump(result, f, indent=1)
         plot(result, os.path.join(args.out, "coord.png"))
-        print(f"{result['parametrization']}: {'PASSES' if result['passes'] else 'FAILS'} "
-              f"(max |slope| from step 2: {result['max_abs_slope']:.3f}; logits at step 1: {result['logits_at_step1']}) "
+        alpha = f" (alpha {result['depth_alpha']:g})" if result["depth_alpha"] is not None else ""
+        print(f"{result['parametrization']} {result['vary']} check{alpha}: {'PASSES' if result['passes'] else 'FAILS'} "
+              f"(max |slope| of {result['judged']} from step {result['judged_from_step']}: {result['max_abs_slope']:.3f}; "
+              f"logits at step 1: {result['logits_at_step1']}) "
               f"-> {args.out}/coord.json, coord.png")
 
 
