@@ -147,17 +147,30 @@ def main():
                "environment": environment(), "backends": {}}
     work = Path(tempfile.mkdtemp(prefix="mupgpt-bench-"))
     try:
-        for backend in args.backends.split(","):
-            try:
-                reps = [run_ours(backend, args, work / f"{backend}{r}") for r in range(args.repeats)]
-            except RuntimeError as e:  # one backend failing does not lose the others' figures
-                print(e, file=sys.stderr)
-                results["backends"][backend] = {"error": str(e)[-2000:]}
+        # repeats interleave the backends (and the reference), so drift on the machine over the
+        # minutes a benchmark takes falls on every side of a ratio alike
+        runs = {b: [] for b in args.backends.split(",")}
+        if args.reference:
+            runs["reference"] = []
+        for r in range(args.repeats):
+            for backend, reps in runs.items():
+                if backend in results["backends"]:
+                    continue  # it failed: one backend failing does not lose the others' figures
+                try:
+                    if backend == "reference":
+                        reps.append(run_reference(args.reference, args, work / f"ref{r}"))
+                    else:
+                        reps.append(run_ours(backend, args, work / f"{backend}{r}"))
+                except RuntimeError as e:
+                    print(e, file=sys.stderr)
+                    results["backends"][backend] = {"error": str(e)[-2000:]}
+        for backend, reps in runs.items():
+            if backend == "reference" or backend in results["backends"]:
                 continue
             results["backends"][backend] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
             results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
-        if args.reference:
-            reps = [run_reference(args.reference, args, work / f"ref{r}") for r in range(args.repeats)]
+        if args.reference and "reference" not in results["backends"]:
+            reps = runs["reference"]
             ref = statistics.median(r["tokens_per_s"] for r in reps)
             results["reference"] = {"path": os.path.abspath(args.reference), "tokens_per_s": ref,
                                     "repeats_tokens_per_s": [r["tokens_per_s"] for r in reps]}
