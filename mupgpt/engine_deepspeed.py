@@ -67,7 +67,7 @@ def ds_config(cfg, precision, global_batch, accum, width):
     if zero["stage"] == 0 and precision != "fp32":
         # DeepSpeed's stage-0 half-precision optimizer trained 3% off fp32 in 10 steps in our tests
         # (ZeRO-1/2/3: 0.07%), so it is not offered
-        raise UsageError(f"ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
+        raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
                          "or --backend ddp for mixed precision")
     # sizes from the model: buckets about one layer, keep small (norm/bias) params resident
     auto_sizes = {"reduce_bucket_size": width * width, "allgather_bucket_size": width * width,

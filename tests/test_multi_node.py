@@ -7,7 +7,6 @@ cluster nodes. Those tests skip, with the reason, only where namespaces can't be
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -43,7 +42,7 @@ def test_single_run_calls_the_deepspeed_runner_with_per_node_counts(hostfile):
     assert cmd.endswith("run_trainer.py --head_width 32 --run_name a\\ b")  # flags pass through, quoted
     port = int(cmd.split("--master_port ")[1].split()[0])
     assert 29500 <= port < 31500 and dry([hostfile, 8, 2, "True"])[0].count(f"--master_port {port} ")  # deterministic
-    assert f"--master_port 29999 " in dry([hostfile, 8, 2, "True"], MASTER_PORT="29999")[0]
+    assert "--master_port 29999 " in dry([hostfile, 8, 2, "True"], MASTER_PORT="29999")[0]
 
 
 def test_torchrun_path_starts_one_rendezvous_per_node(hostfile):
