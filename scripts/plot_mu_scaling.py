@@ -85,7 +85,7 @@ def summarize(tab, axis):
     return summary
 
 
-def plot(tab, axis, summary, path, metric):
+def plot(tab, axis, summary, path, metric, label=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,7 +109,8 @@ def plot(tab, axis, summary, path, metric):
             if best is not None:
                 ax.plot([best], [tab[p][s][best]], "*", ms=12, color=color, markeredgecolor="k")
         shift = summary[p]["shift_grid_steps"]
-        ax.set_title(f"{'muP' if p == 'mup' else 'SP'}: optimum moves {shift:g} grid step(s)")
+        name = label or ("muP" if p == "mup" else "SP")
+        ax.set_title(f"{name}: optimum moves {shift:g} grid step(s)")
         ax.set_xlabel("log2 learning rate")
         ax.set_ylim(bottom, top * 1.01)
         ax.grid(alpha=0.3)
@@ -126,12 +127,13 @@ def main():
     p.add_argument("sweep")
     p.add_argument("--metric", default="mean_train_loss")
     p.add_argument("--out", default="", help="PNG path (default <sweep>/transfer.png)")
+    p.add_argument("--label", default="", help="panel title instead of muP / SP (e.g. the depth rule of a depth sweep)")
     args = p.parse_args()
     tab, axis = table(load(args.sweep, args.metric), args.metric)
     summary = summarize(tab, axis)
     summary["metric"] = args.metric
     png = args.out or str(Path(args.sweep) / "transfer.png")
-    plot(tab, axis, summary, png, args.metric)
+    plot(tab, axis, summary, png, args.metric, args.label)
     with open(Path(args.sweep) / "transfer_summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     for par in ("mup", "sp"):
