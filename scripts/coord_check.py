@@ -9,7 +9,7 @@ hidden outputs and logits grow.
     python scripts/coord_check.py --parametrization mup --out coord_mup
     torchrun --nproc_per_node 2 scripts/coord_check.py --backend fsdp ...     # the same under FSDP2
     deepspeed --num_gpus 2 scripts/coord_check.py --backend deepspeed ...     # and ZeRO-3
-    python scripts/coord_check.py --depths 2,4,8,16 --depth_alpha 1 --n_head 4 --head_width 32 --steps 10
+    python scripts/coord_check.py --depths 4,8,16,32 --depth_alpha 1 --n_head 4 --head_width 32 --steps 10
 
 Width verdict: muP passes when |slope| of mean |x| <= 0.15 for every module at steps >= 2 and the
 zero-initialised readout gives exactly 0 logits at step 1.
