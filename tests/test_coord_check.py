@@ -1,4 +1,5 @@
-"""The coordinate check passes muP and flags SP, in one process and on 2 ranks under FSDP2 and ZeRO-3."""
+"""The coordinate check passes muP and flags SP, in one process and on 2 ranks under FSDP2 and ZeRO-3;
+the depth check tells CompleteP from the wrong depth rules, and gives the same slopes on 2 ranks."""
 import json
 import os
 import subprocess
@@ -71,3 +72,24 @@ def test_depth_check_separates_completep_from_no_scaling_and_from_lazy_blocks():
     assert not none["passes"] and min(slopes["last.residual"]) > 0.6
     lazy, slopes = depth_check("0.5")
     assert not lazy["passes"] and max(slopes["last.attn.q"]) < -0.4
+
+
+@pytest.mark.parametrize("launcher", [
+    (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29663"),
+    ("deepspeed", "--num_gpus", "2", "--master_port", "29664"),
+], ids=["fsdp", "zero3"])
+def test_sharded_depth_check_gives_the_same_slopes(tmp_path, launcher):
+    """The depth check on 2 ranks (half the batch each) learns what one process learns on the whole batch."""
+    depth_args = ["--depths", "2,4,8", "--depth_alpha", "1", "--steps", "5", "--seeds", "1"]
+    single, _ = coord_check.run(coord_check.build_parser().parse_args([*depth_args, "--batch", "128"]))
+    backend = "deepspeed" if launcher[0] == "deepspeed" else "fsdp"
+    res = subprocess.run([*launcher, str(ROOT / "scripts" / "coord_check.py"), "--backend", backend, *depth_args,
+                          "--batch", "64", "--out", str(tmp_path)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sharded = json.loads((tmp_path / "coord.json").read_text())
+    assert sharded["world_size"] == 2 and sharded["vary"] == "depth"
+    assert sharded["passes"] == single["passes"] and sharded["judged_from_step"] == single["judged_from_step"]
+    for step, modules in single["delta_slopes"].items():
+        for module, slope in modules.items():
+            assert sharded["delta_slopes"][str(step)][module] == pytest.approx(slope, abs=1e-4), (step, module)
