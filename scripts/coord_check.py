@@ -123,7 +123,13 @@ def first_body_step(deltas):
 
 
 def run(args, world=None):
-    sizes = [int(s) for s in (args.depths or args.head_widths).split(",")]
+    flag = "--depths" if args.depths else "--head_widths"
+    try:
+        sizes = [int(s) for s in (args.depths or args.head_widths).split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UsageError(f"{flag} takes positive whole numbers separated by commas, e.g. {flag} 4,8,16,32")
     if len(sizes) < 2:
         raise UsageError("give at least two widths (or depths) to fit a slope, e.g. --head_widths 8,16,32,64")
     backend = args.backend
