@@ -15,7 +15,7 @@ import torch
 from mup_model import GPT
 from mupgpt.engines import Engine, checkpoint_blocks
 from mupgpt.errors import UsageError
-from mupgpt.optim import clean_name, lr_scheduler
+from mupgpt.optim import adamw, clean_name, lr_scheduler
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
@@ -123,13 +123,12 @@ class DeepSpeedEngine(Engine):
             in_cpu = offload_opt and self.device.type == "cuda"
             deepspeed.checkpointing.configure(None, checkpoint_in_cpu=in_cpu, partition_activations=False)
             checkpoint_blocks(model, deepspeed.checkpointing.checkpoint)
-        kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                  weight_decay=cfg.weight_decay)
         if offload_opt:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
-            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kw)
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, lr=cfg.learning_rate, eps=cfg.adam_eps,
+                                         betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         else:
-            optimizer = torch.optim.AdamW(groups, fused=self.device.type == "cuda", **kw)
+            optimizer = adamw(groups, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False,
             lr_scheduler=lambda opt: lr_scheduler(opt, cfg, total_steps))

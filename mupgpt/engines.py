@@ -138,7 +138,7 @@ def checkpoint_blocks(model, checkpoint_fn):
 
 class Engine:
     """Single process (CPU or one GPU) and the base for the others."""
-    fused_adamw = True  # on GPU
+    fused_adamw = True
 
     def __init__(self, cfg, model, groups, world, precision, total_steps):
         self.cfg, self.model, self.world, self.precision = cfg, model, world, precision
@@ -148,7 +148,7 @@ class Engine:
         if cfg.gradient_checkpointing:
             checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
         self.forward_model = torch.compile(model) if cfg.compile else model
-        self.optimizer = adamw(groups, cfg, self.device.type, fused=self.fused_adamw)
+        self.optimizer = adamw(groups, cfg, fused=self.fused_adamw)
         self.scheduler = lr_scheduler(self.optimizer, cfg, total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 

@@ -40,8 +40,9 @@ def param_groups(model, lr, weight_decay, eps=1e-8, run_dir=None):
     return groups
 
 
-def adamw(groups, cfg, device_type, fused=True):
-    fused = fused and device_type == "cuda"
+def adamw(groups, cfg, fused=True):
+    """torch's fused AdamW (one kernel per group, no temporaries) on CPU and GPU alike: on this 2-core
+    CPU it steps 3.4M parameters in 1.2 ms against the foreach version's 5.4 ms (bench/RESULTS.md)."""
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
 
