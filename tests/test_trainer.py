@@ -97,7 +97,7 @@ def test_sigterm_saves_and_the_resumed_run_matches(tmp_path, corpus, data_dir):
 
 
 def test_ddp_on_two_ranks_matches_one_process(tmp_path, corpus, data_dir):
-    common = ["--max_steps", "5", "--train_batch_size", "8"]
+    common = ["--max_steps", "5", "--train_batch_size", "16"]  # 2 micro batches per rank: no_sync, then sync
     run(tmp_path, corpus, data_dir, "--run_name", "one", *common)
     res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "ddp", "--backend", "ddp", *common),
                   launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
