@@ -3,20 +3,32 @@
     python scripts/estimate_memory.py --n_layer 12 --n_head 12 --head_width 64 --seq_len 1024 --batch 8 \\
         --world_size 8 --stage 3 --offload none --precision bf16
 
-Model states follow the ZeRO paper (Rajbhandari et al. 2020) with the parameter count taken from the
-real model built on the meta device: with Adam, fp32 master weights and two moments are K = 12 bytes
-per parameter in mixed precision (fp32: weights are the master, K = 8), plus the working weights and
-gradients (2 + 2 bytes in bf16/fp16, 4 + 4 in fp32). Stage 0 here means the single, DDP or FSDP-less
-path (fp32 weights and Adam; bf16 only in autocast). ZeRO-1 shards the optimizer states over the
-world size N, ZeRO-2 also the gradients, ZeRO-3 (and FSDP2) also the weights. Offload moves the
-sharded optimizer states and gradients (and with ZeRO-3 the weights) to host memory (nvme: to disk);
-on the host DeepSpeed holds the gradients in fp32 and 1.5x for buffers (18 B/param x 1.5 in bf16).
---offload_ratio r < 1 (offload_optimizer.ratio) keeps the fraction 1 - r of Adam's states and fp32
-gradients on the device.
+Per rank, in bytes per parameter (P parameters from the real model built on the meta device, N
+ranks, w = 2 in bf16/fp16 and 4 in fp32): the ZeRO paper's accounting (Rajbhandari et al. 2020)
+corrected to what DeepSpeed and FSDP2 allocate, measured on CPU with tests/mem_probe.py
+(tests/test_estimate_memory.py holds this script to those measurements):
+
+  stage 0 (single, DDP)  4 weights + 4 gradients + 8 Adam, all fp32 (bf16 only inside autocast)
+  ZeRO-1                 w weights + w gradients + 12/N fp32 master and Adam (DeepSpeed keeps the
+                         master apart from the weights even in fp32) + 4/N in bf16/fp16: the gradient
+                         partition copied to fp32 for the optimizer step
+  ZeRO-2                 as ZeRO-1, gradients sharded: w/N
+  ZeRO-3                 as ZeRO-2, weights sharded: w/N; plus the gathered weights: a weight stays
+                         gathered from forward to backward while fewer than stage3_max_reuse_distance
+                         (1e9) elements are fetched in between, up to stage3_max_live_parameters (1e9),
+                         so below 1e9 parameters the whole model does (w x P), and one layer's gradients
+  FSDP2 (--fsdp)         (4 + 4 + 8)/N fp32 shards; plus two blocks gathered, each weight with its
+                         gradient and that gradient's fp32 copy for the reduce-scatter
+  offload cpu            Adam, master and fp32 gradients (16/N) and the weight shards (w/N) on the
+                         host, x1.5 for DeepSpeed's pinned buffers (18 B/param x 1.5 in bf16, its own
+                         estimate_zero3_model_states_mem_needs); --offload_ratio r < 1 keeps the
+                         fraction 1 - r of the 16/N on the device. nvme: on disk instead.
+
 Activations per layer use s*b*h*34 bytes in half precision for a pre-LN GPT block with flash
 attention (Korthikanti et al. 2022, without the s^2 attention term), s*b*h*2 with activation
 checkpointing plus one recomputed layer; the logits add s*b*V*(2 + 4 + 4) bytes (logits, fp32 loss
-input, gradient).
+input, gradient). All terms are summed though not all are alive at once: the measured peaks on CPU
+were 0.86x-1.23x of the sum (bench/RESULTS.md).
 """
 import argparse
 import json
@@ -32,6 +44,7 @@ from mup_model import GPT, GPTConfig  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 GIB = 2**30
+MAX_LIVE = 1e9  # stage3_max_live_parameters and stage3_max_reuse_distance: DeepSpeed's defaults, ds_configs/zero3*.json
 
 
 def count_params(args):
@@ -45,6 +58,8 @@ def count_params(args):
 def estimate(args):
     if args.stage not in (0, 1, 2, 3):
         raise UsageError(f"--stage must be 0, 1, 2 or 3, not {args.stage}")
+    if args.fsdp and (args.stage != 3 or args.offload != "none"):
+        raise UsageError("--fsdp is sharded like ZeRO-3 and without offload here: pass --stage 3 and no --offload")
     if args.offload != "none" and args.stage != 3:
         raise UsageError("--offload needs --stage 3")
     if not 0 <= args.offload_ratio <= 1 or (args.offload_ratio < 1 and args.offload != "cpu"):
@@ -52,36 +67,41 @@ def estimate(args):
     n_params, cfg = count_params(args)
     N, P = args.world_size, n_params
     half = args.precision in ("bf16", "fp16")
-    if args.stage == 0:  # fp32 weights, gradients and Adam on every rank
+    w = 2 if half else 4  # bytes of a weight or gradient in the training precision
+    layer = 12 * cfg.width**2  # a block's matrices
+    gathered = 0.0
+    if args.stage == 0:
         weights, grads, optim = 4 * P, 4 * P, 8 * P
+    elif args.fsdp:
+        weights, grads, optim = 4 * P / N, 4 * P / N, 8 * P / N
+        gathered = 2 * layer * (w + w + 4 if half else 8)
     else:
-        w, g, k = (2, 2, 12) if half else (4, 4, 8)
         weights = w * P / N if args.stage == 3 else w * P
-        grads = g * P / N if args.stage >= 2 else g * P
-        optim = k * P / N
+        grads = (w * P / N if args.stage >= 2 else w * P) + (4 * P / N if half else 0)
+        optim = 12 * P / N
+        if args.stage == 3:  # weights reused within MAX_LIVE elements stay gathered from forward to backward
+            gathered = w * (min(P, MAX_LIVE) + layer)  # and one layer's gradients before their reduce-scatter
     host = 0.0
     if args.offload == "cpu":
         # DeepSpeed keeps the offloaded gradients in fp32 (4 B, not 2) and reserves 1.5x for its pinned
         # buffers (its own estimate_zero3_model_states_mem_needs: 18 B/param x 1.5). Measured on an H100
         # host: 4.44B params, 103.8 GiB peak RSS, this rule 111.7 GiB; 6.86B with ratio 0.55: 110.9 GiB
-        # RSS and 49.2 GiB device, this rule 103.5 and 47.6 GiB (bench/RESULTS.md).
-        states = optim + (4 * P / N if half else grads)
-        r = args.offload_ratio
+        # RSS and 49.2 GiB device, this rule 103.5 and 49.1 GiB (bench/RESULTS.md).
+        r, states = args.offload_ratio, optim + 4 * P / N
         host = 1.5 * (r * states + weights)
-        optim, grads = (1 - r) * states, 0.0
-        weights = 2 * 12 * cfg.width**2 * (2 if half else 4)  # about two layers gathered at a time
+        weights, optim, grads = 0.0, (1 - r) * states, 0.0
     elif args.offload == "nvme":
-        optim, grads = 0.0, 0.0
-        weights = 2 * 12 * cfg.width**2 * (2 if half else 4)
-        host = 4 * 12 * cfg.width**2 * 4  # pinned staging buffers
+        weights, optim, grads = 0.0, 0.0, 0.0
+        host = 4 * layer * 4  # pinned staging buffers
     act_bytes = 2 if half else 4
     s, b, h, L, V = args.seq_len, args.batch, cfg.width, args.n_layer, cfg.vocab_size
     per_layer = s * b * h * 34 * act_bytes / 2
     activations = (L * s * b * h * act_bytes + per_layer) if args.gradient_checkpointing else L * per_layer
     activations += s * b * V * (act_bytes + 4 + 4)
-    device = weights + grads + optim + activations
+    device = weights + grads + optim + gathered + activations
     return {"params": P, "width": h, "per_rank_device_bytes": device, "per_rank_host_bytes": host,
-            "breakdown_bytes": {"weights": weights, "gradients": grads, "optimizer": optim, "activations": activations}}
+            "breakdown_bytes": {"weights": weights, "gradients": grads, "optimizer": optim, "gathered": gathered,
+                                "activations": activations}}
 
 
 def build_parser():
@@ -94,6 +114,7 @@ def build_parser():
     p.add_argument("--batch", type=int, default=8, help="micro batch per rank")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--stage", type=int, default=0, help="0 (single/DDP), 1, 2, 3 (ZeRO-3 or FSDP2)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2's layout (with --stage 3) instead of DeepSpeed's")
     p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"])
     p.add_argument("--offload_ratio", type=float, default=1.0,
                    help="fraction of Adam's states offloaded (offload_optimizer.ratio; the rest stays on the device)")

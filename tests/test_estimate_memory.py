@@ -1,4 +1,6 @@
 """scripts/estimate_memory.py against memory measured on this CPU, and its ZeRO accounting."""
+import json
+import os
 import subprocess
 import sys
 
@@ -38,14 +40,67 @@ def test_model_states_match_what_a_real_training_step_allocates(tmp_path, corpus
     assert (weights, grads, optim) == (predicted["weights"], predicted["gradients"], predicted["optimizer"])
 
 
-def test_zero_stages_shard_what_the_paper_says():
+# Two shapes: one where activations dominate, one where model states do. (With 2 layers of width
+# 512 the sharded peaks moved by up to 15% between runs with when the ranks freed what; with 8
+# layers of width 256, by 3%.)
+SHAPES = {"activations": {"n_layer": 4, "n_head": 4, "head_width": 64, "seq_len": 256, "batch": 4},
+          "states": {"n_layer": 8, "n_head": 4, "head_width": 64, "seq_len": 64, "batch": 2}}
+DEEPSPEED = ("deepspeed", "--num_gpus", "2", "--master_port", "29661")
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29671")
+# name -> (launcher, trainer flags, precision, shape, estimator flags)
+MEASURED = {
+    "single fp32": ((sys.executable,), ["--backend", "single"], "fp32", "activations", ["--stage", "0"]),
+    "single bf16": ((sys.executable,), ["--backend", "single"], "bf16", "states", ["--stage", "0"]),
+    "ZeRO-1 bf16, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "1"], "bf16", "states",
+                             ["--stage", "1", "--world_size", "2"]),
+    "ZeRO-2 bf16, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "2"], "bf16", "states",
+                             ["--stage", "2", "--world_size", "2"]),
+    "ZeRO-3 bf16, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "3"], "bf16", "states",
+                             ["--stage", "3", "--world_size", "2"]),
+    "ZeRO-3 fp32, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "3"], "fp32", "states",
+                             ["--stage", "3", "--world_size", "2"]),
+    "FSDP2 bf16, 2 ranks": (TORCHRUN, ["--backend", "fsdp"], "bf16", "states",
+                            ["--stage", "3", "--fsdp", "--world_size", "2"]),
+}
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_estimate_holds_the_measured_peak_of_real_training_steps(name):
+    """The whole per-rank prediction against the most bytes torch held at once while the engine was
+    built and trained 2 steps (tests/mem_probe.py, from the profiler's allocation events), on real
+    ranks through the launchers. The estimate sums terms that are not all alive together, so it may
+    sit above the peak (measured: 0.89x-1.23x over three shapes and repeated runs). Before it counted
+    DeepSpeed's fp32 master copy, fp32 gradient copy and gathered weights, and FSDP2's fp32 shards and
+    gathered blocks, it gave 0.59x-0.84x of the states shape's sharded peaks."""
+    launcher, flags, precision, shape, est_flags = MEASURED[name]
+    d = SHAPES[shape]
+    model = ["--n_layer", d["n_layer"], "--n_head", d["n_head"], "--head_width", d["head_width"],
+             "--seq_len", d["seq_len"]]
+    res = subprocess.run([*launcher, str(ROOT / "tests" / "mem_probe.py"), *flags, *map(str, model),
+                          "--per_device_train_batch_size", str(d["batch"]), "--precision", precision],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    peaks = [json.loads(line)["peak_bytes"] for line in res.stdout.splitlines() if line.startswith('{"rank"')]
+    assert len(peaks) == (1 if len(launcher) == 1 else 2)
+    predicted = estimate(*model, "--batch", d["batch"], "--vocab", 257, "--precision", precision, *est_flags)
+    ratio = predicted["per_rank_device_bytes"] / max(peaks)
+    print(f"{name}: predicted / measured = {ratio:.3f}")
+    assert 0.8 <= ratio <= 1.25, (predicted, peaks)
+
+
+def test_zero_stages_shard_what_deepspeed_allocates():
     base = ["--n_layer", "4", "--n_head", "4", "--head_width", "64", "--vocab", "257", "--precision", "bf16",
             "--world_size", "8"]
     s1, s2, s3 = (estimate(*base, "--stage", s)["breakdown_bytes"] for s in (1, 2, 3))
     P = estimate(*base, "--stage", 1)["params"]
-    assert s1["optimizer"] == pytest.approx(12 * P / 8) and s1["gradients"] == 2 * P and s1["weights"] == 2 * P
-    assert s2["gradients"] == pytest.approx(2 * P / 8) and s2["weights"] == 2 * P
-    assert s3["weights"] == pytest.approx(2 * P / 8)
+    # bf16 weights and gradients, fp32 master and moments sharded, plus the fp32 gradient partition
+    assert s1["optimizer"] == pytest.approx(12 * P / 8) and s1["gradients"] == pytest.approx(2 * P + 4 * P / 8)
+    assert s1["weights"] == 2 * P and s1["gathered"] == 0
+    assert s2["gradients"] == pytest.approx(6 * P / 8) and s2["weights"] == 2 * P
+    assert s3["weights"] == pytest.approx(2 * P / 8) and s3["gathered"] == 2 * (P + 12 * 256**2)  # all of it, below 1e9
+    fsdp = estimate(*base, "--stage", 3, "--fsdp")["breakdown_bytes"]
+    assert (fsdp["weights"], fsdp["gradients"], fsdp["optimizer"]) == pytest.approx((4 * P / 8, 4 * P / 8, 8 * P / 8))
     offload = estimate(*base, "--stage", 3, "--offload", "cpu")
     assert offload["breakdown_bytes"]["optimizer"] == 0 and offload["per_rank_host_bytes"] == pytest.approx(1.5 * 18 * P / 8)
     # partial offload: Adam's states and fp32 gradients of the kept part (45%) stay on the device
