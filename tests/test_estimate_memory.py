@@ -109,7 +109,10 @@ def test_zero_stages_shard_what_deepspeed_allocates():
     assert partial["per_rank_host_bytes"] == pytest.approx(1.5 * (0.55 * 16 + 2) * P / 8)
 
 
-def test_offload_below_stage_3_is_one_line_and_exit_2():
-    res = subprocess.run([sys.executable, "scripts/estimate_memory.py", "--stage", "2", "--offload", "cpu"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.strip() == "error: --offload needs --stage 3"
+@pytest.mark.parametrize("flags,line", [
+    (["--stage", "2", "--offload", "cpu"], "error: --offload needs --stage 3"),
+    (["--stage", "2", "--fsdp"], "error: --fsdp is sharded like ZeRO-3 and without offload here: pass --stage 3 and no --offload"),
+])
+def test_bad_input_is_one_line_and_exit_2(flags, line):
+    res = subprocess.run([sys.executable, "scripts/estimate_memory.py", *flags], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip() == line
