@@ -109,7 +109,7 @@ def verdict(slope_table, runs, from_step=2, skip=()):
     judged = [(t, m, s) for t, mods in slope_table.items() if t >= from_step for m, s in mods.items() if m not in skip]
     bad = [(t, m, s) for t, m, s in judged if s is None or abs(s) > MAX_SLOPE]
     logits_step1 = max(h[0]["logits"] for hist in runs.values() for h in hist)
-    return {"passes": not bad and logits_step1 == 0.0, "judged_from_step": from_step, "not_judged": list(skip),
+    return {"passes": bool(judged) and not bad and logits_step1 == 0.0, "judged_from_step": from_step, "not_judged": list(skip),
             "max_abs_slope": max((abs(s) for _, _, s in judged if s is not None), default=0.0),
             "violations": [{"step": t, "module": m, "slope": s} for t, m, s in bad], "logits_at_step1": logits_step1}
 
@@ -132,6 +132,8 @@ def run(args, world=None):
         raise UsageError(f"{flag} takes positive whole numbers separated by commas, e.g. {flag} 4,8,16,32")
     if len(sizes) < 2:
         raise UsageError("give at least two widths (or depths) to fit a slope, e.g. --head_widths 8,16,32,64")
+    if args.steps < 3:  # step 1 is the initial model; the blocks first learn at step 3 with the zero readout
+        raise UsageError(f"--steps {args.steps} leaves no step to judge: use --steps 4 or more")
     backend = args.backend
     if backend == "auto":
         backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single")
@@ -163,7 +165,10 @@ def run(args, world=None):
             deltas[size].append(delta)
     table, delta_table = slopes(sizes, runs), slopes(sizes, deltas)
     if args.depths:
-        judged = verdict(delta_table, runs, first_body_step(deltas), NOT_JUDGED_IN_DEPTH)
+        from_step = first_body_step(deltas)
+        if from_step > args.steps:
+            raise UsageError(f"the blocks had not learned by step {args.steps}: use --steps {from_step + 1} or more")
+        judged = verdict(delta_table, runs, from_step, NOT_JUDGED_IN_DEPTH)
     else:
         judged = verdict(table, runs)
     result = {"parametrization": args.parametrization, "backend": backend, "world_size": world.world_size,

@@ -104,7 +104,8 @@ def test_sharded_depth_check_gives_the_same_slopes(tmp_path, launcher):
             assert sharded["delta_slopes"][str(step)][module] == pytest.approx(slope, abs=1e-4), (step, module)
 
 
-@pytest.mark.parametrize("flags", [["--depths", "2,x"], ["--depths", "0,4"], ["--head_widths", "16"]])
+@pytest.mark.parametrize("flags", [["--depths", "2,x"], ["--depths", "0,4"], ["--head_widths", "16"],
+                                   ["--head_widths", "8,16", "--steps", "1"], ["--depths", "2,4", "--steps", "2"]])
 def test_bad_sizes_get_one_line_and_status_2(flags):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "coord_check.py"), *flags], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
