@@ -71,8 +71,6 @@ def run_reference(path, args, work):
     """The reference's train.py (nanoGPT's flags) on our prepared tokens: same dims, precision and compile."""
     path = Path(path).resolve()
     train_py = path / "train.py"
-    if not train_py.exists():
-        raise UsageError(f"--reference {path} has no train.py: point it at a nanoGPT checkout")
     prepared = Path(args.data_dir) / f"{args.dataset}-bytes"
     data = work / "data" / "bench"
     data.mkdir(parents=True, exist_ok=True)
@@ -141,6 +139,8 @@ def main():
     unknown = [b for b in args.backends.split(",") if b not in BACKENDS]
     if unknown:
         raise UsageError(f"unknown backend(s) {unknown}: use {', '.join(BACKENDS)}")
+    if args.reference and not (Path(args.reference) / "train.py").exists():
+        raise UsageError(f"--reference {args.reference} has no train.py: point it at a nanoGPT checkout")
     from mupgpt.data import load_data
     load_data(args.dataset, "bytes", args.data_dir)
     results = {"name": args.name, "config": {k: v for k, v in vars(args).items() if k != "env"},
