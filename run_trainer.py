@@ -17,10 +17,11 @@ from mup_model import GPTConfig
 from mupgpt import checkpoint
 from mupgpt.config import parse_args
 from mupgpt.data import Batches, load_data
-from mupgpt.engines import (build, count_params, exit_process, init_world, resolve_backend, resolve_device,
-                            resolve_precision)
+from mupgpt.engines.base import count_params
+from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
+from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
 
 
 def model_config(cfg, vocab_size):
@@ -120,7 +121,7 @@ def train(cfg):
     G, accum = global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ds_cfg = None
     if backend == "deepspeed":
-        from mupgpt.engine_deepspeed import ds_config
+        from mupgpt.engines.deepspeed_zero import ds_config
         ds_cfg = ds_config(cfg, precision, G, accum, cfg.n_head * cfg.head_width)
     world = init_world(backend, device_type)
     run_dir = os.path.join(cfg.output_dir, cfg.name)

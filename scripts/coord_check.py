@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines import build, exit_process, init_world  # noqa: E402
+from mupgpt.engines.factory import build  # noqa: E402
+from mupgpt.world import exit_process, init_world  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 from run_trainer import model_config  # noqa: E402
 
@@ -155,7 +156,7 @@ def run(args, world=None):
             cfg = parse_args(flags)
             ds_cfg = None
             if backend == "deepspeed":
-                from mupgpt.engine_deepspeed import ds_config
+                from mupgpt.engines.deepspeed_zero import ds_config
                 n = int(os.environ.get("WORLD_SIZE", "1"))
                 ds_cfg = ds_config(cfg, "fp32", args.batch * n, 1, cfg.n_head * cfg.head_width)
             world = world or init_world(backend, "cpu" if not torch.cuda.is_available() else "cuda")

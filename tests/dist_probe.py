@@ -14,7 +14,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines import build, exit_process, init_world, resolve_backend  # noqa: E402
+from mupgpt.engines.factory import build  # noqa: E402
+from mupgpt.world import exit_process, init_world, resolve_backend  # noqa: E402
 from run_trainer import model_config  # noqa: E402
 
 out, argv = os.environ["PROBE_OUT"], sys.argv[1:]  # the deepspeed launcher puts --local_rank first
@@ -23,7 +24,7 @@ backend = resolve_backend(cfg)
 micro = cfg.per_device_train_batch_size
 ds_cfg = None
 if backend == "deepspeed":
-    from mupgpt.engine_deepspeed import ds_config
+    from mupgpt.engines.deepspeed_zero import ds_config
     ds_cfg = ds_config(cfg, "fp32", micro * int(os.environ["WORLD_SIZE"]), 1, cfg.n_head * cfg.head_width)
 world = init_world(backend, "cpu")
 engine = build(backend, cfg, model_config(cfg, 257), world, "fp32", 10, ds_cfg)

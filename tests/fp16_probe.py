@@ -18,7 +18,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines import build, exit_process, init_world  # noqa: E402
+from mupgpt.engines.factory import build  # noqa: E402
+from mupgpt.world import exit_process, init_world  # noqa: E402
 from run_trainer import model_config  # noqa: E402
 
 cfg = parse_args(["--backend", "fsdp", "--precision", "fp16", "--n_layer", "2", "--seq_len", "32",

@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT, trainer_args
 from mupgpt.config import parse_args
-from mupgpt.engines import World, build
+from mupgpt.engines.factory import build
+from mupgpt.world import World
 from run_trainer import model_config
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -221,8 +221,9 @@ PARTIAL_PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from mupgpt.config import parse_args
-from mupgpt.engine_deepspeed import ds_config
-from mupgpt.engines import build, init_world
+from mupgpt.engines.deepspeed_zero import ds_config
+from mupgpt.engines.factory import build
+from mupgpt.world import init_world
 from run_trainer import model_config
 cfg = parse_args(["--backend", "deepspeed", "--ds_config", sys.argv[2], "--n_layer", "2", "--seq_len", "32",
                   "--per_device_train_batch_size", "2", "--num_warmup_steps", "5", "--precision", "fp32"])

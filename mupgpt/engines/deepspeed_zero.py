@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from mup_model import GPT
-from mupgpt.engines import Engine, checkpoint_blocks
+from mupgpt.engines.base import Engine, checkpoint_blocks
 from mupgpt.errors import UsageError
 from mupgpt.optim import adamw, clean_name, lr_scheduler
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def template_path(cfg):

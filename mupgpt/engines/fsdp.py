@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from mupgpt.engines import Engine, checkpoint_blocks
+from mupgpt.engines.base import Engine, checkpoint_blocks
 from mupgpt.errors import UsageError
 from mupgpt.optim import clean_name, param_groups
 

@@ -1,0 +1,63 @@
+"""The file tree shows the design: one module per backend, and no module imports another in a circle."""
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+SOURCES = [ROOT / "mup_model.py", ROOT / "run_trainer.py", *sorted((ROOT / "mupgpt").rglob("*.py"))]
+
+
+def module_name(path):
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports(path, known):
+    """Modules of ours that `path` imports anywhere (a function-level import is still a dependency)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found |= {n for n in names if n in known}
+    return found
+
+
+def test_no_import_cycle():
+    modules = {module_name(p): p for p in SOURCES}
+    graph = {name: imports(path, modules) - {name} for name, path in modules.items()}
+    # importing a.b.c runs the package a.b first
+    for name in list(graph):
+        for dep in list(graph[name]):
+            parent = dep.rsplit(".", 1)[0]
+            if parent in modules and parent != name and not name.startswith(parent + "."):
+                graph[name].add(parent)
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in graph[node]:
+            assert state.get(dep) != "open", "import cycle: " + " -> ".join(stack + [dep])
+            if dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
+
+
+def test_backends_are_one_module_each_and_know_only_the_base():
+    engines = ROOT / "mupgpt" / "engines"
+    assert {p.name for p in engines.glob("*.py")} == {"__init__.py", "factory.py", "base.py", "ddp.py", "fsdp.py",
+                                                       "deepspeed_zero.py"}
+    modules = {module_name(p): p for p in SOURCES}
+    for backend in ("ddp", "fsdp", "deepspeed_zero"):
+        deps = {d for d in imports(engines / f"{backend}.py", modules) if d.startswith("mupgpt.engines")}
+        assert deps <= {"mupgpt.engines.base"}, (backend, deps)
+    # the model knows nothing of parallelism
+    model_imports = imports(ROOT / "mup_model.py", modules)
+    assert not model_imports and "distributed" not in (ROOT / "mup_model.py").read_text()
