@@ -2,6 +2,13 @@
 
     python bench/bench.py --name cpu_small --backends single,deepspeed_zero3 --steps 40 --warmup 10 --repeats 3
     python bench/bench.py --name vs_nanogpt --backends single --reference /path/to/nanoGPT   # its train.py
+    python bench/bench.py --name cpu_overhead --host_overhead      # each engine's per-step host overhead
+
+--host_overhead measures what an engine costs per step beyond the model's own math: a model whose math
+is tiny (12 layers, 2 heads of width 16, sequence 16, batch 1, fp32, one thread) on every engine, and
+each engine's median step time minus the single backend's. That is the engine's own per-step work
+(hooks, bookkeeping, launches), the part that on a GPU shows up as ZeRO's and FSDP2's gap to the
+single backend, measurable here without one.
 
 Each measurement is a real `run_trainer.py` run (launched as a user would) logging every step; the
 first --warmup steps are dropped and the median tokens/s over the rest, then over --repeats runs, is
@@ -33,10 +40,17 @@ BACKENDS = {
     "ddp2": (["torchrun", "--nproc_per_node", "2"], ["--backend", "ddp"]),
     "fsdp": (["torchrun", "--nproc_per_node", "1"], ["--backend", "fsdp"]),
     "fsdp2": (["torchrun", "--nproc_per_node", "2"], ["--backend", "fsdp"]),
+    "deepspeed_zero1": ([], ["--backend", "deepspeed", "--zero_stage", "1"]),
     "deepspeed_zero3": ([], ["--backend", "deepspeed", "--zero_stage", "3"]),
     "deepspeed_zero2": ([], ["--backend", "deepspeed", "--zero_stage", "2"]),
     "deepspeed_zero3_offload_cpu": ([], ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu"]),
 }
+
+
+# the host-overhead configuration (flags given on the command line still win)
+HOST_OVERHEAD = {"n_layer": 12, "n_head": 2, "head_width": 16, "seq_len": 16, "batch": 1, "precision": "fp32",
+                 "threads": 1, "steps": 60, "warmup": 20, "repeats": 3,
+                 "backends": "single,deepspeed_zero1,deepspeed_zero2,deepspeed_zero3,fsdp"}
 
 
 def model_flags(args):
@@ -61,7 +75,9 @@ def run_ours(backend, args, out):
     rows = [json.loads(l) for l in open(out / backend / "metrics.jsonl")]
     rows = [r for r in rows if "tokens_per_s" in r and r["step"] > args.warmup]
     summary = json.loads((out / backend / "summary.json").read_text())
+    tokens_per_step = args.batch * args.seq_len
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+            "step_ms": statistics.median(1000 * tokens_per_step / r["tokens_per_s"] for r in rows),
             "mfu": statistics.median(r["mfu"] for r in rows),
             "peak_host_mib": summary["peak_host_bytes_per_rank"] / 2**20,
             "peak_device_mib": summary["peak_device_bytes_per_rank"] / 2**20}
@@ -132,7 +148,14 @@ def main():
     p.add_argument("--dataset", default="stdlib")
     p.add_argument("--data_dir", default="data")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for every run (0: leave as is)")
+    p.add_argument("--host_overhead", action="store_true",
+                   help="per-step engine overhead: the tiny model above on every engine, one thread, fp32")
     args = p.parse_args()
+    if args.host_overhead:
+        given = {a.split("=")[0] for a in sys.argv[1:]}
+        for key, value in HOST_OVERHEAD.items():
+            if f"--{key}" not in given:
+                setattr(args, key, value)
     args.env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     import torch
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,6 +192,11 @@ def main():
                 continue
             results["backends"][backend] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
             results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
+        single = results["backends"].get("single", {})
+        for b in results["backends"].values():
+            if "step_ms" in b and "step_ms" in single:
+                b["overhead_ms"] = b["step_ms"] - single["step_ms"]
+                b["step_time_vs_single"] = b["step_ms"] / single["step_ms"]
         if args.reference and "reference" not in results["backends"]:
             reps = runs["reference"]
             ref = statistics.median(r["tokens_per_s"] for r in reps)
@@ -187,17 +215,18 @@ def main():
 
 
 def table(results):
-    lines = ["| backend | tokens/s | MFU | peak host MiB/rank | peak device MiB | vs reference |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| backend | tokens/s | step ms | overhead ms (vs single) | MFU | peak host MiB/rank | peak device MiB "
+             "| vs reference |", "|---|---|---|---|---|---|---|---|"]
     for name, b in results["backends"].items():
         if "error" in b:
-            lines.append(f"| {name} | failed: {b['error'].strip().splitlines()[-1][:120]} | | | | |")
+            lines.append(f"| {name} | failed: {b['error'].strip().splitlines()[-1][:120]} | | | | | | |")
             continue
         ratio = f"{b['ratio_to_reference']:.2f}x" if "ratio_to_reference" in b else "-"
-        lines.append(f"| {name} | {b['tokens_per_s']:,.0f} | {100 * b['mfu']:.1f}% | {b['peak_host_mib']:,.0f} "
-                     f"| {b['peak_device_mib']:,.0f} | {ratio} |")
+        overhead = f"{b['overhead_ms']:+.2f} ({b['step_time_vs_single']:.2f}x)" if "overhead_ms" in b else "-"
+        lines.append(f"| {name} | {b['tokens_per_s']:,.0f} | {b['step_ms']:.2f} | {overhead} | {100 * b['mfu']:.1f}% "
+                     f"| {b['peak_host_mib']:,.0f} | {b['peak_device_mib']:,.0f} | {ratio} |")
     if "reference" in results:
-        lines.append(f"| reference train.py | {results['reference']['tokens_per_s']:,.0f} | | | | 1.00x |")
+        lines.append(f"| reference train.py | {results['reference']['tokens_per_s']:,.0f} | | | | | | 1.00x |")
     return "\n".join(lines)
 
 
