@@ -122,20 +122,23 @@ def shift(best, step):
     fits = [b["fit_log2_lr"] for b in found]
     low = [b["grid_log2_lr"] for b in found if b["edge"] == "low"]
     high = [b["grid_log2_lr"] for b in found if b["edge"] == "high"]
-    extend = ([f"lower LRs below 2^{min(low):g}"] if low else []) + ([f"higher LRs above 2^{max(high):g}"] if high else [])
+    extend = [f"lower LRs below 2^{min(low):g}"] if low else []
+    extend += [f"higher LRs above 2^{max(high):g}"] if high else []
     return {"grid_steps": (max(grid) - min(grid)) / step, "fit_log2": max(fits) - min(fits),
             "at_least": bool(low or high), "extend": " and ".join(extend) or None}
 
 
-def shift_text(s, axis, n_head):
+def shift_text(s, axis, n_head, why=True):
     """'3 grid steps', or 'at least 3 grid steps (optimum at the grid's low edge at width 2048: extend the grid
-    below 2^-13)'."""
+    below 2^-13)'; without the parenthesis if not why."""
     sh = s["shift"]
     if sh["grid_steps"] is None:
-        return "no optimum (every run diverged)"
+        return "unknown (every run diverged)"
     text = f"{sh['grid_steps']:g} grid step{'' if sh['grid_steps'] == 1 else 's'}"
     if not sh["at_least"]:
         return text
+    if not why:
+        return f"at least {text}"
     where, beyond = [], []
     for side, word in (("low", "below"), ("high", "above")):
         at = {int(k): b["grid_log2_lr"] for k, b in s["optimum"].items() if b["edge"] == side}
@@ -194,10 +197,7 @@ def plot(tab, axis, summary, path, metric, label="", settings=()):
                 ax.plot([best["grid_log2_lr"]], [tab[p][s][best["grid_log2_lr"]]], marker, ms=ms, color=color,
                         markeredgecolor="k")
         name = label or ("muP" if p == "mup" else "SP")
-        sh = summary[p]["shift"]
-        moves = "no optimum" if sh["grid_steps"] is None else \
-            f"{'at least ' if sh['at_least'] else ''}{sh['grid_steps']:g} grid step{'' if sh['grid_steps'] == 1 else 's'}"
-        ax.set_title(f"{name}: optimum moves {moves}", fontsize=11)
+        ax.set_title(f"{name}: optimum moves {shift_text(summary[p], axis, summary['n_head'], why=False)}", fontsize=11)
         ax.set_xlabel("log2 learning rate")
         ax.set_ylim(bottom, top * 1.01)
         ax.grid(alpha=0.3)
@@ -207,9 +207,11 @@ def plot(tab, axis, summary, path, metric, label="", settings=()):
     axes[0][0].set_ylabel(metric.replace("_", " "))
     step = summary[params[0]]["grid_step_log2"]
     edges = any(b["edge"] for p in params for b in summary[p]["optimum"].values())
+    marks = [f"*: optimum per {axis}", "x: diverged, or above the top of the chart"]
+    if edges:
+        marks.insert(1, "< >: optimum at the grid's low / high edge (the true one lies beyond: extend the grid)")
     drawn["footer"] = [
-        f"*: optimum per {axis}    " + ("< >: optimum at the grid's low / high edge (the true one lies beyond: "
-                                       "extend the grid)    " if edges else "") + "x: diverged, or above the top of the chart",
+        "    ".join(marks),
         "    ".join([f"LR grid step {2 ** step:g}x ({step:g} in log2)", *settings])]
     fig.text(0.5, 0.035, drawn["footer"][0], ha="center", fontsize=7.5)
     fig.text(0.5, 0.006, drawn["footer"][1], ha="center", fontsize=7.5)
@@ -234,7 +236,8 @@ def make(sweep, metric="mean_train_loss", out="", label="", n_head=0):
         if par in summary:
             s = summary[par]
             sizes = size_label(axis, [int(k) for k in s["optimum"]], n_head).replace(" and ", " / ")
-            lrs = " / ".join("-" if b["grid_log2_lr"] is None else f"{b['grid_log2_lr']:g}" for b in s["optimum"].values())
+            lrs = " / ".join("-" if b["grid_log2_lr"] is None else f"{b['grid_log2_lr']:g}"
+                             for b in s["optimum"].values())
             better = "wider" if axis == "width" else "deeper"
             print(f"{par}: optimal log2 lr at {sizes}: {lrs}, shift {shift_text(s, axis, n_head)}; "
                   f"{better} is better at the best common lr: {s['wider_is_better_at_best_common_lr']}")
