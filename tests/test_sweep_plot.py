@@ -50,8 +50,8 @@ def test_plot_finds_the_optimum_and_its_shift(tmp_path):
     mup, sp = summary["mup"], summary["sp"]
     assert [b["grid_log2_lr"] for b in mup["optimum"].values()] == [-8, -8, -8, -8]
     assert all(b["fit_log2_lr"] == pytest.approx(-8.3) for b in mup["optimum"].values())  # the quadratic's vertex
-    assert mup["shift_grid_steps"] == 0 and sp["shift_grid_steps"] == 3
-    assert sp["shift_fit_log2"] == pytest.approx(3.0)
+    assert mup["shift"]["grid_steps"] == 0 and sp["shift"]["grid_steps"] == 3 and not sp["shift"]["at_least"]
+    assert sp["shift"]["fit_log2"] == pytest.approx(3.0)
     assert mup["wider_is_better_at_best_common_lr"]
     assert (tmp_path / "s" / "transfer.png").stat().st_size > 20_000
 
@@ -60,3 +60,57 @@ def test_plot_without_results_is_one_line_and_exit_2(tmp_path):
     res = subprocess.run([sys.executable, "scripts/plot_mu_scaling.py", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "run scripts/sweep.py" in res.stderr
+
+
+def test_plot_marks_optima_at_the_grid_edge_and_labels_model_widths(tmp_path, capsys):
+    # The grid is log2 lr -12..-4. muP's width 64 wants 2^-2 (beyond the high edge), SP's width 64 2^-14 (beyond
+    # the low edge); the other widths' optima are inside the grid.
+    inside = {"mup": {8: -8.3, 16: -8.3, 32: -8.3, 64: -2}, "sp": {8: -8.3, 16: -9.3, 32: -10.3, 64: -14}}
+    write_results(tmp_path / "s", lambda p, w: inside[p][w])
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_mu_scaling
+
+    summary, drawn = plot_mu_scaling.make(str(tmp_path / "s"))  # no n_head anywhere: head widths, said so
+    mup, sp = summary["mup"], summary["sp"]
+    assert [b["edge"] for b in mup["optimum"].values()] == [None, None, None, "high"]
+    assert [b["edge"] for b in sp["optimum"].values()] == [None, None, None, "low"]
+    assert mup["shift"] == {"grid_steps": 4, "fit_log2": pytest.approx(4.3), "at_least": True,
+                            "extend": "higher LRs above 2^-4"}
+    assert sp["shift"] == {"grid_steps": 4, "fit_log2": pytest.approx(3.7), "at_least": True,
+                           "extend": "lower LRs below 2^-12"}
+    assert drawn["legends"]["sp"] == ["head width 8", "head width 16", "head width 32",
+                                      "head width 64 (optimum at low edge)"]
+    assert drawn["titles"] == ["muP: optimum moves at least 4 grid steps", "SP: optimum moves at least 4 grid steps"]
+    assert "LR grid step 2x (1 in log2)" in drawn["footer"][1] and "seed 0" in drawn["footer"][1]
+
+    # n_head from a run's config.json (the sweep writes one per run): legends give the model width
+    rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
+    (tmp_path / "s" / "results.jsonl").write_text("".join(json.dumps({**r, "run": f"r{i}", "steps": 50}) + "\n"
+                                                          for i, r in enumerate(rows)))
+    (tmp_path / "s" / "runs" / "r0").mkdir(parents=True)
+    (tmp_path / "s" / "runs" / "r0" / "config.json").write_text(json.dumps({"resolved": {"model": {"n_head": 4}}}))
+    capsys.readouterr()
+    summary, drawn = plot_mu_scaling.make(str(tmp_path / "s"))
+    assert drawn["legends"]["mup"] == ["width 32", "width 64", "width 128", "width 256 (optimum at high edge)"]
+    assert summary["n_head"] == 4 and summary["sp"]["optimum"]["64"]["label"] == "width 256"
+    assert "50 steps" in drawn["footer"][1] and "width = 4 heads x head width" in drawn["footer"][1]
+    printed = capsys.readouterr().out
+    assert ("shift at least 4 grid steps (optimum at the grid's low edge at width 256: extend the grid below 2^-12)"
+            in printed)
+    assert json.loads((tmp_path / "s" / "transfer_summary.json").read_text())["sp"]["shift"]["at_least"] is True
+
+
+def test_plot_of_a_depth_sweep_labels_depths_and_gives_the_model_width(tmp_path):
+    rows = [{"parametrization": "mup", "width": 16, "depth": d, "lr": 2.0 ** x, "seed": s, "n_head": 4, "steps": 40,
+             "mean_train_loss": (x + 7) ** 2 / 10 + 2 + d / 100 + s / 1000, "diverged": False}
+            for d in (2, 4, 8) for x in range(-10, -3) for s in (0, 1)]
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = subprocess.run([sys.executable, "scripts/plot_mu_scaling.py", str(tmp_path / "d"), "--label", "CompleteP"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "d" / "transfer_summary.json").read_text())
+    assert summary["axis"] == "depth" and [b["label"] for b in summary["mup"]["optimum"].values()] == \
+        ["depth 2", "depth 4", "depth 8"]
+    assert summary["mup"]["shift"] == {"grid_steps": 0, "fit_log2": pytest.approx(0), "at_least": False, "extend": None}
+    assert "optimal log2 lr at depth 2 / 4 / 8: -7 / -7 / -7, shift 0 grid steps" in res.stdout
