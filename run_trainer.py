@@ -15,7 +15,7 @@ import torch
 
 from mup_model import GPTConfig
 from mupgpt import checkpoint
-from mupgpt.config import parse_args
+from mupgpt.config import check_config, parse_args
 from mupgpt.data import Batches, load_data
 from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
@@ -35,24 +35,6 @@ def model_config(cfg, vocab_size):
                      depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
                      attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
                      query_zero_init=cfg.query_zero_init)
-
-
-def check_config(cfg):
-    """Bad flags fail here, before any process group or file exists."""
-    for name in ("head_width", "n_head", "n_layer", "base_head_width", "seq_len", "per_device_train_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
-    if cfg.head_width % 2 or cfg.base_head_width % 2:
-        raise UsageError(f"--head_width {cfg.head_width} and --base_head_width {cfg.base_head_width} must be even "
-                         "(widths are n_head x head_width; use 2^k head widths for a muP sweep)")
-    if cfg.learning_rate <= 0:
-        raise UsageError(f"--learning_rate must be positive, not {cfg.learning_rate}")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise UsageError(f"--zero_stage must be 0, 1, 2 or 3, not {cfg.zero_stage}")
-    if cfg.offload not in ("none", "cpu", "nvme"):
-        raise UsageError(f"--offload must be none, cpu or nvme, not {cfg.offload!r}")
-    if cfg.base_n_layer < 0 or (cfg.depth_alpha and not cfg.base_n_layer):
-        raise UsageError("--depth_alpha needs --base_n_layer (the depth at which the depth scaling is 1)")
 
 
 def global_batch(cfg, world_size):

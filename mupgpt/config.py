@@ -1,9 +1,16 @@
 """The trainer's typed config and its command line (flag names follow the seed's run_trainer.py)."""
 import argparse
 import dataclasses
+import difflib
+import math
+import os
 from dataclasses import dataclass, field
 
 from mupgpt.errors import UsageError
+
+# transformers' get_scheduler types that run from the step count alone
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+MAX_SEQ_LEN = 1 << 20
 
 
 def _f(default, help, **kw):
@@ -35,7 +42,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.95, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
-    lr_scheduler_type: str = _f("cosine", "a transformers get_scheduler type: linear, cosine, constant, constant_with_warmup, ...")
+    lr_scheduler_type: str = _f("cosine", "a transformers get_scheduler type: " + ", ".join(SCHEDULERS))
     num_warmup_steps: int = _f(0, "linear warm-up steps")
     per_device_train_batch_size: int = _f(8, "sequences per micro batch on each rank")
     train_batch_size: int = _f(0, "global sequences per optimizer step (0: micro batch * world size); sets accumulation")
@@ -59,7 +66,7 @@ class TrainConfig:
     ds_config: str = _f("", "a DeepSpeed JSON config of your own (the batch, precision and clipping flags are filled in)")
     gradient_checkpointing: bool = _f(False, "recompute block activations in the backward pass to save memory")
     compile: bool = _f(False, "torch.compile the model")
-    device: str = _f("auto", "cpu, cuda or auto")
+    device: str = _f("auto", "cpu, cuda or auto", choices=["auto", "cpu", "cuda"])
     # outputs
     output_dir: str = _f("runs", "parent folder of run directories")
     run_name: str = _f("", "run directory name (default: from width, lr, parametrization and seed)")
@@ -68,7 +75,7 @@ class TrainConfig:
     eval_iters: int = _f(10, "validation batches per evaluation")
     save: bool = _f(True, "write checkpoints and the final model export (false: throughput benchmarks)")
     save_interval: int = _f(0, "steps between checkpoints (0: only at the end and on SIGTERM/Ctrl-C)")
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep (0: keep all)")
     resume: str = _f("", "'auto' (the run directory's latest checkpoint, if any) or a checkpoint path")
     wandb: bool = _f(False, "log to Weights & Biases (offline when no API key is set; never prompts)")
     debug: bool = _f(False, "verbose logging, anomaly detection")
@@ -115,4 +122,93 @@ def build_parser():
 def parse_args(argv=None):
     args = vars(build_parser().parse_args(argv))
     args.pop("num_gpus")
-    return TrainConfig(**args)
+    cfg = TrainConfig(**args)
+    check_config(cfg)
+    return cfg
+
+
+def _nearest(word, options):
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_scheduler(name):
+    from transformers import SchedulerType
+    known = [s.value for s in SchedulerType]
+    if name in SCHEDULERS:
+        return
+    if name in ("warmup_stable_decay", "cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        raise UsageError(f"--lr_scheduler_type {name} is not supported yet (it needs scheduler-specific settings "
+                         f"this trainer has no flags for): use one of {', '.join(SCHEDULERS)}")
+    if name in known:
+        raise UsageError(f"--lr_scheduler_type {name} steps on a validation metric, not on the step count: "
+                         f"use one of {', '.join(SCHEDULERS)}")
+    raise UsageError(f"--lr_scheduler_type {name!r} is not a transformers scheduler{_nearest(name, SCHEDULERS)}: "
+                     f"use one of {', '.join(SCHEDULERS)}")
+
+
+def _host_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_config(cfg):
+    """Bad flags fail here, before any process group or file exists (parse_args and train call it)."""
+    for name in ("head_width", "n_head", "n_layer", "base_head_width", "seq_len", "per_device_train_batch_size",
+                 "log_interval", "eval_iters"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
+    for name in ("base_n_layer", "vocab_size", "train_batch_size", "max_steps", "num_warmup_steps", "eval_interval",
+                 "save_interval", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more, not {getattr(cfg, name)} (see --help for what 0 means)")
+    if not 0 <= cfg.seed < 2 ** 63:
+        raise UsageError(f"--seed must be between 0 and 2^63 - 1, not {cfg.seed}")
+    if cfg.head_width % 2 or cfg.base_head_width % 2:
+        raise UsageError(f"--head_width {cfg.head_width} and --base_head_width {cfg.base_head_width} must be even "
+                         "(widths are n_head x head_width; use 2^k head widths for a muP sweep)")
+    for name, low, high, rule in (("learning_rate", 0, None, "positive"), ("adam_eps", 0, None, "positive"),
+                                  ("num_train_epochs", 0, None, "positive"),
+                                  ("weight_decay", 0, None, "0 or more"), ("grad_clip", 0, None, "0 or more"),
+                                  ("init_std", 0, None, "0 or more"), ("output_mult", 0, None, "0 or more"),
+                                  ("attn_mult", 0, None, "0 or more"),
+                                  ("adam_beta1", 0, 1, "in [0, 1)"), ("adam_beta2", 0, 1, "in [0, 1)"),
+                                  ("depth_alpha", None, None, "a finite number")):
+        v = getattr(cfg, name)
+        strict = rule == "positive"
+        if (not math.isfinite(v) or (low is not None and (v < low or (strict and v == low)))
+                or (high is not None and v >= high)):
+            raise UsageError(f"--{name} must be {rule}, not {v}")
+    if cfg.depth_alpha and not cfg.base_n_layer:
+        raise UsageError("--depth_alpha needs --base_n_layer (the depth at which the depth scaling is 1)")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise UsageError(f"--zero_stage must be 0, 1, 2 or 3, not {cfg.zero_stage}")
+    if cfg.offload not in ("none", "cpu", "nvme"):
+        raise UsageError(f"--offload must be none, cpu or nvme, not {cfg.offload!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda or auto, not {cfg.device!r}")
+    check_scheduler(cfg.lr_scheduler_type)
+    # the position table alone is seq_len x width floats, times 4 with its gradient and two Adam moments
+    width = cfg.n_head * cfg.head_width
+    table_bytes = 16 * cfg.seq_len * width
+    host = _host_memory()
+    if cfg.seq_len > MAX_SEQ_LEN or (host and table_bytes > host):
+        raise UsageError(f"--seq_len {cfg.seq_len} is too long: its position table and attention would not fit "
+                         f"(the table alone needs {table_bytes / 2**30:.1f} GiB with its optimizer state); "
+                         f"use at most {MAX_SEQ_LEN}")
+    for name in ("output_dir", "data_dir"):
+        path = getattr(cfg, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"--{name} {path} is a file, not a folder: give a folder (it is created if missing)")
+    run_dir = os.path.join(cfg.output_dir, cfg.name)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is a file, not a run directory: pass another --run_name or --output_dir")
+    if cfg.nvme_path and not os.path.isdir(cfg.nvme_path):
+        raise UsageError(f"--nvme_path {cfg.nvme_path} is not an existing folder: create it, or pass one on an NVMe drive")
+    if cfg.resume not in ("", "auto") and os.path.isfile(cfg.resume):
+        raise UsageError(f"--resume {cfg.resume} is a file: give a checkpoints/step_N folder, a run directory, or 'auto'")
+    if cfg.ds_config and not os.path.isfile(cfg.ds_config):
+        what = "is a folder" if os.path.isdir(cfg.ds_config) else "no such file"
+        raise UsageError(f"--ds_config {cfg.ds_config}: {what}: give a DeepSpeed JSON file (see ds_configs/)")

@@ -29,8 +29,16 @@ class World:
             dist.barrier()
 
 
+def check_launcher(backend):
+    # one process could run either, but a user who asks for them meant several (and forgot the launcher)
+    if backend in ("ddp", "fsdp") and "RANK" not in os.environ:
+        raise UsageError(f"--backend {backend} runs one process per GPU: launch it with torchrun --nproc_per_node N "
+                         "run_trainer.py ... (or use --backend single for one process)")
+
+
 def resolve_backend(cfg):
     if cfg.backend != "auto":
+        check_launcher(cfg.backend)
         return cfg.backend
     launched_by_deepspeed = cfg.local_rank >= 0 and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
     if launched_by_deepspeed:
@@ -70,6 +78,7 @@ def init_world(backend, device_type):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's choice, without its warning
+    check_launcher(backend)
     if backend == "single" and world_size > 1:
         raise UsageError(f"--backend single was launched with {world_size} processes: use ddp, fsdp or deepspeed")
     if backend == "deepspeed" and "RANK" not in os.environ:  # one process without a launcher

@@ -6,8 +6,11 @@ config that sets them differently is refused. The muP groups go to DeepSpeed as 
 optimizer's param groups and the schedule stays client-side (a LambdaLR over those groups):
 DeepSpeed's own config-file schedulers would set one LR for every group.
 """
+import difflib
+import functools
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -22,8 +25,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 def template_path(cfg):
     if cfg.ds_config:
-        if not os.path.exists(cfg.ds_config):
-            raise UsageError(f"--ds_config {cfg.ds_config}: no such file")
+        if not os.path.isfile(cfg.ds_config):
+            what = "is a folder" if os.path.isdir(cfg.ds_config) else "no such file"
+            raise UsageError(f"--ds_config {cfg.ds_config}: {what}: give a DeepSpeed JSON file (see ds_configs/)")
         return cfg.ds_config
     if cfg.offload != "none":
         if cfg.zero_stage != 3:
@@ -48,6 +52,10 @@ def ds_config(cfg, precision, global_batch, accum, width):
         config = json.load(open(path))
     except ValueError as e:
         raise UsageError(f"{path} is not valid JSON ({e}): fix it or use one from ds_configs/") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} holds a JSON {type(config).__name__}, not an object of DeepSpeed settings: "
+                         "start from one in ds_configs/")
+    check_keys(config, path)
     _set(config, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, path, "--per_device_train_batch_size")
     _set(config, "train_batch_size", global_batch, path, "--train_batch_size")
     _set(config, "gradient_accumulation_steps", accum, path, "--train_batch_size")
@@ -62,6 +70,9 @@ def ds_config(cfg, precision, global_batch, accum, width):
         if key in config:
             raise UsageError(f"{path} has an '{key}' section: remove it; the muP per-group optimizer and schedule come from the trainer")
     zero = config.setdefault("zero_optimization", {"stage": cfg.zero_stage})
+    for part in ("offload_param", "offload_optimizer"):
+        if not isinstance(zero.get(part, {}), dict):
+            raise UsageError(f"{path}: zero_optimization.{part} must be an object like {{\"device\": \"cpu\"}}")
     if zero.get("stage") not in (0, 1, 2, 3):
         raise UsageError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, not {zero.get('stage')!r}")
     if zero["stage"] == 0 and precision != "fp32":
@@ -84,6 +95,7 @@ def ds_config(cfg, precision, global_batch, accum, width):
     for part in ("offload_param", "offload_optimizer"):
         device = zero.get(part, {}).get("device", "none")
         if device == "nvme":
+            check_aio()
             nvme = zero[part].get("nvme_path", "auto")
             nvme = cfg.nvme_path if nvme == "auto" else nvme
             if not nvme or not os.path.isdir(nvme):
@@ -98,7 +110,73 @@ def ds_config(cfg, precision, global_batch, accum, width):
     leftover = [k for k, v in zero.items() if v == "auto"]
     if leftover:
         raise UsageError(f"{path}: no value for {leftover} ('auto' is only filled for the keys in ds_configs/)")
+    check_zero(zero, path)
     return config
+
+
+def _nearest(word, options):
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_keys():
+    """Every top-level key DeepSpeed's config code reads: DeepSpeed names them in module constants
+    (TRAIN_BATCH_SIZE = "train_batch_size"), in literal lookups (param_dict.get("compile", ...)), and
+    in the monitor's pydantic model. A superset: only a key found nowhere is refused."""
+    import deepspeed
+    from deepspeed.monitor.config import DeepSpeedMonitorConfig
+    const = re.compile(r"""^[A-Z][A-Z0-9_]*\s*=\s*['"]([a-z][a-z0-9_]*)['"]""", re.M)
+    lookup = re.compile(r"""param_dict(?:\.get\(|\[)\s*['"]([a-z][a-z0-9_]*)['"]|['"]([a-z][a-z0-9_]*)['"] in param_dict\b""")
+    keys = set(DeepSpeedMonitorConfig.model_fields)
+    for source in Path(deepspeed.__file__).parent.rglob("*.py"):
+        text = source.read_text(errors="ignore")
+        keys.update(const.findall(text))
+        keys.update(a or b for a, b in lookup.findall(text))
+    return keys
+
+
+def check_keys(config, path):
+    """Unknown or removed top-level keys fail here (DeepSpeed ignores unknown ones silently)."""
+    from deepspeed.runtime import config as ds
+    removed = getattr(ds, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})
+    for key, value in config.items():
+        if key in removed:
+            raise UsageError(f"{path}: '{key}' is not supported by this DeepSpeed: {removed[key].split('. ')[0]}; remove it")
+        if key not in deepspeed_keys():
+            raise UsageError(f"{path}: unknown DeepSpeed setting '{key}'{_nearest(key, sorted(deepspeed_keys()))}")
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if not isinstance(config.get(key, {}), dict):
+            raise UsageError(f"{path}: '{key}' must be an object, like {{\"enabled\": \"auto\"}} or {{\"stage\": 2}}")
+
+
+def check_zero(zero, path):
+    """zero_optimization against DeepSpeed's own model, as one line (DeepSpeed prints a pydantic trace)."""
+    import pydantic
+    from deepspeed.runtime import config as ds
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig, DeepSpeedZeroOffloadParamConfig
+    try:
+        getattr(ds, "_reject_removed_config_keys", lambda d: None)({"zero_optimization": zero})
+        DeepSpeedZeroConfig(**zero)
+    except ds.DeepSpeedConfigError as e:
+        raise UsageError(f"{path}: {str(e).split('. ')[0]}: remove it") from None
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(map(str, ("zero_optimization", *err["loc"])))
+        if err["type"] == "extra_forbidden":
+            model = {"offload_param": DeepSpeedZeroOffloadParamConfig,
+                     "offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig}.get(err["loc"][0], DeepSpeedZeroConfig)
+            names = [f.alias or n for n, f in model.model_fields.items()] + list(model.model_fields)
+            raise UsageError(f"{path}: unknown key {where}{_nearest(str(err['loc'][-1]), names)}") from None
+        raise UsageError(f"{path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def check_aio():
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise UsageError("NVMe offload needs libaio, which was not found: apt-get install libaio-dev "
+                         "(or set CFLAGS/LDFLAGS to where it is), or use --offload cpu")
 
 
 def build_model(mcfg, config):
