@@ -206,7 +206,8 @@ def check_config(cfg):
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir} is a file, not a run directory: pass another --run_name or --output_dir")
     if cfg.nvme_path and not os.path.isdir(cfg.nvme_path):
-        raise UsageError(f"--nvme_path {cfg.nvme_path} is not an existing folder: create it, or pass one on an NVMe drive")
+        raise UsageError(f"--nvme_path {cfg.nvme_path}: NVMe offload needs an existing folder: create it, "
+                         "or pass one on an NVMe drive")
     if cfg.resume not in ("", "auto") and os.path.isfile(cfg.resume):
         raise UsageError(f"--resume {cfg.resume} is a file: give a checkpoints/step_N folder, a run directory, or 'auto'")
     if cfg.ds_config and not os.path.isfile(cfg.ds_config):

@@ -37,13 +37,17 @@ def check_launcher(backend):
 
 
 def resolve_backend(cfg):
-    if cfg.backend != "auto":
-        check_launcher(cfg.backend)
-        return cfg.backend
-    launched_by_deepspeed = cfg.local_rank >= 0 and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
-    if launched_by_deepspeed:
-        return "deepspeed"
-    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+    backend = cfg.backend
+    if backend == "auto":
+        launched_by_deepspeed = cfg.local_rank >= 0 and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+        backend = "deepspeed" if launched_by_deepspeed else "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+    else:
+        check_launcher(backend)
+    if backend != "deepspeed" and (cfg.offload != "none" or cfg.ds_config):
+        flag = f"--offload {cfg.offload}" if cfg.offload != "none" else "--ds_config"
+        raise UsageError(f"{flag} is a DeepSpeed setting but the backend is {backend}: add --backend deepspeed "
+                         "(one process works) or launch with deepspeed")
+    return backend
 
 
 def resolve_device(cfg):

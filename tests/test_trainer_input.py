@@ -69,6 +69,8 @@ BAD_FLAGS = {
     "resume a file": (lambda t: ["--resume", str(t / "out" / "f")], "is a file: give a checkpoints/step_N folder"),
     "ddp without launcher": (["--backend", "ddp"], "launch it with torchrun --nproc_per_node N"),
     "fsdp without launcher": (["--backend", "fsdp"], "launch it with torchrun --nproc_per_node N"),
+    "offload without deepspeed": (["--offload", "cpu"], "--offload cpu is a DeepSpeed setting but the backend is single"),
+    "ds_config without deepspeed": (["--ds_config", str(ROOT / "ds_configs" / "zero2.json")], "--ds_config is a DeepSpeed setting"),
     "ds_config a folder": (lambda t: ["--backend", "deepspeed", "--ds_config", str(t)], "is a folder"),
     "ds_config a list": (lambda t: ds_file(t, [1, 2]), "holds a JSON list, not an object"),
     "ds_config unknown key": (lambda t: ds_file(t, {**zero_cfg(), "zero_optimisation": {}}),
