@@ -133,16 +133,18 @@ def _nearest(word, options):
 
 
 def check_scheduler(name):
-    from transformers import SchedulerType
-    known = [s.value for s in SchedulerType]
     if name in SCHEDULERS:
         return
+    from transformers import SchedulerType
+    known = [s.value for s in SchedulerType]
     if name in ("warmup_stable_decay", "cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         raise UsageError(f"--lr_scheduler_type {name} is not supported yet (it needs scheduler-specific settings "
                          f"this trainer has no flags for): use one of {', '.join(SCHEDULERS)}")
-    if name in known:
+    if name in ("reduce_lr_on_plateau", "greedy"):
         raise UsageError(f"--lr_scheduler_type {name} steps on a validation metric, not on the step count: "
                          f"use one of {', '.join(SCHEDULERS)}")
+    if name in known:
+        raise UsageError(f"--lr_scheduler_type {name} is not supported by this trainer yet: use one of {', '.join(SCHEDULERS)}")
     raise UsageError(f"--lr_scheduler_type {name!r} is not a transformers scheduler{_nearest(name, SCHEDULERS)}: "
                      f"use one of {', '.join(SCHEDULERS)}")
 
