@@ -140,7 +140,7 @@ def check_keys(config, path):
     """Unknown or removed top-level keys fail here (DeepSpeed ignores unknown ones silently)."""
     from deepspeed.runtime import config as ds
     removed = getattr(ds, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})
-    for key, value in config.items():
+    for key in config:
         if key in removed:
             raise UsageError(f"{path}: '{key}' is not supported by this DeepSpeed: {removed[key].split('. ')[0]}; remove it")
         if key not in deepspeed_keys():
