@@ -4,11 +4,17 @@
     deepspeed --num_gpus 8 run_trainer.py --head_width 32
     torchrun --nproc_per_node 8 run_trainer.py --backend fsdp --head_width 32
 """
+import contextlib
 import dataclasses
+import fcntl
+import glob
 import json
 import math
 import os
+import re
 import signal
+import socket
+import sys
 import time
 
 import torch
@@ -35,6 +41,92 @@ def model_config(cfg, vocab_size):
                      depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
                      attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
                      query_zero_init=cfg.query_zero_init)
+
+
+def run_directory(cfg):
+    """<output_dir>/<run name>; a name that could point anywhere else is refused."""
+    name = cfg.name
+    if not re.fullmatch(r"[A-Za-z0-9._=+-]+", name) or ".." in name or name == ".":
+        raise UsageError(f"--run_name {name!r} is not a plain folder name: use only letters, digits and . _ = + - "
+                         "(no '/', no '..'); the run directory is always inside --output_dir")
+    return os.path.join(cfg.output_dir, name)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir, world):
+    """Rank 0 holds an exclusive flock on <run_dir>/.lock for the whole run (the kernel drops it at exit)."""
+    fd, held_by = None, ""
+    if world.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except BlockingIOError:
+            held_by = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            fd = None
+    if world.world_size > 1:
+        msg = [held_by]
+        torch.distributed.broadcast_object_list(msg, src=0)
+        held_by = msg[0]
+    if held_by:
+        raise UsageError(f"{run_dir} is in use by another run ({held_by}): wait for it or pick another --run_name")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+STALE_BUILD_S = 300
+
+
+def extensions_root():
+    """Where torch's cpp_extension builds DeepSpeed's ops (torch.utils.cpp_extension._get_build_directory)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    from torch.utils.cpp_extension import get_default_build_root
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    if torch.version.hip:
+        accel = f"rocm{torch.version.hip.replace('.', '')}"
+    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{accel}")
+
+
+def folder_in_use(folder):
+    """Whether a process on this host has a file in the folder open or works in it (what a build does)."""
+    folder = os.path.realpath(folder)
+    for link in glob.glob("/proc/[0-9]*/cwd") + glob.glob("/proc/[0-9]*/fd/*"):
+        try:
+            target = os.readlink(link)
+        except OSError:
+            continue
+        if target == folder or target.startswith(folder + os.sep):
+            return True
+    return False
+
+
+def check_op_build_locks():
+    """torch's cpp_extension waits, silently and forever, while an op's build folder holds a `lock` file
+    (torch/utils/file_baton.py); a build killed half-way leaves one behind. Say so, and clear a stale one."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    for lock in glob.glob(os.path.join(glob.escape(extensions_root()), "*", "lock")):
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except OSError:
+            continue  # gone meanwhile: a build just finished
+        if age > STALE_BUILD_S and not folder_in_use(os.path.dirname(lock)):
+            try:
+                os.remove(lock)
+                print(f"note: removed a stale DeepSpeed op build lock {lock} ({age / 60:.0f} min old and no process "
+                      "uses its folder: a build was killed)", flush=True)
+                continue
+            except OSError:
+                pass
+        print(f"note: DeepSpeed's op build waits while {lock} exists ({age:.0f}s old); "
+              "if no other process is building DeepSpeed's ops, delete it", flush=True)
 
 
 def global_batch(cfg, world_size):
@@ -95,8 +187,22 @@ def evaluate(engine, batches, iters):
     return losses.mean().item()
 
 
+def all_finite(flag, world):
+    """The device-side 'every loss and grad norm since the last check was finite' flag, read once, all ranks."""
+    flag = flag.float()
+    if world.world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def train(cfg):
+    with contextlib.ExitStack() as cleanup:
+        return _train(cfg, cleanup)
+
+
+def _train(cfg, cleanup):
     check_config(cfg)
+    run_dir = run_directory(cfg)
     backend = resolve_backend(cfg)
     device_type = resolve_device(cfg)
     precision = resolve_precision(cfg, backend, device_type)
@@ -105,14 +211,14 @@ def train(cfg):
     if backend == "deepspeed":
         from mupgpt.engines.deepspeed_zero import ds_config
         ds_cfg = ds_config(cfg, precision, G, accum, cfg.n_head * cfg.head_width)
+    if backend == "deepspeed":
+        check_op_build_locks()  # before DeepSpeed builds or loads its ops (init_distributed does, on CPU)
     world = init_world(backend, device_type)
-    run_dir = os.path.join(cfg.output_dir, cfg.name)
+    cleanup.enter_context(run_lock(run_dir, world))  # before anything in the run directory is read or written
     resume_path = checkpoint.find_resume(cfg.resume, run_dir)
     trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
     if not cfg.resume and (checkpoint.checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "summary.json"))):
         raise UsageError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run_name")
-    if world.is_main:
-        os.makedirs(run_dir, exist_ok=True)
 
     data, tokenizer = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.barrier)
     mcfg = model_config(cfg, data.vocab_size)
@@ -150,14 +256,27 @@ def train(cfg):
     stop = StopFlag()
     t_start = t_log = time.time()
     last_log_step, last_loss, val_loss, diverged = step, float("nan"), None, False
+    # every loss and grad norm since the last check was finite; read back only on log and save steps.
+    # fp16 loss scaling overflows the grad norm on purpose (that step is skipped), and DeepSpeed's ZeRO-0
+    # reports no grad norm (NaN here): there only the loss counts
+    finite, checked_step = torch.ones((), dtype=torch.bool, device=world.device), step
+    check_norm = precision != "fp16" and not (ds_cfg and ds_cfg["zero_optimization"]["stage"] == 0)
     train_mem = peak_memory(world.device)
     while step < total_steps:
         loss, grad_norm = engine.train_step(batches.train(step))
         step += 1
+        finite &= torch.isfinite(loss)
+        if check_norm:
+            finite &= torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
         if profiler is not None:
             profiler = step_profiler(profiler, world.is_main)
         row = None
-        if step % cfg.log_interval == 0 or step == total_steps or step == 1:
+        log_now = step % cfg.log_interval == 0 or step == total_steps or step == 1
+        save_due = cfg.save and ((cfg.save_interval and step % cfg.save_interval == 0) or step == total_steps)
+        if log_now or save_due:
+            diverged = not all_finite(finite, world)
+            checked_step = checked_step if diverged else step
+        if log_now or diverged:
             last_loss = loss.item()
             dt = time.time() - t_log
             tps = (step - last_log_step) * tokens_per_step / max(dt, 1e-9)
@@ -167,8 +286,8 @@ def train(cfg):
             line = (f"step {step:>6}/{total_steps} | loss {last_loss:.4f} | lr {engine.lr():.3e} | "
                     f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
             t_log, last_log_step = time.time(), step
-            diverged = not math.isfinite(last_loss)
             train_mem = peak_memory(world.device)  # before any eval, checkpoint or export at this step
+        t_pause = time.time()  # evaluation, logging and checkpoints are not counted as training time
         if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total_steps or diverged:
             val_loss = evaluate(engine, batches, cfg.eval_iters) if not diverged else float("nan")
             best_val = min(best_val, val_loss) if math.isfinite(val_loss) else best_val
@@ -177,21 +296,23 @@ def train(cfg):
             line = (line if "loss" in row else f"step {step:>6}/{total_steps}") + f" | val {val_loss:.4f}"
         if row:
             reporter.log(row, line)
-            t_log = time.time()  # evaluation and logging are not counted as training time
         stopping = diverged or stop.agreed(world, world.device) if row or world.world_size == 1 else False
-        save_now = (cfg.save_interval and step % cfg.save_interval == 0) or (stopping and not diverged) or step == total_steps
-        if cfg.save and save_now:
+        if cfg.save and stopping and not diverged and not save_due:  # a stop request's checkpoint: check it too
+            diverged = not all_finite(finite, world)
+            checked_step = checked_step if diverged else step
+            save_due = not diverged
+        if save_due and not diverged:  # never a checkpoint of a diverged model
             path = checkpoint.save(engine, run_dir, {"step": step, "best_val_loss": best_val, "backend": backend,
                                                           "world_size": world.world_size}, cfg.keep_checkpoints)
-            t_log = time.time()
-            if stopping and world.is_main and not diverged:
+            if stopping and world.is_main:
                 print(f"stopped at step {step}; resume with --resume auto (checkpoint {path})", flush=True)
-        if stopping:
+        t_log += time.time() - t_pause  # the interval's start moves with it (not reset: its steps still count)
+        if stopping or diverged:
             break
 
-    if world.is_main:
+    if world.is_main and not diverged:
         print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
-    if cfg.save:
+    if cfg.save and not diverged:
         engine.export(os.path.join(run_dir, "model.safetensors"), mcfg)
     mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64,
                          device=world.device)  # NCCL reduces device tensors only
@@ -206,6 +327,14 @@ def train(cfg):
     if world.is_main and (step >= total_steps or diverged):
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
+    if world.is_main and diverged:
+        when = f"at step {step}" if checked_step + 1 == step else f"between steps {checked_step + 1} and {step}"
+        good = checkpoint.checkpoints(run_dir)
+        if good and checked_step + 1 == step and good[-1].endswith(f"step_{checked_step:08d}"):
+            good = good[:-1]  # the weights it holds gave the non-finite loss at this step
+        where = (f"last good checkpoint: {good[-1]} (resume from it with a lower --learning_rate)" if good else
+                 "no checkpoint was saved before it (start again with a lower --learning_rate)")
+        print(f"error: the loss became non-finite {when}; {where}", file=sys.stderr, flush=True)
     reporter.finish(summary)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -218,5 +347,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    exit_process(0)
+    exit_process(1 if main()["diverged"] else 0)

@@ -59,8 +59,8 @@ class Reporter:
     def __init__(self, run_dir, cfg, is_main, resume_step):
         self.is_main, self.run = is_main, None
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        if is_main and resume_step > 0 and os.path.exists(self.path):
-            self._truncate_after(resume_step)  # rows past the checkpoint are redone
+        if is_main and os.path.exists(self.path):
+            self._truncate_after(resume_step)  # rows past the checkpoint are redone (all of them from step 0)
         if is_main and cfg.wandb:
             self.run = start_wandb(run_dir, cfg)
 

@@ -1,0 +1,140 @@
+"""Run lifecycle safety: the run directory stays inside --output_dir, one live run per directory, a
+diverging run keeps its good checkpoints, restarts and saves keep metrics honest, stale op build locks."""
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, losses, run_cli, trainer_args
+from mupgpt.config import parse_args
+from mupgpt.errors import UsageError
+
+from run_trainer import extensions_root, train
+
+
+def run(out, corpus, data_dir, *extra):
+    return train(parse_args(trainer_args(out, corpus, data_dir, *extra)))
+
+
+@pytest.mark.parametrize("name", ["../x", "../../etc", "a/b", "ABS", ".", "my run"])
+def test_run_name_cannot_leave_the_output_dir(tmp_path, corpus, data_dir, name):
+    out = tmp_path / "a" / "b"
+    name = str(tmp_path / "abs") if name == "ABS" else name
+    with pytest.raises(UsageError, match="is not a plain folder name"):
+        run(out, corpus, data_dir, "--run_name", name, "--max_steps", "1")
+    assert sorted(os.listdir(tmp_path)) == []  # nothing written, inside or outside
+
+
+def test_bad_run_name_is_one_line_and_exit_2(tmp_path, corpus, data_dir):
+    res = run_cli(trainer_args(tmp_path / "out", corpus, data_dir, "--run_name", "../escape", "--max_steps", "1"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: --run_name '../escape'")
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()
+
+
+def test_divergence_keeps_the_good_checkpoints_and_exits_1(tmp_path, corpus, data_dir):
+    """The issue's run: NaN at step 3, checkpoints every step, log lines only every 10."""
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "30", "--learning_rate", "1e6",
+                               "--save_interval", "1", "--keep_checkpoints", "2", "--log_interval", "10"))
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the loss became non-finite at step ")
+    d = tmp_path / "r"
+    assert json.loads((d / "summary.json").read_text())["diverged"] is True
+    assert not (d / "model.safetensors").exists()  # no NaN export
+    ckpts = sorted(os.listdir(d / "checkpoints"))
+    assert ckpts  # the good ones survive keep-last-K
+    for c in ckpts:  # and none holds a non-finite weight
+        assert all(torch.isfinite(t).all() for t in load_file(d / "checkpoints" / c / "model.safetensors").values())
+    named = last.split("last good checkpoint: ")[1].split(" ")[0]
+    assert os.path.isdir(named) and os.path.basename(named) in ckpts
+    bad_step = int(last.split("at step ")[1].split(";")[0])
+    assert int(os.path.basename(named)[5:]) < bad_step - 1  # its weights gave a finite loss
+
+
+def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus, data_dir):
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--resume", "auto")
+    first = subprocess.Popen([sys.executable, str(ROOT / "run_trainer.py"), *args, "--max_steps", "1000000"],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while not line.startswith("step"):  # it has started training
+            line = first.stdout.readline()
+            assert line, "the first run ended early"
+        config = (tmp_path / "r" / "config.json").read_text()
+        res = run_cli([*args, "--max_steps", "2"])
+        assert res.returncode == 2
+        assert res.stderr == (f"error: {tmp_path / 'r'} is in use by another run (pid {first.pid} on {os.uname()[1]}): "
+                              "wait for it or pick another --run_name\n")
+        assert (tmp_path / "r" / "config.json").read_text() == config and not (tmp_path / "r" / "checkpoints").exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+    # released at exit: the next run in the directory goes ahead
+    assert run_cli([*args, "--max_steps", "2"]).returncode == 0
+
+
+def test_a_restart_from_step_0_starts_metrics_afresh(tmp_path, corpus, data_dir):
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "3", "--save", "false")
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "3", "--save", "false", "--resume", "auto")
+    assert [json.loads(l)["step"] for l in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2, 3]
+    assert len(losses(tmp_path / "r")) == 3
+
+
+def test_tokens_per_s_is_not_inflated_by_a_checkpoint_between_log_steps(tmp_path, corpus, data_dir):
+    """Saves at steps 9 and 18 fall inside the intervals logged at 10 and 20; 15 and 25 have none."""
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "30", "--log_interval", "5", "--save_interval", "9")
+    tps = {r["step"]: r["tokens_per_s"] for r in map(json.loads, open(tmp_path / "r" / "metrics.jsonl"))}
+    steady = max(tps[15], tps[25])
+    assert tps[10] < 2 * steady and tps[20] < 2 * steady, tps  # they were 5x and 2.5x
+
+
+def built_op(name):
+    folder = os.path.join(extensions_root(), name)
+    if not os.path.exists(os.path.join(folder, f"{name}.so")):
+        pytest.skip(f"DeepSpeed's {name} op has not been built on this machine ({folder})")
+    return folder
+
+
+def test_a_stale_op_build_lock_is_cleared_not_waited_on(tmp_path, corpus, data_dir):
+    """A DeepSpeed build killed half-way leaves <op>/lock; torch would wait for it forever."""
+    ext = tmp_path / "ext"
+    shutil.copytree(built_op("deepspeed_shm_comm"), ext / "deepspeed_shm_comm")  # so no real build is needed
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--backend", "deepspeed", "--zero_stage", "1",
+                               "--max_steps", "1", "--save", "false"), env={"TORCH_EXTENSIONS_DIR": str(ext)}, timeout=150)
+    assert res.returncode == 0, res.stderr
+    assert f"note: removed a stale DeepSpeed op build lock {lock} (60 min old" in res.stdout
+    assert not lock.exists()
+
+
+def test_a_live_op_build_lock_is_named_before_waiting(tmp_path, corpus, data_dir):
+    """A lock some process holds open (a build in progress) is left alone, but the run says what it waits for."""
+    ext = tmp_path / "ext"
+    shutil.copytree(built_op("deepspeed_shm_comm"), ext / "deepspeed_shm_comm")
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL)  # as torch's FileBaton holds it while building
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--backend", "deepspeed", "--max_steps", "1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_trainer.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": str(ext)})
+    try:
+        assert select.select([proc.stdout], [], [], 90)[0], "the run waited silently"
+        line = proc.stdout.readline()
+        assert line.startswith(f"note: DeepSpeed's op build waits while {lock} exists")
+        assert "if no other process is building DeepSpeed's ops, delete it" in line
+        assert lock.exists() and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.communicate()
+        os.close(fd)
