@@ -198,7 +198,13 @@ def load_documents(dataset):
         for f in files:
             check_local_file(f, kind)
         kw = {"sample_by": "document"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", **kw)
+        was_off = not datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # reading local files is quick; keep stderr for what matters
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train", **kw)
+        finally:
+            if not was_off:
+                datasets.enable_progress_bars()
         if "text" not in ds.column_names:
             raise UsageError(f"{dataset} has no 'text' field (columns: {ds.column_names}): name the text column 'text'")
         return _split(ds.select_columns(["text"])), os.path.abspath(dataset)

@@ -113,6 +113,12 @@ def test_prepare_refuses_bad_flags(tmp_path, script, flags, words):
     assert not (tmp_path / "d").exists() and sorted(os.listdir(src)) == before
 
 
+def test_too_few_documents_is_one_line_without_the_loaders_progress_bar(tmp_path, script):
+    res = script("prepare_data.py", "--dataset", texts(tmp_path / "src", n=3), "--tokenizer", "bytes", "--data_dir", tmp_path / "d")
+    assert_one_error_line(res, "only 3 document(s)")
+    assert not (tmp_path / "d").exists()
+
+
 def test_prepare_shows_progress_while_writing_tokens(tmp_path, script):
     res = script("prepare_data.py", "--dataset", texts(tmp_path / "src"), "--tokenizer", "bytes", "--data_dir", tmp_path / "d")
     assert res.returncode == 0, res.stderr
