@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mupgpt.data import (dataset_slug, check_data_dir, load_documents, open_prepared, prepare, preparing, resolve_tokenizer,  # noqa: E402
+from mupgpt.data import (check_data_dir, dataset_slug, load_documents, open_prepared, prepare, preparing, resolve_tokenizer,  # noqa: E402
                          source_of)
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 
