@@ -6,16 +6,23 @@ contiguous windows drawn as a pure function of (seed, step), so a resumed run se
 would have seen, and a global batch is the same whatever the world size; each rank takes its own
 disjoint slice of it.
 """
+import codecs
+import errno
+import fcntl
 import glob
+import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mupgpt.errors import UsageError
 
@@ -80,9 +87,28 @@ def resolve_tokenizer(name, dataset_dir):
 
 
 def dataset_slug(dataset):
+    """The prepared folder's name: 'stdlib' and the hub aliases as they are; anything else a readable part
+    and a hash of the absolute path (or hub name), so that '/x/a b' and '/x/a_b' get different folders."""
     if dataset == "stdlib" or dataset in HUB_ALIASES:
         return dataset
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.abspath(dataset) if os.path.exists(dataset) else dataset).strip("_")
+    key = os.path.abspath(dataset) if os.path.exists(dataset) else dataset
+    readable = os.path.basename(key.rstrip(os.sep)) if os.path.exists(dataset) else key
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", readable).strip("_.")[:40] or "data"
+    return f"{readable}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _hub_name(dataset):
+    name, config = HUB_ALIASES.get(dataset, (dataset.split(":")[0], dataset.split(":")[1] if ":" in dataset else None))
+    return name, config, f"hub:{name}" + (f":{config}" if config else "")
+
+
+def source_of(dataset):
+    """What meta.json's 'source' says for `dataset`, known without loading it."""
+    if dataset == "stdlib":
+        return f"python-stdlib-{sysconfig.get_python_version()}"
+    if os.path.exists(dataset):
+        return os.path.abspath(dataset)
+    return _hub_name(dataset)[2]
 
 
 def stdlib_documents():
@@ -93,6 +119,65 @@ def stdlib_documents():
     return [open(f, encoding="utf-8", errors="replace").read() for f in files]
 
 
+def check_local_file(f, kind):
+    """Refuse, naming the file, what the loaders would crash on half-way: text that is not UTF-8 (binary
+    and UTF-16 files have NUL bytes or fail to decode), a JSON line that is not an object with a 'text'
+    string, a parquet file that is not one or has no string 'text' column."""
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:
+            raise UsageError(f"{f} is not a readable parquet file ({type(e).__name__}): fix it or move it out of the dataset") from None
+        schema = pf.schema_arrow
+        if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+            raise UsageError(f"{f} has no string 'text' column (columns: {schema.names}): name the text column 'text'")
+        col, md = schema.get_field_index("text"), pf.metadata
+        for g in range(md.num_row_groups):
+            stats = md.row_group(g).column(col).statistics
+            if stats is not None and stats.has_null_count and stats.null_count:
+                raise UsageError(f"{f} has {stats.null_count} empty (null) 'text' values in row group {g}: drop or fill them")
+        return
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            if b"\0" in chunk:
+                line += chunk[:chunk.index(b"\0")].count(b"\n")
+                raise UsageError(f"{f} is not UTF-8 text (a NUL byte on line {line}: binary or UTF-16?): convert it to UTF-8 or move it out of the dataset")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line += chunk[:e.start].count(b"\n")
+                raise UsageError(f"{f} is not UTF-8 text (line {line} does not decode): convert it to UTF-8 or move it out of the dataset") from None
+            line += chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UsageError(f"{f} is not UTF-8 text (it ends inside a character): convert it to UTF-8 or move it out of the dataset") from None
+    if kind != "json":
+        return
+    with open(f, encoding="utf-8") as fh:
+        head = fh.read(4096).lstrip("\ufeff \t\r\n")[:1]
+        fh.seek(0)
+        if head == "[":  # a .json file holding one array of records
+            try:
+                records = list(enumerate(json.load(fh), 1))
+            except ValueError as e:
+                raise UsageError(f"{f} is not valid JSON ({e}): fix it or move it out of the dataset") from None
+            where = "record"
+        else:
+            records, where = ((n, line) for n, line in enumerate(fh, 1) if line.strip()), "line"
+        for n, rec in records:
+            if where == "line":
+                try:
+                    rec = json.loads(rec)
+                except ValueError:
+                    raise UsageError(f"{f} line {n} is not JSON: fix or delete that line (JSON Lines: one object per line)") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise UsageError(f"{f} {where} {n} is not an object with a 'text' string: give every record a 'text' field")
+
+
 def load_documents(dataset):
     """-> (train, val) datasets.Dataset with a 'text' column, and a description of the source."""
     import datasets
@@ -100,7 +185,7 @@ def load_documents(dataset):
     if dataset == "stdlib":
         docs = stdlib_documents()
         ds = datasets.Dataset.from_dict({"text": docs})
-        return _split(ds), f"python-stdlib-{sysconfig.get_python_version()}"
+        return _split(ds), source_of(dataset)
     if os.path.exists(dataset):
         files = sorted(glob.glob(os.path.join(dataset, "**", "*"), recursive=True)) if os.path.isdir(dataset) else [dataset]
         files = [f for f in files if os.path.splitext(f)[1] in LOCAL_SUFFIXES]
@@ -110,14 +195,22 @@ def load_documents(dataset):
         if len(kinds) > 1:
             raise UsageError(f"{dataset} mixes file types {sorted(kinds)}: prepare one type at a time")
         kind = kinds.pop()
+        for f in files:
+            check_local_file(f, kind)
         kw = {"sample_by": "document"} if kind == "text" else {}
-        ds = datasets.load_dataset(kind, data_files=files, split="train", **kw)
+        was_off = not datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # reading local files is quick; keep stderr for what matters
+        try:
+            ds = datasets.load_dataset(kind, data_files=files, split="train", **kw)
+        finally:
+            if not was_off:
+                datasets.enable_progress_bars()
         if "text" not in ds.column_names:
             raise UsageError(f"{dataset} has no 'text' field (columns: {ds.column_names}): name the text column 'text'")
         return _split(ds.select_columns(["text"])), os.path.abspath(dataset)
     if dataset.startswith(("/", ".", "~")) or os.sep in dataset and not re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", dataset):
         raise UsageError(f"no such file or folder: {dataset}: give a path to text files, 'stdlib', or a hub dataset name")
-    name, config = HUB_ALIASES.get(dataset, (dataset.split(":")[0], dataset.split(":")[1] if ":" in dataset else None))
+    name, config, source = _hub_name(dataset)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise UsageError(f"unknown dataset {dataset!r}: give 'stdlib', a path to text files, or a hub dataset name")
     try:
@@ -127,8 +220,8 @@ def load_documents(dataset):
                          "check the name, the network, or use --dataset stdlib or a local path") from None
     train = splits["train"].select_columns(["text"])
     if "validation" in splits:
-        return (train, splits["validation"].select_columns(["text"])), f"hub:{name}" + (f":{config}" if config else "")
-    return _split(train), f"hub:{name}" + (f":{config}" if config else "")
+        return (train, splits["validation"].select_columns(["text"])), source
+    return _split(train), source
 
 
 def _split(ds):
@@ -152,31 +245,87 @@ def write_tokens(ds, tokenizer, path, num_proc):
     total = int(np.sum(tok["len"], dtype=np.int64))
     out = np.memmap(path, dtype=dtype, mode="w+", shape=(max(total, 1),))
     pos = 0
-    for batch in tok.select_columns(["ids"]).iter(batch_size=1024):
-        for ids in batch["ids"]:
-            out[pos:pos + len(ids)] = ids
-            pos += len(ids)
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=f"writing {os.path.basename(path)}") as bar:
+        for batch in tok.select_columns(["ids"]).iter(batch_size=1024):
+            start = pos
+            for ids in batch["ids"]:
+                out[pos:pos + len(ids)] = ids
+                pos += len(ids)
+            bar.update(pos - start)
     out.flush()
     return total, dtype
 
 
-def prepare(dataset, tokenizer, out_dir, num_proc=None):
-    """Tokenize `dataset` once into out_dir/{train,val}.bin + meta.json, written atomically."""
-    (train, val), source = load_documents(dataset)
-    tmp = out_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+def prepare(dataset, tokenizer, out_dir, num_proc=None, documents=None):
+    """Tokenize `dataset` once into out_dir/{train,val}.bin + meta.json. Written into a folder of this
+    process's own and renamed into place, so processes preparing the same folder at once (a sweep, the
+    nodes of a job on a shared filesystem) never see each other's half-written files."""
+    if num_proc is not None and num_proc < 1:
+        raise UsageError(f"--num_proc must be at least 1, not {num_proc}: or leave it out")
+    (train, val), source = documents or load_documents(dataset)
+    tmp = f"{out_dir}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     os.makedirs(tmp)
-    procs = num_proc if num_proc else (min(8, os.cpu_count() or 1) if len(train) > 10000 else None)
-    n_train, dtype = write_tokens(train, tokenizer, os.path.join(tmp, "train.bin"), procs)
-    n_val, _ = write_tokens(val, tokenizer, os.path.join(tmp, "val.bin"), None)
-    meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot": tokenizer.eot,
-            "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
-            "train_documents": len(train), "val_documents": len(val), "source": source}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.rename(tmp, out_dir)
+    try:
+        procs = num_proc if num_proc else (min(8, os.cpu_count() or 1) if len(train) > 10000 else None)
+        n_train, dtype = write_tokens(train, tokenizer, os.path.join(tmp, "train.bin"), procs)
+        n_val, _ = write_tokens(val, tokenizer, os.path.join(tmp, "val.bin"), None)
+        meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot": tokenizer.eot,
+                "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
+                "train_documents": len(train), "val_documents": len(val), "source": source}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        old = f"{out_dir}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.rename(out_dir, old)
+        except FileNotFoundError:
+            old = None
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                if old:
+                    os.rename(old, out_dir)
+                raise
+            print(f"note: another process prepared {out_dir} meanwhile; keeping its copy", flush=True)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def check_data_dir(data_dir):
+    """Refuse a --data_dir that is a file or can't be written, before anything is made."""
+    d = os.path.abspath(data_dir)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UsageError(f"--data_dir {data_dir}: {d} is a file, not a folder: give a folder path")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UsageError(f"--data_dir {data_dir}: {d} is not writable: give a folder you can write to")
+
+
+@contextmanager
+def preparing(out_dir):
+    """Hold out_dir.lock while preparing: a second process waits (and says so) rather than preparing the
+    same folder again. Yields whether it waited. Where the filesystem has no locks, prepare()'s own
+    folder and rename still keep the result whole."""
+    check_data_dir(os.path.dirname(out_dir) or ".")
+    try:
+        os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"can't make the folder {os.path.dirname(out_dir)} ({e.strerror}): give another --data_dir") from None
+    with open(out_dir + ".lock", "a") as f:
+        waited = False
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process preparing {out_dir} (it holds {out_dir}.lock)", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+        except OSError:
+            pass  # no locks here (some network filesystems)
+        yield waited
 
 
 @dataclass
@@ -191,15 +340,53 @@ class TokenData:
         return self.meta["vocab_size"]
 
 
-def open_prepared(path, tokenizer=None):
-    """Open a prepared folder; the one-line errors say what is wrong and how to fix it."""
+META_TYPES = {"tokenizer": str, "vocab_size": int, "eot": int, "dtype": str, "train_tokens": int, "val_tokens": int,
+              "source": str}
+FULL_CHECK_TOKENS = 2**30  # np.max over a memmap in the page cache: 7 ms per 100M tokens; above this a sample
+
+
+def check_meta(meta):
+    """-> what is wrong with a prepared meta.json's contents, or None."""
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, kind in META_TYPES.items():
+        if key not in meta:
+            return f"no {key!r}"
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            return f"{key!r} is {meta[key]!r}, not {'a string' if kind is str else 'an integer'}"
+    if meta["dtype"] not in ("uint16", "uint32"):
+        return f"dtype {meta['dtype']!r} is not uint16 or uint32"
+    if not 0 < meta["vocab_size"] <= np.iinfo(meta["dtype"]).max + 1 or not 0 <= meta["eot"] < meta["vocab_size"]:
+        return f"vocab_size {meta['vocab_size']} and eot {meta['eot']} do not fit {meta['dtype']}"
+    if meta["train_tokens"] < 0 or meta["val_tokens"] < 0:
+        return "a negative token count"
+    return None
+
+
+def max_token(arr):
+    if len(arr) <= FULL_CHECK_TOKENS:
+        return int(arr.max())
+    chunk, n = 1 << 20, 256  # evenly spaced chunks, the first and the last among them
+    starts = np.linspace(0, len(arr) - chunk, n).astype(np.int64)
+    return max(int(arr[s:s + chunk].max()) for s in starts)
+
+
+def open_prepared(path, tokenizer=None, source=None):
+    """Open a prepared folder; the one-line errors say what is wrong and how to fix it. With `source`
+    (source_of(dataset)), a folder prepared from anything else is refused."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.exists(meta_path):
         raise UsageError(f"no prepared data at {path} (meta.json missing): run scripts/prepare_data.py or drop --data_dir")
     try:
-        meta = json.load(open(meta_path))
+        with open(meta_path) as f:
+            meta = json.load(f)
     except (OSError, ValueError):
         raise UsageError(f"{meta_path} is unreadable: delete {path} and it will be prepared again") from None
+    problem = check_meta(meta)
+    if problem:
+        raise UsageError(f"{meta_path} is not a prepared dataset's ({problem}): delete {path} and it will be prepared again")
+    if source is not None and meta["source"] != source:
+        raise UsageError(f"{path} was prepared from {meta['source']}, not {source}: delete it or use another --data_dir")
     if tokenizer is not None and (meta.get("tokenizer") != tokenizer.name or meta.get("vocab_size") != tokenizer.vocab_size):
         raise UsageError(f"{path} was prepared with tokenizer {meta.get('tokenizer')} (vocab {meta.get('vocab_size')}), "
                          f"not {tokenizer.name} (vocab {tokenizer.vocab_size}): pass --tokenizer {meta.get('tokenizer')} or prepare again")
@@ -208,10 +395,17 @@ def open_prepared(path, tokenizer=None):
         f = os.path.join(path, f"{split}.bin")
         if not os.path.exists(f):
             raise UsageError(f"{f} is missing: delete {path} and it will be prepared again")
-        arr = np.memmap(f, dtype=np.dtype(meta["dtype"]), mode="r")
-        if len(arr) < meta[f"{split}_tokens"]:
-            raise UsageError(f"{f} is truncated ({len(arr)} of {meta[f'{split}_tokens']} tokens): delete {path} and prepare again")
-        arrays.append(arr[: meta[f"{split}_tokens"]])
+        n, have = meta[f"{split}_tokens"], os.path.getsize(f) // np.dtype(meta["dtype"]).itemsize
+        if have < n:
+            raise UsageError(f"{f} is truncated ({have} of {n} tokens): delete {path} and prepare again")
+        if n == 0:
+            raise UsageError(f"{f} holds no tokens: prepare {path} again from a dataset with text in it")
+        arr = np.memmap(f, dtype=np.dtype(meta["dtype"]), mode="r")[:n]
+        top = max_token(arr)
+        if top >= meta["vocab_size"]:
+            raise UsageError(f"{f} holds token {top}, outside the vocabulary of {meta['vocab_size']} in meta.json: "
+                             f"delete {path} and prepare again")
+        arrays.append(arr)
     return TokenData(arrays[0], arrays[1], meta, path)
 
 
@@ -222,10 +416,14 @@ def load_data(dataset, tokenizer_name, data_dir, is_main=True, barrier=lambda: N
     tokenizer = resolve_tokenizer(tokenizer_name, dataset_dir)
     path = dataset_dir(tokenizer.name)
     if is_main and not os.path.exists(os.path.join(path, "meta.json")):
-        print(f"preparing {dataset} with the {tokenizer.name} tokenizer into {path}", flush=True)
-        prepare(dataset, tokenizer, path)
+        check_data_dir(data_dir)
+        documents = load_documents(dataset)  # bad input is refused before anything is written
+        with preparing(path):
+            if not os.path.exists(os.path.join(path, "meta.json")):
+                print(f"preparing {dataset} with the {tokenizer.name} tokenizer into {path}", flush=True)
+                prepare(dataset, tokenizer, path, documents=documents)
     barrier()
-    return open_prepared(path, tokenizer), tokenizer
+    return open_prepared(path, tokenizer, source_of(dataset)), tokenizer
 
 
 def window_starts(num_tokens, seq_len, batch, seed, step):
@@ -256,6 +454,10 @@ class Batches:
         self.data, self.seq_len, self.global_batch = data, seq_len, global_batch
         self.micro, self.rank, self.world, self.seed, self.device = micro_batch, rank, world, seed, device
         self.accum = global_batch // (micro_batch * world)
+        for split, tokens in (("train", data.train), ("val", data.val)):
+            if len(tokens) < seq_len + 1:
+                raise UsageError(f"{data.path}'s {split} split has {len(tokens)} tokens, fewer than one window of "
+                                 f"{seq_len + 1}: use a smaller --seq_len or more data")
 
     def train(self, step):
         starts = window_starts(len(self.data.train), self.seq_len, self.global_batch, self.seed, step)

@@ -56,6 +56,9 @@ def count_params(args):
 
 
 def estimate(args):
+    for flag in ("n_layer", "n_head", "head_width", "vocab", "seq_len", "batch", "world_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, not {getattr(args, flag)}")
     if args.stage not in (0, 1, 2, 3):
         raise UsageError(f"--stage must be 0, 1, 2 or 3, not {args.stage}")
     if args.fsdp and (args.stage != 3 or args.offload != "none"):

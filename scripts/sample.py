@@ -3,7 +3,9 @@
     python scripts/sample.py runs/mup_w32_d2_lr0.003_s1234 --prompt "def " --max_new_tokens 200
 """
 import argparse
+import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from mup_model import GPT, GPTConfig  # noqa: E402
@@ -18,18 +22,91 @@ from mupgpt.data import get_tokenizer  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{path} is not readable JSON ({type(e).__name__}): {what}") from None
+    if not isinstance(obj, dict):
+        raise UsageError(f"{path} is not a JSON object: {what}")
+    return obj
+
+
 def load_model(run_dir, device="cpu"):
     """A run directory (or any folder with model.safetensors + model_config.json) -> GPT, tokenizer name."""
     weights, cfg_file = os.path.join(run_dir, "model.safetensors"), os.path.join(run_dir, "model_config.json")
     if not (os.path.exists(weights) and os.path.exists(cfg_file)):
         raise UsageError(f"{run_dir} has no model.safetensors + model_config.json: give a finished run's directory")
-    model = GPT(GPTConfig(**json.load(open(cfg_file))))
-    model.load_state_dict(load_file(weights, device=device))
+    redo = "export the model again from the run's last checkpoint, or give another run"
+    cfg = read_json(cfg_file, redo)
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise UsageError(f"{cfg_file} has keys a GPTConfig does not: {unknown}: {redo}")
+    bad = [k for k in ("vocab_size", "block_size", "n_layer", "n_head", "head_width") if k in cfg
+           and (not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < 1)]
+    if bad:
+        raise UsageError(f"{cfg_file} has {bad[0]} {cfg[bad[0]]!r}, not a positive integer: {redo}")
+    try:
+        model = GPT(GPTConfig(**cfg))
+    except Exception as e:
+        raise UsageError(f"{cfg_file} does not describe a model ({type(e).__name__}: {e}): {redo}") from None
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{weights} is not a readable safetensors file ({e}): {redo}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise UsageError(f"{weights} does not fit {cfg_file} (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"other shapes {wrong[:3]}): {redo}")
+    model.load_state_dict(state)
     tokenizer = "bytes"
     run_cfg = os.path.join(run_dir, "config.json")
     if os.path.exists(run_cfg):
-        tokenizer = json.load(open(run_cfg))["resolved"]["data"]["tokenizer"]
+        try:
+            tokenizer = read_json(run_cfg, "")["resolved"]["data"]["tokenizer"]
+        except (UsageError, KeyError, TypeError):
+            raise UsageError(f"{run_cfg} does not name the run's tokenizer (resolved.data.tokenizer): "
+                             "restore the run's config.json, or move it away to use the byte tokenizer") from None
     return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature, top_k):
+    """Sample max_new_tokens tokens; temperature 0 is greedy (the most likely token each step)."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.cfg.block_size:])[:, -1, :].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)
+        idx = torch.cat((idx, nxt), dim=1)
+    return idx
+
+
+def check_args(args):
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens must be at least 1, not {args.max_new_tokens}")
+    if not args.temperature >= 0 or math.isinf(args.temperature):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0: greedy), not {args.temperature}")
+    if args.top_k < 0:
+        raise UsageError(f"--top_k must be >= 0 (0: no limit), not {args.top_k}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device: use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA GPU is visible here: use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {args.device!r}: use cpu or cuda (cuda:N)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) here")
 
 
 def main():
@@ -37,16 +114,21 @@ def main():
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top_k", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=50, help="0: no limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
+    check_args(args)
     model, tok_name = load_model(args.run_dir, args.device)
     tok = get_tokenizer("gpt2" if tok_name == "gpt2" else "bytes")
-    torch.manual_seed(args.seed)
-    idx = torch.tensor([tok.encode(args.prompt)], device=args.device)
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k)
+    try:
+        torch.manual_seed(args.seed)
+    except (RuntimeError, ValueError, OverflowError):
+        raise UsageError(f"--seed {args.seed} is out of range: use a 64-bit integer") from None
+    prompt = tok.encode(args.prompt) or [tok.eot]  # an empty prompt starts as a new document does
+    idx = torch.tensor([prompt], dtype=torch.long, device=args.device)
+    out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k)
     print(tok.decode(out[0].tolist()))
 
 

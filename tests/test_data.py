@@ -1,13 +1,19 @@
 """Preparation into memmap files, and batches as a pure function of (seed, step, rank)."""
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from mupgpt.data import (Batches, ByteTokenizer, get_tokenizer, open_prepared, prepare, stdlib_documents,
-                         window_starts)
+from conftest import ROOT, run_cli, trainer_args
+from mupgpt.data import (Batches, ByteTokenizer, dataset_slug, get_tokenizer, load_data, open_prepared, prepare,
+                         source_of, stdlib_documents, window_starts)
 from mupgpt.errors import UsageError
 
 
@@ -15,7 +21,7 @@ def test_prepared_text_files_round_trip(tmp_path, corpus):
     meta = prepare(str(corpus), ByteTokenizer(), str(tmp_path / "p"))
     data = open_prepared(str(tmp_path / "p"), ByteTokenizer())
     assert meta["dtype"] == "uint16" and meta["train_documents"] + meta["val_documents"] == 30
-    assert meta["val_documents"] >= 1 and not os.path.exists(tmp_path / "p.tmp")
+    assert meta["val_documents"] >= 1 and os.listdir(tmp_path) == ["p"]
     # documents are joined by end-of-text with no padding: one eot per document, the text intact
     assert int((data.train == 256).sum()) == meta["train_documents"]
     first = data.train[: int(np.argmax(data.train == 256))]
@@ -95,3 +101,129 @@ def test_gpt2_tokenizer_loads_or_names_the_alternative():
         assert "--tokenizer bytes" in str(e)
     else:
         assert tok.decode(tok.encode("hello world")) == "hello world" and tok.vocab_size == 50257
+
+
+# Each process imports everything, says it is ready, and starts preparing when the test says go: so the
+# two really prepare at once whatever the machine's load (the old shared .tmp folder crashed one of them).
+AT_ONCE = """import os, runpy, sys, time
+sys.path.insert(0, sys.argv[1])
+import datasets, torch
+from mupgpt.data import ByteTokenizer, prepare
+go, what, args = sys.argv[2], sys.argv[3], sys.argv[4:]
+open(f"{go}.ready-{os.getpid()}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.002)
+if what == "prepare":
+    prepare(args[0], ByteTokenizer(), args[1])
+else:
+    sys.argv = [what, *args]
+    runpy.run_path(what, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("how", ["script", "prepare"])
+def test_two_processes_preparing_the_same_folder_at_once_both_succeed(tmp_path, how):
+    """'script': two prepare_data.py at once (one waits on the lock); 'prepare': two bare prepare() calls,
+    no lock, each in its own temporary folder and renamed into place."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(60):
+        (src / f"d{i:02d}.txt").write_text((f"document {i} says {i * 7} " * 1000)[:8000])
+    out, go = tmp_path / "d", tmp_path / "go"
+    if how == "script":
+        args = [str(ROOT / "scripts/prepare_data.py"), "--dataset", str(src), "--tokenizer", "bytes", "--data_dir", str(out)]
+        final = out / f"{dataset_slug(str(src))}-bytes"
+    else:
+        args, final = ["prepare", str(src), str(out / "p")], out / "p"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(ROOT), str(go), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    while len(list(tmp_path.glob("go.ready-*"))) < 2 and all(p.poll() is None for p in procs):
+        time.sleep(0.01)
+    go.touch()
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    for rc, _, err in results:
+        assert rc == 0, err[-2000:]
+    data = open_prepared(str(final), ByteTokenizer(), source_of(str(src)))
+    assert len(data.train) + len(data.val) == sum(len(f.read_bytes()) + 1 for f in src.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([final.name] + ([final.name + ".lock"] if how == "script" else []))
+    if how == "script":
+        assert any("waiting for another process" in o for _, o, _ in results)
+
+
+def test_paths_that_differ_only_in_punctuation_get_their_own_folders(tmp_path):
+    texts = {"a b": "spaces and more spaces ", "a_b": "underscores_only_here "}
+    for name, text in texts.items():
+        (tmp_path / name).mkdir()
+        for i in range(12):
+            (tmp_path / name / f"{i}.txt").write_text(text * 20)
+    paths = set()
+    for name, text in texts.items():
+        data, tok = load_data(str(tmp_path / name), "bytes", str(tmp_path / "d"))
+        assert tok.decode(data.train[:len(text)].tolist()) == text, name
+        paths.add(data.path)
+    assert len(paths) == 2
+    assert dataset_slug("stdlib") == "stdlib" and dataset_slug("wikitext-103") == "wikitext-103"
+    assert dataset_slug(str(tmp_path / "a b")).startswith("a_b-")
+    # a folder prepared from another source is refused, never used
+    a, b = (os.path.join(tmp_path / "d", f"{dataset_slug(str(tmp_path / n))}-bytes") for n in texts)
+    shutil.rmtree(b)
+    shutil.copytree(a, b)
+    with pytest.raises(UsageError, match="was prepared from .*a b, not .*a_b"):
+        load_data(str(tmp_path / "a_b"), "bytes", str(tmp_path / "d"))
+
+
+def broken_copy(tmp_path, data_dir, name="broken"):
+    src = next(p for p in data_dir.iterdir() if p.is_dir())
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst, json.loads((src / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m.pop("dtype"), "no 'dtype'"),
+    (lambda m: m.update(train_tokens="12"), "'train_tokens' is '12', not an integer"),
+    (lambda m: m.update(vocab_size=None), "'vocab_size' is None"),
+    (lambda m: m.update(dtype="float32"), "dtype 'float32'"),
+    (lambda m: m.update(vocab_size=70000), "do not fit uint16"),
+])
+def test_a_meta_json_missing_keys_or_with_wrong_types_is_refused(tmp_path, data_dir, change, message):
+    broken, meta = broken_copy(tmp_path, data_dir)
+    change(meta)
+    (broken / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match=re.escape(message) + ".*delete .* and it will be prepared again"):
+        open_prepared(str(broken))
+
+
+def test_empty_or_out_of_vocabulary_token_files_are_refused(tmp_path, data_dir):
+    broken, meta = broken_copy(tmp_path, data_dir)
+    (broken / "train.bin").write_bytes(b"")
+    meta["train_tokens"] = 0
+    (broken / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="train.bin holds no tokens"):
+        open_prepared(str(broken))
+    broken, meta = broken_copy(tmp_path, data_dir, "oov")
+    tokens = np.memmap(broken / "val.bin", dtype=np.uint16, mode="r+")
+    tokens[len(tokens) // 2] = 300  # the byte vocabulary has 257
+    tokens.flush()
+    with pytest.raises(UsageError, match="val.bin holds token 300, outside the vocabulary of 257"):
+        open_prepared(str(broken))
+
+
+def test_fewer_tokens_than_one_window_is_refused_before_training(data_dir):
+    data = open_prepared(str(next(p for p in data_dir.iterdir() if p.is_dir())))
+    with pytest.raises(UsageError, match="val split has .* fewer than one window"):
+        Batches(data, len(data.val) + 5, 8, 2, 0, 1, 0, torch.device("cpu"))
+
+
+def test_a_corrupted_meta_json_stops_the_trainer_with_one_line(tmp_path, corpus, data_dir):
+    d = tmp_path / "d"
+    shutil.copytree(data_dir, d)
+    meta_file = next(p for p in d.iterdir() if p.is_dir()) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["val_tokens"]
+    meta_file.write_text(json.dumps(meta))
+    res = run_cli(trainer_args(tmp_path / "out", corpus, d, "--max_steps", "2"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "no 'val_tokens'" in lines[0], res.stderr
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in data_dir.iterdir())

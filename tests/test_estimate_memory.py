@@ -113,7 +113,15 @@ def test_zero_stages_shard_what_deepspeed_allocates():
 @pytest.mark.parametrize("flags,line", [
     (["--stage", "2", "--offload", "cpu"], "error: --offload needs --stage 3"),
     (["--stage", "2", "--fsdp"], "error: --fsdp is sharded like ZeRO-3 and without offload here: pass --stage 3 and no --offload"),
+    (["--n_layer", "-1"], "error: --n_layer must be at least 1, not -1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, line):
     res = subprocess.run([sys.executable, "scripts/estimate_memory.py", *flags], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.strip() == line
+
+
+@pytest.mark.parametrize("flag", ["n_layer", "n_head", "head_width", "vocab", "seq_len", "batch", "world_size"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_non_positive_sizes_are_refused(flag, value):
+    with pytest.raises(estimate_memory.UsageError, match=f"--{flag} must be at least 1, not {value}"):
+        estimate(f"--{flag}", value)
