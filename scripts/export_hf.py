@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from mup_model import attention_scale, output_scale, residual_scale  # noqa: E402
@@ -108,9 +109,13 @@ def export(run_dir, out_dir):
     arch = read_arch(run_dir)
     try:
         model, tokenizer = load_model(run_dir)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{run_dir}'s model_config.json and model.safetensors do not make a model ({first}): "
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"{run_dir}'s model_config.json (or config.json) is not mupgpt's ({e}): "
+                         "give a finished run's directory") from None
+    except SafetensorError as e:
+        raise UsageError(f"{run_dir}/model.safetensors can't be read ({e}): give a finished run's directory") from None
+    except RuntimeError:  # load_state_dict: names or shapes differ
+        raise UsageError(f"{run_dir}/model.safetensors does not hold the model its model_config.json describes: "
                          "give a finished run's directory") from None
     state, fields = EXPORTERS[arch](model)
     eot, meaning = TOKENIZERS.get(tokenizer, (None, "unknown to export_hf.py"))
@@ -127,7 +132,11 @@ def export(run_dir, out_dir):
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(fields, f, indent=2)
-        os.chmod(tmp, 0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):  # mkdtemp and safetensors make owner-only files
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         os.replace(tmp, out_dir)  # replaces an empty OUT_DIR too
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -78,8 +78,11 @@ def test_export_matches_logits(tmp_path, monkeypatch, capsys, kw):
     assert exported["mupgpt"]["tokenizer"] == "bytes" and exported["eos_token_id"] == 256
     assert exported["vocab_size"] == 320 and exported["n_positions"] == 32
 
-    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
-    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()  # untied
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert not any(info.values()), info  # every weight came from the file, none was left at its init
+    assert not hf.config.tie_word_embeddings  # transformers 4 would tie lm_head to wte otherwise
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    hf.eval()
     ids = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(ids), hf(ids).logits
@@ -107,9 +110,18 @@ def test_export_errors(tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path / "taken") == ["keep.txt"] and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
 
     cfg_file = tmp_path / "run" / "model_config.json"
-    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "arch": "llama"}))
+    good = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**good, "n_layer": 2}))
+    mismatch = export_cli(tmp_path / "run", tmp_path / "out")
+    assert mismatch.returncode == 2 and "does not hold the model" in mismatch.stderr
+    cfg_file.write_text(json.dumps({**good, "arch": "llama"}))
     llama = export_cli(tmp_path / "run", tmp_path / "out")
     assert llama.returncode == 2 and "'llama'" in llama.stderr and "gpt2 only" in llama.stderr
-    for res in (missing, nofiles, taken, llama):
+    cfg_file.write_text(json.dumps(good))
+    weights = tmp_path / "run" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cut = export_cli(tmp_path / "run", tmp_path / "out")
+    assert cut.returncode == 2 and "model.safetensors can't be read" in cut.stderr
+    for res in (missing, nofiles, taken, mismatch, llama, cut):
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert sorted(os.listdir(tmp_path)) == ["empty", "run", "taken"]  # no output and no temporary left behind
