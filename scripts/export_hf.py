@@ -121,7 +121,7 @@ def export(run_dir, out_dir):
     eot, meaning = TOKENIZERS.get(tokenizer, (None, "unknown to export_hf.py"))
     fields.update(bos_token_id=eot, eos_token_id=eot, mupgpt={
         "tokenizer": tokenizer, "tokenizer_ids": meaning, "source_run": os.path.abspath(run_dir),
-        "model_config": {k: v for k, v in vars(model.cfg).items()},
+        "model_config": dict(vars(model.cfg)),
         "note": "muP, depth and attention multipliers are folded into the weights; vocab_size is the "
                 "padded one the model was trained with"})
 
