@@ -24,7 +24,10 @@ class TrainConfig:
     n_head: int = _f(4, "attention heads")
     n_layer: int = _f(2, "transformer blocks")
     parametrization: str = _f("mup", "mup or sp (standard parametrization, for comparison)", choices=["mup", "sp"])
-    base_head_width: int = _f(32, "head width at which muP and SP coincide (width multiplier m = head_width / this)")
+    base_head_width: int = _f(32, "the base model's head width: muP's attention scale is sqrt(this) / head_width "
+                              "(with --base_width 0 the base width is n_head x this)")
+    base_width: int = _f(0, "the base model's width, where muP and SP coincide: m = n_head x head_width / this, however "
+                         "the model was widened (0: n_head x base_head_width)")
     base_n_layer: int = _f(0, "depth at which depth scaling is 1 (0: no depth scaling)")
     depth_alpha: float = _f(0.0, "residual branches scaled by (n_layer/base_n_layer)^-alpha: 1 CompleteP, 0.5 depth-muP")
     output_mult: float = _f(1.0, "logit multiplier (divided by m under muP)")
