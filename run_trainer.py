@@ -27,6 +27,7 @@ from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
+from mupgpt.optim import schedule_kwargs
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
 
 
@@ -205,7 +206,8 @@ def train(cfg):
 
 def _train(cfg, cleanup):
     check_config(cfg)
-    model_config(cfg, 0)  # the width flags fail here too, before any process group or file exists
+    model_config(cfg, 0)  # the width and schedule flags fail here too, before any process group or file exists
+    schedule_kwargs(cfg, cfg.max_steps or None)
     run_dir = run_directory(cfg)
     backend = resolve_backend(cfg)
     device_type = resolve_device(cfg)
