@@ -1,7 +1,12 @@
 """A GPT-2-style decoder with muP (Maximal Update Parametrization) and SP for comparison.
 
-Width = n_head * head_width. The width multiplier is m = width / base_width, with
-base_width = n_head * base_head_width; the depth multiplier is d = n_layer / base_n_layer.
+Width = n_head * head_width. The width multiplier is m = width / base_width, where base_width is the
+base model's width (d_model): widening by heads, by head width or both gives the same m, and so the
+same LRs, inits and logit multiplier, at the same width. base_head_width is the base model's head
+width; it sets the attention rule only (muP's 1/d_head is per head). base_width = 0 means
+n_head * base_head_width: the base has this model's head count (the seed's --base_head_width alone).
+The base must be a whole number of heads (base_width a multiple of base_head_width).
+The depth multiplier is d = n_layer / base_n_layer.
 Every width- and depth-dependent choice lives in `mup_rules` below; this table is the whole of it.
 Width: Tensor Programs V (Yang et al. 2022), Table 8, with the readout in the Table 3 "output
 multiplier" form of microsoft/mup's MuReadout + MuAdam. Depth: CompleteP (Dey et al. 2025), Table 1,
@@ -20,7 +25,9 @@ as its reference implementation (nanoGPT-mup, completep branch) applies it; alph
 | residual branch (fwd)   | each attention and MLP output     | multiplied by d^-a before it is added to the stream                |
 
 attn_mult defaults to sqrt(base_head_width), so muP's attn_mult / d_head equals SP's
-1 / sqrt(d_head) at the base head width (SP: attn_mult / sqrt(base_head_width * d_head)).
+1 / sqrt(d_head) at the base head width (SP: attn_mult / sqrt(base_head_width * d_head)). A model
+widened by heads at the base's head width keeps the base's attention scale; one widened by head width
+gets attn_mult / d_head.
 
 SP (standard parametrization): hidden and readout init std gain / sqrt(fan_in) at the actual width,
 no width factor in any LR, logits multiplied by output_mult, attention by attn_mult /
@@ -57,7 +64,8 @@ class GPTConfig:
     n_head: int = 4
     head_width: int = 32
     parametrization: str = "mup"  # "mup" | "sp"
-    base_head_width: int = 32
+    base_head_width: int = 32  # the base model's head width (attention rule)
+    base_width: int = 0  # the base model's width, m = width / base_width (0: n_head * base_head_width)
     base_n_layer: int = 0  # 0: the same as n_layer (no depth scaling)
     depth_alpha: float = 0.0
     init_std: float = 0.02  # embeddings
@@ -68,13 +76,18 @@ class GPTConfig:
     query_zero_init: bool = False
     bias: bool = True
 
+    def __post_init__(self):
+        if self.base_width < 0 or self.base_head_width < 1:
+            raise ValueError(f"--base_width {self.base_width} and --base_head_width {self.base_head_width} must be "
+                             "positive (--base_width 0: n_head x base_head_width)")
+        self.base_width = self.base_width or self.n_head * self.base_head_width
+        if self.base_width % self.base_head_width:
+            raise ValueError(f"--base_width {self.base_width} is not a whole number of heads of --base_head_width "
+                             f"{self.base_head_width}: give --base_head_width, the base model's head width")
+
     @property
     def width(self):
         return self.n_head * self.head_width
-
-    @property
-    def base_width(self):
-        return self.n_head * self.base_head_width
 
     @property
     def width_mult(self):

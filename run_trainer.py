@@ -27,6 +27,7 @@ from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
+from mupgpt.optim import schedule_kwargs
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
 
 
@@ -35,12 +36,15 @@ def model_config(cfg, vocab_size):
         raise UsageError(f"--vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
                          "drop it or give at least that")
     vocab_size = 64 * math.ceil(max(vocab_size, cfg.vocab_size) / 64)
-    return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                     head_width=cfg.head_width, parametrization=cfg.parametrization,
-                     base_head_width=cfg.base_head_width, base_n_layer=cfg.base_n_layer,
-                     depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
-                     attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
-                     query_zero_init=cfg.query_zero_init)
+    try:
+        return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         head_width=cfg.head_width, parametrization=cfg.parametrization,
+                         base_head_width=cfg.base_head_width, base_width=cfg.base_width, base_n_layer=cfg.base_n_layer,
+                         depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
+                         attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
+                         query_zero_init=cfg.query_zero_init)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def run_directory(cfg):
@@ -202,6 +206,8 @@ def train(cfg):
 
 def _train(cfg, cleanup):
     check_config(cfg)
+    model_config(cfg, 0)  # the width and schedule flags fail here too, before any process group or file exists
+    schedule_kwargs(cfg, cfg.max_steps or None)
     run_dir = run_directory(cfg)
     backend = resolve_backend(cfg)
     device_type = resolve_device(cfg)
@@ -240,11 +246,13 @@ def _train(cfg, cleanup):
         resolved = {"backend": backend, "precision": precision, "world_size": world.world_size,
                     "train_batch_size": G, "gradient_accumulation_steps": accum, "total_steps": total_steps,
                     "device": str(world.device), "n_params": n_params, "data": data.meta,
-                    "model": dataclasses.asdict(mcfg), "torch": torch.__version__}
+                    "model": dataclasses.asdict(mcfg), "width_mult": mcfg.width_mult, "torch": torch.__version__}
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"args": dataclasses.asdict(cfg), "resolved": resolved}, f, indent=2)
         print(f"{backend} | {world.world_size} rank(s) on {world.device} | {precision} | {n_params / 1e6:.2f}M params "
-              f"| width {mcfg.width} (m={mcfg.width_mult:g}, {cfg.parametrization}) | batch {G}x{cfg.seq_len} "
+              f"| width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, base {mcfg.base_width} = "
+              f"{mcfg.base_width // mcfg.base_head_width}x{mcfg.base_head_width} (m={mcfg.width_mult:g}, "
+              f"{cfg.parametrization}) | batch {G}x{cfg.seq_len} "
               f"(accum {accum}) | {total_steps} steps | run dir {run_dir}", flush=True)
 
     if cfg.debug:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from mupgpt.errors import UsageError
 
 # transformers' get_scheduler types that run from the step count alone
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+              "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 MAX_SEQ_LEN = 1 << 20
 
 
@@ -24,7 +25,10 @@ class TrainConfig:
     n_head: int = _f(4, "attention heads")
     n_layer: int = _f(2, "transformer blocks")
     parametrization: str = _f("mup", "mup or sp (standard parametrization, for comparison)", choices=["mup", "sp"])
-    base_head_width: int = _f(32, "head width at which muP and SP coincide (width multiplier m = head_width / this)")
+    base_head_width: int = _f(32, "the base model's head width: muP's attention scale is sqrt(this) / head_width "
+                              "(with --base_width 0 the base width is n_head x this)")
+    base_width: int = _f(0, "the base model's width, where muP and SP coincide: m = n_head x head_width / this, however "
+                         "the model was widened (0: n_head x base_head_width)")
     base_n_layer: int = _f(0, "depth at which depth scaling is 1 (0: no depth scaling)")
     depth_alpha: float = _f(0.0, "residual branches scaled by (n_layer/base_n_layer)^-alpha: 1 CompleteP, 0.5 depth-muP")
     output_mult: float = _f(1.0, "logit multiplier (divided by m under muP)")
@@ -44,6 +48,10 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     lr_scheduler_type: str = _f("cosine", "a transformers get_scheduler type: " + ", ".join(SCHEDULERS))
     num_warmup_steps: int = _f(0, "linear warm-up steps")
+    num_decay_steps: int = _f(0, "warmup_stable_decay: steps of the final decay (0: the last 20%% of the steps)")
+    decay_type: str = _f("1-sqrt", "warmup_stable_decay: shape of the final decay", choices=["1-sqrt", "linear", "cosine"])
+    min_lr_ratio: float = _f(0.0, "cosine_with_min_lr, cosine_warmup_with_min_lr, warmup_stable_decay: the LR floor "
+                             "as a fraction of each group's LR")
     per_device_train_batch_size: int = _f(8, "sequences per micro batch on each rank")
     train_batch_size: int = _f(0, "global sequences per optimizer step (0: micro batch * world size); sets accumulation")
     num_train_epochs: float = _f(1.0, "epochs over the training tokens, used when --max_steps is 0")
@@ -137,9 +145,6 @@ def check_scheduler(name):
         return
     from transformers import SchedulerType
     known = [s.value for s in SchedulerType]
-    if name in ("warmup_stable_decay", "cosine_with_min_lr", "cosine_warmup_with_min_lr"):
-        raise UsageError(f"--lr_scheduler_type {name} is not supported yet (it needs scheduler-specific settings "
-                         f"this trainer has no flags for): use one of {', '.join(SCHEDULERS)}")
     if name in ("reduce_lr_on_plateau", "greedy"):
         raise UsageError(f"--lr_scheduler_type {name} steps on a validation metric, not on the step count: "
                          f"use one of {', '.join(SCHEDULERS)}")

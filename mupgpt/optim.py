@@ -3,12 +3,18 @@
 The groups are built from parameter names (mup_model.GPT.param_rules), so they survive ZeRO-3's
 (0,)-shaped partitions and FSDP2's DTensors. The schedule is transformers' get_scheduler, a LambdaLR:
 it multiplies each group's own initial LR, so the muP ratios between groups hold at every step.
+warmup_stable_decay (the schedule of scaling studies): linear warm-up over --num_warmup_steps from
+min_lr_ratio to 1 (transformers' definition), constant, then a decay over the last --num_decay_steps
+(default 20% of the steps) down to --min_lr_ratio, shaped by --decay_type: 1-sqrt (default:
+1 - sqrt(progress), Hägele et al. 2024), linear or cosine. cosine_with_min_lr decays to --min_lr_ratio.
 """
 import json
 import os
 from collections import defaultdict
 
 import torch
+
+from mupgpt.errors import UsageError
 
 WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
@@ -47,7 +53,38 @@ def adamw(groups, cfg, fused=True):
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
 
 
+MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+DECAY_FRACTION = 0.2  # warmup_stable_decay's default decay: the last 20% of the steps
+
+
+def schedule_kwargs(cfg, total_steps=None):
+    """The schedule-specific arguments get_scheduler needs; bad schedule flags are a UsageError (the checks
+    that need the run's length only when total_steps is given)."""
+    name, ratio = cfg.lr_scheduler_type, cfg.min_lr_ratio
+    if not 0 <= ratio <= 1:
+        raise UsageError(f"--min_lr_ratio must be between 0 and 1 (the LR floor as a fraction of each group's LR), not {ratio}")
+    if ratio and name not in MIN_LR_SCHEDULES:
+        raise UsageError(f"--min_lr_ratio is for --lr_scheduler_type {', '.join(MIN_LR_SCHEDULES)}, not {name}: "
+                         "drop it or pick one of those")
+    if cfg.num_decay_steps < 0:
+        raise UsageError(f"--num_decay_steps must be 0 (20% of the steps) or more, not {cfg.num_decay_steps}")
+    if (cfg.num_decay_steps or cfg.decay_type != "1-sqrt") and name != "warmup_stable_decay":
+        raise UsageError(f"--num_decay_steps and --decay_type are for --lr_scheduler_type warmup_stable_decay, not {name}")
+    if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        return {"min_lr_rate": ratio}
+    if name != "warmup_stable_decay":
+        return {}
+    kwargs = {"min_lr_ratio": ratio, "decay_type": cfg.decay_type, "num_decay_steps": cfg.num_decay_steps}
+    if total_steps is not None:
+        decay = cfg.num_decay_steps or max(1, round(DECAY_FRACTION * total_steps))
+        if cfg.num_warmup_steps + decay > total_steps:
+            raise UsageError(f"--num_warmup_steps {cfg.num_warmup_steps} + {decay} decay steps exceed the run's "
+                             f"{total_steps} steps: lower them or train longer")
+        kwargs["num_decay_steps"] = decay
+    return kwargs
+
+
 def lr_scheduler(optimizer, cfg, total_steps):
     from transformers import get_scheduler
     return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=cfg.num_warmup_steps,
-                         num_training_steps=total_steps)
+                         num_training_steps=total_steps, scheduler_specific_kwargs=schedule_kwargs(cfg, total_steps))

@@ -1,4 +1,5 @@
 """The muP rules as the model and optimizer apply them: init scaling, m = 1 equivalence, LRs reaching Adam."""
+import json
 import math
 
 import numpy as np
@@ -147,3 +148,68 @@ def test_mfu_counts_every_matmul_weight_and_no_embedding():
     model = GPT(cfg)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert flops_per_token(cfg) == 6 * matmul + 12 * cfg.n_layer * cfg.width * cfg.block_size
+
+
+def rules_at(cfg, lr=1e-2, wd=0.1, eps=1e-8):
+    """What a model's muP rules give: its AdamW groups (class -> lr, wd, eps), each parameter's rule init
+    std, the logit multiplier and m."""
+    model = GPT(cfg)
+    groups = {g["name"]: (g["lr"], g["weight_decay"], g["eps"]) for g in param_groups(model, lr, wd, eps)}
+    stds = {n: rule.init_std for n, (_, rule) in model.param_rules().items()}
+    return groups, stds, model.logit_scale, cfg.width_mult
+
+
+def test_widening_by_heads_or_by_head_width_gives_the_same_mup_rules():
+    """Width 128 from a base of width 64 is m = 2 whether it has 8 heads of 16 (base 4 x 16) or 2 heads of
+    64 (base 2 x 32); both get the rules table's values at m = 2. Only attention differs, as it is per head."""
+    kw = dict(vocab_size=128, block_size=16, n_layer=2, base_width=64, readout_zero_init=False)
+    by_heads = GPTConfig(n_head=8, head_width=16, base_head_width=16, **kw)
+    by_head_width = GPTConfig(n_head=2, head_width=64, base_head_width=32, **kw)
+    lr, wd, eps, m = 1e-2, 0.1, 1e-8, 2
+    expected_groups = {"hidden": (lr / m, wd * m, eps), "block_vector": (lr, 0.0, eps), "embedding": (lr, wd, eps),
+                       "readout": (lr, wd, eps), "final_norm": (lr, 0.0, eps)}
+    fan_in = {"attn.c_attn": 128, "attn.c_proj": 128, "mlp.c_fc": 128, "mlp.c_proj": 512}
+    for cfg in (by_heads, by_head_width):
+        groups, stds, logit_scale, width_mult = rules_at(cfg, lr, wd, eps)
+        assert width_mult == m and logit_scale == 1 / m
+        assert groups == pytest.approx(expected_groups)
+        assert stds["lm_head.weight"] == 1 / math.sqrt(64)  # gain / sqrt(base_width)
+        assert stds["wte.weight"] == 0.02
+        for key, n in fan_in.items():
+            assert stds[f"h.0.{key}.weight"] == 1 / math.sqrt(n), key
+    assert rules_at(by_heads) == rules_at(by_head_width)
+    torch.manual_seed(0)
+    measured = {cfg.n_head: GPT(cfg).h[0].mlp.c_fc.weight.std().item() for cfg in (by_heads, by_head_width)}
+    assert measured == pytest.approx({8: 1 / math.sqrt(128), 2: 1 / math.sqrt(128)}, rel=0.02)
+    # attention: 8 x 16 keeps its base's (4 x 16) scale 1/sqrt(16); 2 x 64 gets sqrt(32) / 64
+    base = GPTConfig(n_head=4, head_width=16, base_head_width=16, **kw)
+    assert GPT(by_heads).h[0].attn.scale == GPT(base).h[0].attn.scale == 1 / 4
+    assert GPT(by_head_width).h[0].attn.scale == pytest.approx(math.sqrt(32) / 64)
+
+
+def test_base_head_width_alone_keeps_its_old_meaning():
+    """--base_head_width without --base_width: the base is n_head x base_head_width (the seed's spelling)."""
+    cfg = GPTConfig(n_head=4, head_width=16, base_head_width=8)
+    assert cfg.base_width == 32 and cfg.width_mult == 2
+    assert GPT(cfg).h[0].attn.scale == pytest.approx(math.sqrt(8) / 16)
+
+
+def test_a_base_that_is_not_whole_heads_is_refused():
+    with pytest.raises(ValueError, match="give --base_head_width"):
+        GPTConfig(n_head=4, head_width=16, base_width=48, base_head_width=32)
+    with pytest.raises(ValueError, match="must be positive"):
+        GPTConfig(base_width=-64)
+
+
+def test_trainer_widens_by_heads_from_base_width_and_records_m(tmp_path, corpus, data_dir):
+    """8 heads of 16 from --base_width 64: m = 2 reaches the optimizer, config.json and the log line."""
+    from conftest import run_cli, trainer_args
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "heads", "--max_steps", "1", "--save", "false",
+                        "--n_head", "8", "--base_width", "64", "--learning_rate", "1e-2")
+    res = run_cli(args)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "width 128 = 8x16, base 64 = 4x16 (m=2, mup)" in res.stdout
+    resolved = json.loads((tmp_path / "heads" / "config.json").read_text())["resolved"]
+    assert resolved["width_mult"] == 2 and resolved["model"]["base_width"] == 64
+    lrs = {v["class"]: v["lr"] for v in json.loads((tmp_path / "heads" / "opt_config.json").read_text()).values()}
+    assert lrs["hidden"] == pytest.approx(1e-2 / 2) and lrs["embedding"] == 1e-2

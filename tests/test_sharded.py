@@ -121,29 +121,61 @@ def test_zero3_export_loads_into_one_process_with_the_same_eval_loss(runs, data_
     assert val == pytest.approx(json.loads((run_dir / "summary.json").read_text())["final_val_loss"], rel=1e-5)
 
 
-PROBE_FLAGS = ["--head_width", "32", "--base_head_width", "16", "--n_head", "2", "--n_layer", "2", "--seq_len", "16",
-               "--per_device_train_batch_size", "4", "--lr_scheduler_type", "constant", "--learning_rate", "1e-3",
-               "--adam_eps", "1e-12", "--grad_clip", "0", "--readout_zero_init", "false", "--precision", "fp32"]
+PROBE_LR, PROBE_WD, PROBE_EPS = 1e-2, 0.5, 2e-3
+# m = 2 by widening through heads (4 x 16 from a base of width 32), d = 2 with depth-muP (alpha 0.5):
+# the five groups get three different LRs, three weight decays and two eps
+PROBE_FLAGS = ["--n_head", "4", "--head_width", "16", "--base_width", "32", "--base_head_width", "16", "--n_layer", "2",
+               "--base_n_layer", "1", "--depth_alpha", "0.5", "--seq_len", "16", "--per_device_train_batch_size", "4",
+               "--lr_scheduler_type", "constant", "--learning_rate", str(PROBE_LR), "--weight_decay", str(PROBE_WD),
+               "--adam_eps", str(PROBE_EPS), "--grad_clip", "0", "--readout_zero_init", "false"]
+# every backend in bf16 (each runs it on CPU), under torchrun: DeepSpeed runs the same there, and its own
+# launcher took 39 s against torchrun's 21 s per probe on this 2-core machine
+PROBE_BACKENDS = {
+    "ddp": ["--backend", "ddp"],
+    "zero1": ["--backend", "deepspeed", "--zero_stage", "1"],
+    "zero2": ["--backend", "deepspeed", "--zero_stage", "2"],
+    "zero3": ["--backend", "deepspeed", "--zero_stage", "3"],
+    "zero3_offload_cpu": ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu"],
+    "fsdp": ["--backend", "fsdp"],
+}
 
 
-@pytest.mark.parametrize("launcher,backend", [(DEEPSPEED, "deepspeed"), (TORCHRUN, "fsdp")])
-def test_mup_init_and_group_lrs_survive_sharding(tmp_path, launcher, backend):
-    """ZeRO-3 (zero.Init) and FSDP2 on 2 ranks: the gathered init equals the one-process model
-    tensor by tensor, and Adam's first step moves every element by its muP group's LR (m = 2)."""
+def first_adamw_step(p, g, cls):
+    """AdamW's first step from the rules table at m = 2, d = 2, alpha = 0.5: m_hat = g, sqrt(v_hat) = |g|, and
+    decoupled decay lr_g * wd_g = lr * wd where the class decays."""
+    m, d = 2, 2
+    lr = {"hidden": PROBE_LR / m * d ** -0.5, "block_vector": PROBE_LR * d ** -0.5}.get(cls, PROBE_LR)
+    eps = PROBE_EPS * d ** -0.5 if cls in ("hidden", "block_vector") else PROBE_EPS
+    decay = 0.0 if cls in ("block_vector", "final_norm") else PROBE_LR * PROBE_WD
+    return p * (1 - decay) - lr * g / (g.abs() + eps)
+
+
+@pytest.mark.parametrize("name", list(PROBE_BACKENDS))
+def test_mup_init_and_group_hyperparameters_survive_every_backend(tmp_path, name):
+    """DDP, ZeRO-1/2/3, ZeRO-3 + CPU offload and FSDP2 on 2 ranks, in bf16: the gathered init is the
+    one-process model's (rounded to bf16 where DeepSpeed keeps bf16 weights), and Adam's first step on
+    every element is the one the muP table gives its group, per-group LR, weight decay and eps
+    together, from the one-process fp32 gradient (bf16 compute: the median error within 2% of the step)."""
     import subprocess
     env = {**os.environ, "PROBE_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([*launcher, str(ROOT / "tests" / "dist_probe.py"), "--backend", backend, *PROBE_FLAGS],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    probe = [str(ROOT / "tests" / "dist_probe.py"), *PROBE_BACKENDS[name], *PROBE_FLAGS, "--precision", "bf16"]
+    res = subprocess.run([*TORCHRUN, *probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = parse_args(PROBE_FLAGS)
     torch.manual_seed(cfg.seed)
     reference = GPT(model_config(cfg, 257))
+    x = torch.randint(0, 257, (8, cfg.seq_len), generator=torch.Generator().manual_seed(0))  # the probe's batch
+    reference(x, x.roll(-1, 1)).backward()
     init, step1 = load_file(tmp_path / "init.safetensors"), load_file(tmp_path / "step1.safetensors")
-    for name, p in reference.named_parameters():
-        assert torch.equal(init[name], p.detach()), name
-        moved = (step1[name] - init[name]).abs()
-        expected = 1e-3 / 2 if param_class(name) == "hidden" else 1e-3
-        assert moved[moved > 0].median().item() == pytest.approx(expected, rel=1e-3), name
+    for pname, p in reference.named_parameters():
+        p0 = p.detach()
+        assert torch.equal(init[pname], p0) or torch.equal(init[pname], p0.bfloat16().float()), pname
+        expected = first_adamw_step(init[pname], p.grad, param_class(pname)) - init[pname]
+        moved = step1[pname] - init[pname]
+        has_grad = p.grad != 0  # embedding rows of tokens absent from the batch only decay
+        # medians: in bf16 a gradient far below eps can change sign, moving that element by a whole LR
+        error = (moved - expected)[has_grad].abs().median() / expected[has_grad].abs().median()
+        assert error < 0.02, (pname, error.item())  # measured: 0.7% at most (fp32: 1e-6); eps or decay off: 9-11%
 
 
 DS_BAD = {
