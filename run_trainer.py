@@ -6,14 +6,10 @@
 """
 import contextlib
 import dataclasses
-import fcntl
-import glob
 import json
 import math
 import os
-import re
 import signal
-import socket
 import sys
 import time
 
@@ -28,6 +24,7 @@ from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
 from mupgpt.optim import schedule_kwargs
+from mupgpt.rundir import run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
 
 
@@ -45,92 +42,6 @@ def model_config(cfg, vocab_size):
                          query_zero_init=cfg.query_zero_init)
     except ValueError as e:
         raise UsageError(str(e)) from None
-
-
-def run_directory(cfg):
-    """<output_dir>/<run name>; a name that could point anywhere else is refused."""
-    name = cfg.name
-    if not re.fullmatch(r"[A-Za-z0-9._=+-]+", name) or ".." in name or name == ".":
-        raise UsageError(f"--run_name {name!r} is not a plain folder name: use only letters, digits and . _ = + - "
-                         "(no '/', no '..'); the run directory is always inside --output_dir")
-    return os.path.join(cfg.output_dir, name)
-
-
-@contextlib.contextmanager
-def run_lock(run_dir, world):
-    """Rank 0 holds an exclusive flock on <run_dir>/.lock for the whole run (the kernel drops it at exit)."""
-    fd, held_by = None, ""
-    if world.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except BlockingIOError:
-            held_by = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
-            os.close(fd)
-            fd = None
-    if world.world_size > 1:
-        msg = [held_by]
-        torch.distributed.broadcast_object_list(msg, src=0)
-        held_by = msg[0]
-    if held_by:
-        raise UsageError(f"{run_dir} is in use by another run ({held_by}): wait for it or pick another --run_name")
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-STALE_BUILD_S = 300
-
-
-def extensions_root():
-    """Where torch's cpp_extension builds DeepSpeed's ops (torch.utils.cpp_extension._get_build_directory)."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    from torch.utils.cpp_extension import get_default_build_root
-    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    if torch.version.hip:
-        accel = f"rocm{torch.version.hip.replace('.', '')}"
-    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{accel}")
-
-
-def folder_in_use(folder):
-    """Whether a process on this host has a file in the folder open or works in it (what a build does)."""
-    folder = os.path.realpath(folder)
-    for link in glob.glob("/proc/[0-9]*/cwd") + glob.glob("/proc/[0-9]*/fd/*"):
-        try:
-            target = os.readlink(link)
-        except OSError:
-            continue
-        if target == folder or target.startswith(folder + os.sep):
-            return True
-    return False
-
-
-def check_op_build_locks():
-    """torch's cpp_extension waits, silently and forever, while an op's build folder holds a `lock` file
-    (torch/utils/file_baton.py); a build killed half-way leaves one behind. Say so, and clear a stale one."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    for lock in glob.glob(os.path.join(glob.escape(extensions_root()), "*", "lock")):
-        try:
-            age = time.time() - os.path.getmtime(lock)
-        except OSError:
-            continue  # gone meanwhile: a build just finished
-        if age > STALE_BUILD_S and not folder_in_use(os.path.dirname(lock)):
-            try:
-                os.remove(lock)
-                print(f"note: removed a stale DeepSpeed op build lock {lock} ({age / 60:.0f} min old and no process "
-                      "uses its folder: a build was killed)", flush=True)
-                continue
-            except OSError:
-                pass
-        print(f"note: DeepSpeed's op build waits while {lock} exists ({age:.0f}s old); "
-              "if no other process is building DeepSpeed's ops, delete it", flush=True)
 
 
 def global_batch(cfg, world_size):
@@ -215,9 +126,8 @@ def _train(cfg, cleanup):
     G, accum = global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ds_cfg = None
     if backend == "deepspeed":
-        from mupgpt.engines.deepspeed_zero import ds_config
+        from mupgpt.engines.deepspeed_zero import check_op_build_locks, ds_config
         ds_cfg = ds_config(cfg, precision, G, accum, cfg.n_head * cfg.head_width)
-    if backend == "deepspeed":
         check_op_build_locks()  # before DeepSpeed builds or loads its ops (init_distributed does, on CPU)
     world = init_world(backend, device_type)
     cleanup.enter_context(run_lock(run_dir, world))  # before anything in the run directory is read or written

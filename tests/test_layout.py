@@ -1,6 +1,5 @@
 """The file tree shows the design: one module per backend, and no module imports another in a circle."""
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -17,7 +17,8 @@ from conftest import ROOT, losses, run_cli, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.errors import UsageError
 
-from run_trainer import extensions_root, train
+from mupgpt.engines.deepspeed_zero import extensions_root
+from run_trainer import train
 
 
 def run(out, corpus, data_dir, *extra):

@@ -11,7 +11,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from conftest import ROOT
 from mup_model import GPT, GPTConfig

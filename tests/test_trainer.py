@@ -127,6 +127,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, corpus, data_dir, case):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())  # nothing written, not even an empty run directory
 
 
 def test_bad_data_and_checkpoints_are_one_line_and_lose_nothing(tmp_path, corpus, data_dir):
