@@ -198,11 +198,11 @@ def _train(cfg, cleanup):
             last_loss = loss.item()
             dt = time.time() - t_log
             tps = (step - last_log_step) * tokens_per_step / max(dt, 1e-9)
-            mfu = flops_token * tps / peak if peak else 0.0
+            mfu = flops_token * tps / peak if peak else None  # no known peak (CPU): no MFU
             row = {"step": step, "loss": last_loss, "lr": engine.lr(), "grad_norm": float(grad_norm),
                    "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu}
             line = (f"step {step:>6}/{total_steps} | loss {last_loss:.4f} | lr {engine.lr():.3e} | "
-                    f"{tps:,.0f} tok/s | mfu {100 * mfu:.1f}%")
+                    f"{tps:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
             t_log, last_log_step = time.time(), step
             train_mem = peak_memory(world.device)  # before any eval, checkpoint or export at this step
         t_pause = time.time()  # evaluation, logging and checkpoints are not counted as training time

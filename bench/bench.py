@@ -78,7 +78,7 @@ def run_ours(backend, args, out):
     tokens_per_step = args.batch * args.seq_len
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
             "step_ms": statistics.median(1000 * tokens_per_step / r["tokens_per_s"] for r in rows),
-            "mfu": statistics.median(r["mfu"] for r in rows),
+            "mfu": statistics.median(r["mfu"] for r in rows) if rows[0]["mfu"] is not None else None,
             "peak_host_mib": summary["peak_host_bytes_per_rank"] / 2**20,
             "peak_device_mib": summary["peak_device_bytes_per_rank"] / 2**20}
 
@@ -190,7 +190,8 @@ def main():
         for backend, reps in runs.items():
             if backend == "reference" or backend in results["backends"]:
                 continue
-            results["backends"][backend] = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+            results["backends"][backend] = {k: statistics.median(r[k] for r in reps) if reps[0][k] is not None else None
+                                            for k in reps[0]}
             results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
         single = results["backends"].get("single", {})
         for b in results["backends"].values():
@@ -223,7 +224,8 @@ def table(results):
             continue
         ratio = f"{b['ratio_to_reference']:.2f}x" if "ratio_to_reference" in b else "-"
         overhead = f"{b['overhead_ms']:+.2f} ({b['step_time_vs_single']:.2f}x)" if "overhead_ms" in b else "-"
-        lines.append(f"| {name} | {b['tokens_per_s']:,.0f} | {b['step_ms']:.2f} | {overhead} | {100 * b['mfu']:.1f}% "
+        mfu = "-" if b["mfu"] is None else f"{100 * b['mfu']:.1f}%"
+        lines.append(f"| {name} | {b['tokens_per_s']:,.0f} | {b['step_ms']:.2f} | {overhead} | {mfu} "
                      f"| {b['peak_host_mib']:,.0f} | {b['peak_device_mib']:,.0f} | {ratio} |")
     if "reference" in results:
         lines.append(f"| reference train.py | {results['reference']['tokens_per_s']:,.0f} | | | | | | 1.00x |")

@@ -18,7 +18,7 @@ def test_bench_measures_the_single_backend(tmp_path, corpus, data_dir):
         result = json.loads(out.read_text())
         single = result["backends"]["single"]
         assert single["tokens_per_s"] > 0 and len(single["repeats_tokens_per_s"]) == 2 and single["peak_host_mib"] > 50
-        assert 0 < single["mfu"] < 1 and result["environment"]["torch"]
+        assert single["mfu"] is None and result["environment"]["torch"]  # no known CPU peak: no MFU
         assert "| single |" in res.stdout
     finally:
         out.unlink(missing_ok=True)
