@@ -82,6 +82,10 @@ def init_world(backend, device_type):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's choice, without its warning
+        # DeepSpeed's CPU accelerator counts its devices by running `numactl --hardware` in a subprocess
+        # unless LOCAL_SIZE is set (its launcher sets it; one process or torchrun do not), and ZeRO-3 asks
+        # about 100 times a step: 3/4 of its step time on the bench's host-overhead model
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     check_launcher(backend)
     if backend == "single" and world_size > 1:
         raise UsageError(f"--backend single was launched with {world_size} processes: use ddp, fsdp or deepspeed")

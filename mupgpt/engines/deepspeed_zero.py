@@ -83,9 +83,12 @@ def ds_config(cfg, precision, global_batch, accum, width):
         # (ZeRO-1/2/3: 0.07%), so it is not offered
         raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
                          "or --backend ddp for mixed precision")
-    # sizes from the model: buckets about one layer, keep small (norm/bias) params resident
-    auto_sizes = {"reduce_bucket_size": width * width, "allgather_bucket_size": width * width,
-                  "stage3_prefetch_bucket_size": int(0.9 * width * width),
+    # sizes from the model: buckets about one layer but at least 2^20 elements (below that each small
+    # parameter is its own collective: ZeRO-3 spent 99 reduce-scatters a step on the bench's tiny model),
+    # keep small (norm/bias) params resident
+    bucket = max(width * width, 2**20)
+    auto_sizes = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                  "stage3_prefetch_bucket_size": int(0.9 * bucket),
                   "stage3_param_persistence_threshold": 10 * width}
     for key, value in auto_sizes.items():
         if zero.get(key) == "auto":
