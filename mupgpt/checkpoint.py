@@ -131,7 +131,7 @@ def find_resume(resume, run_dir):
         try:
             return _checked(resume)
         except Damaged as e:
-            raise UsageError(f"checkpoint {resume} is damaged ({e}): resume from an earlier checkpoints/step_N "
+            raise UsageError(f"{resume} is not a complete checkpoint, it is damaged ({e}): resume from an earlier checkpoints/step_N "
                              "folder, or with --resume auto") from None
     # a run directory, or its checkpoints/ folder: take the newest sound checkpoint in it
     found = checkpoints(resume) or checkpoints(os.path.dirname(os.path.abspath(resume)))

@@ -154,7 +154,7 @@ def test_damage_is_found_and_auto_resume_takes_the_previous_checkpoint(tmp_path,
     assert checkpoint.find_resume("auto", str(copy)).endswith("step_00000004")
     out = capsys.readouterr().out
     assert f"checkpoint step_00000006 is damaged ({file}: " in out and why in out and "resuming from step_00000004" in out
-    with pytest.raises(checkpoint.UsageError, match=f"step_00000006 is damaged \\({file}: "):
+    with pytest.raises(checkpoint.UsageError, match=f"step_00000006 is not a complete checkpoint, it is damaged \\({file}: "):
         checkpoint.find_resume(str(copy / "checkpoints" / "step_00000006"), str(copy))
 
 
@@ -175,7 +175,7 @@ def test_a_damaged_checkpoint_named_or_all_damaged_is_one_line_and_changes_nothi
     for step in (2, 4, 6):
         flip(copy / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
     before = {f: (copy / f).read_bytes() for f in ("metrics.jsonl", "config.json", "opt_config.json")}
-    for resume, message in ((str(copy / "checkpoints" / "step_00000004"), "step_00000004 is damaged (model.safetensors: "),
+    for resume, message in ((str(copy / "checkpoints" / "step_00000004"), "step_00000004 is not a complete checkpoint, it is damaged (model.safetensors: "),
                             ("auto", "every checkpoint in")):
         res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", resume))
         lines = res.stderr.strip().splitlines()
