@@ -166,10 +166,16 @@ def check_model(trainer_state, mcfg):
                          "checkpoint's model flags (its trainer.json lists them)")
 
 
-def _disk_full(e):
+def _disk_full(e, folder):
+    """torch.save and safetensors report a full disk in their own words ('unexpected pos', 'iostream
+    error'): the free space left says it too."""
     text = str(e)
-    return ((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text
-            or "unexpected pos" in text or "file write failed" in text)
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 def save(engine, run_dir, trainer_state, keep):
@@ -195,8 +201,9 @@ def save(engine, run_dir, trainer_state, keep):
                 json.dump(state, f)
             write_manifest(tmp, trainer_state["step"])  # last: a folder with a manifest is complete
     except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(e, root)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and _disk_full(e):
+        if full:
             previous = checkpoints(run_dir)
             kept = f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists"
             raise UsageError(f"the disk is full: could not write checkpoint {os.path.basename(final)} in {root} ({e.__class__.__name__}); "
