@@ -138,6 +138,8 @@ def _train(cfg, cleanup):
 
     data, tokenizer = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.barrier)
     mcfg = model_config(cfg, data.vocab_size)
+    if trainer_state:  # before the engine writes anything (opt_config.json)
+        checkpoint.check_model(trainer_state, mcfg)
     tokens_per_step = G * cfg.seq_len
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train) / tokens_per_step))
 

@@ -1,9 +1,15 @@
-"""Checkpoint folders: written atomically, the last K kept, found again by --resume auto|PATH.
+"""Checkpoint folders: written atomically, checked on resume, the last K kept, found by --resume auto|PATH.
 
-<run_dir>/checkpoints/step_00000100/ holds the engine's native state plus trainer.json (step,
-tokens, best val loss). A folder is written as step_N.tmp and renamed when complete, so a run
-killed while saving resumes from the previous complete one.
+<run_dir>/checkpoints/step_00000100/ holds the engine's native state, trainer.json (step, tokens,
+best val loss, model config) and, written last, manifest.json: every file's size and sha256 and the
+step. A folder is written as step_N.tmp and renamed when complete, so a run killed while saving
+resumes from the previous complete one. A resume checks the manifest before anything is loaded or
+changed: --resume auto skips a damaged checkpoint (saying so) for the one before it.
 """
+import dataclasses
+import errno
+import glob
+import hashlib
 import json
 import os
 import re
@@ -12,6 +18,14 @@ import shutil
 from mupgpt.errors import UsageError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+# GPTConfig field -> the flag that sets it
+FLAGS = {"vocab_size": "--vocab_size/--tokenizer", "block_size": "--seq_len"}
+
+
+class Damaged(Exception):
+    def __init__(self, file, why):
+        super().__init__(f"{file}: {why}")
 
 
 def checkpoints(run_dir):
@@ -22,41 +36,107 @@ def checkpoints(run_dir):
     return [path for _, path in sorted(found)]
 
 
-def save(engine, run_dir, trainer_state, keep):
-    """All ranks call this; rank 0 owns the folder. Returns the final path."""
-    world = engine.world
-    final = os.path.join(run_dir, "checkpoints", f"step_{trainer_state['step']:08d}")
-    tmp = final + ".tmp"
-    if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    world.barrier()
-    engine.save(tmp)
-    world.barrier()
-    if world.is_main:
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(trainer_state, f)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    world.barrier()
-    return final
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def folder_files(folder):
+    out = []
+    for dirpath, _, names in os.walk(folder):
+        out += [os.path.relpath(os.path.join(dirpath, n), folder) for n in names]
+    return sorted(f for f in out if f != MANIFEST)
+
+
+def write_manifest(folder, step):
+    files = {rel: {"size": os.path.getsize(os.path.join(folder, rel)), "sha256": sha256(os.path.join(folder, rel))}
+             for rel in folder_files(folder)}
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump({"step": step, "files": files}, f, indent=1)
+
+
+def verify(folder):
+    """Raises Damaged(file, why); returns False when the folder has no manifest (an older version wrote it)."""
+    m = STEP_DIR.match(os.path.basename(os.path.normpath(folder)))
+    try:
+        with open(os.path.join(folder, "trainer.json")) as f:
+            step = int(json.load(f)["step"])
+    except FileNotFoundError:
+        raise Damaged("trainer.json", "missing") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Damaged("trainer.json", f"unreadable ({e})") from None
+    if m and step != int(m.group(1)):
+        raise Damaged("trainer.json", f"says step {step} in folder {os.path.basename(os.path.normpath(folder))}")
+    if not os.path.exists(os.path.join(folder, MANIFEST)):
+        return False
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            manifest = json.load(f)
+        files, manifest_step = manifest["files"], int(manifest["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise Damaged(MANIFEST, f"unreadable ({e})") from None
+    if manifest_step != step:
+        raise Damaged(MANIFEST, f"says step {manifest_step}, trainer.json says {step}")
+    for rel in folder_files(folder):
+        if rel not in files:
+            raise Damaged(rel, "not in the manifest (added after the checkpoint was written)")
+    for rel, info in files.items():
+        path = os.path.join(folder, rel)
+        if not os.path.exists(path):
+            raise Damaged(rel, "missing")
+        if os.path.getsize(path) != info["size"]:
+            raise Damaged(rel, f"{os.path.getsize(path)} bytes, the manifest says {info['size']} (truncated or overwritten)")
+        if sha256(path) != info["sha256"]:
+            raise Damaged(rel, "contents differ from the manifest's sha256 (corrupted)")
+    return True
+
+
+def _is_main():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _checked(folder):
+    if not verify(folder) and _is_main():
+        print(f"note: {folder} has no {MANIFEST} (written by an older version): its files are not checked for damage",
+              flush=True)
+    return folder
+
+
+def _newest_sound(found, where):
+    """The newest checkpoint that verifies; a damaged one is skipped, saying so."""
+    damaged = []
+    for folder in reversed(found):
+        try:
+            _checked(folder)
+        except Damaged as e:
+            damaged.append((folder, e))
+            continue
+        for bad, e in damaged if _is_main() else []:
+            print(f"warning: checkpoint {os.path.basename(bad)} is damaged ({e}); resuming from "
+                  f"{os.path.basename(folder)}", flush=True)
+        return folder
+    if damaged:
+        raise UsageError(f"every checkpoint in {where} is damaged (newest {damaged[0][0]}: {damaged[0][1]}): "
+                         "start afresh with another --run_name")
+    return None
 
 
 def find_resume(resume, run_dir):
-    """--resume auto -> latest complete checkpoint or None; a path -> that checkpoint (checked)."""
+    """--resume auto -> newest sound checkpoint or None; a path -> that checkpoint, checked (damaged: error)."""
     if not resume:
         return None
     if resume == "auto":
-        found = checkpoints(run_dir)
-        return found[-1] if found else None
-    if os.path.exists(os.path.join(resume, "trainer.json")):
-        return resume
-    # a run directory, or its checkpoints/ folder: take the latest complete checkpoint in it
+        return _newest_sound(checkpoints(run_dir), run_dir)
+    if any(os.path.exists(os.path.join(resume, f)) for f in ("trainer.json", MANIFEST)):
+        try:
+            return _checked(resume)
+        except Damaged as e:
+            raise UsageError(f"{resume} is not a complete checkpoint, it is damaged ({e}): resume from an earlier checkpoints/step_N "
+                             "folder, or with --resume auto") from None
+    # a run directory, or its checkpoints/ folder: take the newest sound checkpoint in it
     found = checkpoints(resume) or checkpoints(os.path.dirname(os.path.abspath(resume)))
     if os.path.isdir(resume) and found:
-        return found[-1]
+        return _newest_sound(found, resume)
     if os.path.isdir(resume):
         return resume  # read_trainer_state names what is missing
     raise UsageError(f"--resume {resume}: no such checkpoint: give a checkpoints/step_N folder, a run directory, or 'auto'")
@@ -73,17 +153,83 @@ def read_trainer_state(path):
                          "resume from an earlier checkpoints/step_N folder, or start afresh") from None
 
 
+def check_model(trainer_state, mcfg):
+    """The checkpoint's model against this run's flags, before any state is built or loaded."""
+    saved = trainer_state.get("model_config")
+    if saved is None:
+        return  # written by an older version: load_model names missing weights
+    current = dataclasses.asdict(mcfg)
+    differ = [f"{FLAGS.get(k, '--' + k)} {current[k]} (the checkpoint has {saved[k]})"
+              for k in current if k in saved and saved[k] != current[k]]
+    if differ:
+        raise UsageError(f"the checkpoint's model differs from this run's: {', '.join(differ)}: resume with the "
+                         "checkpoint's model flags (its trainer.json lists them)")
+
+
+def _disk_full(e, folder):
+    """torch.save and safetensors report a full disk in their own words ('unexpected pos', 'iostream
+    error'): the free space left says it too."""
+    text = str(e)
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+def save(engine, run_dir, trainer_state, keep):
+    """All ranks call this; rank 0 owns the folder. Returns the final path.
+
+    A failed or interrupted save removes its .tmp folder; a full disk is one error line and the
+    previous checkpoints stay."""
+    world = engine.world
+    root = os.path.join(run_dir, "checkpoints")
+    final = os.path.join(root, f"step_{trainer_state['step']:08d}")
+    tmp = final + ".tmp"
+    try:
+        if world.is_main:
+            for stale in glob.glob(os.path.join(root, "step_*.tmp")):  # left by a kill during an earlier save
+                shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(tmp)
+        world.barrier()
+        engine.save(tmp)
+        world.barrier()
+        if world.is_main:
+            state = {**trainer_state, "model_config": dataclasses.asdict(engine.model.cfg)}
+            with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                json.dump(state, f)
+            write_manifest(tmp, trainer_state["step"])  # last: a folder with a manifest is complete
+    except BaseException as e:
+        full = isinstance(e, Exception) and _disk_full(e, root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            previous = checkpoints(run_dir)
+            kept = f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists"
+            raise UsageError(f"the disk is full: could not write checkpoint {os.path.basename(final)} in {root} ({e.__class__.__name__}); "
+                             f"{kept}: free space (or lower --keep_checkpoints) and rerun with --resume auto") from None
+        raise
+    if world.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
+    return final
+
+
 def restore(engine, path, trainer_state, backend):
     """Native state when the same backend and world size wrote it; otherwise the consolidated weights."""
+    check_model(trainer_state, engine.model.cfg)
     same = trainer_state.get("backend") == backend and trainer_state.get("world_size") == engine.world.world_size
     if same:
         engine.load(path)
         return
-    from safetensors.torch import load_file
+    from mupgpt.engines.base import load_weights
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise UsageError(f"{path} has no model.safetensors: resume it with the backend and world size that wrote it")
-    engine.load_model(load_file(weights))
+    engine.load_model(load_weights(weights))
     if engine.world.is_main:
         print(f"note: {path} was written by {trainer_state.get('backend')} on {trainer_state.get('world_size')} rank(s); "
               "loaded its weights, the optimizer state starts afresh", flush=True)

@@ -11,6 +11,8 @@ import dataclasses
 import functools
 import json
 import os
+import pickle
+import re
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,34 @@ from torch.utils.checkpoint import checkpoint
 
 from mupgpt.errors import UsageError
 from mupgpt.optim import adamw, clean_name, lr_scheduler
+
+
+def untrusted(path, e):
+    """A checkpoint file that holds Python objects beyond tensors and plain data is refused, never run."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    what = found.group(1) if found else str(e).splitlines()[0][:200]
+    return UsageError(f"{path} holds a Python object that is not tensors or plain data ({what}); it was not loaded "
+                      "(a checkpoint is untrusted input): resume from a checkpoint this trainer wrote")
+
+
+def safe_load(path, map_location=None, allowed=(), name=None):
+    """torch.load of tensors and plain data only (weights_only), plus the few types in `allowed`."""
+    name = name or path
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise untrusted(name, e) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UsageError(f"{name} is damaged ({str(e).splitlines()[0][:200]}): resume from an earlier checkpoint") from None
+
+
+def load_weights(path, device="cpu"):
+    """A safetensors file (no code can be in one); a damaged one is one error line."""
+    try:
+        return load_file(path, device=str(device))
+    except Exception as e:
+        raise UsageError(f"{path} is damaged ({str(e).splitlines()[0][:200]}): resume from an earlier checkpoint") from None
 
 
 def count_params(model):
@@ -115,8 +145,8 @@ class Engine:
                         "scaler": self.scaler.state_dict()}, os.path.join(path, "optimizer.pt"))
 
     def load(self, path):
-        self.load_model(load_file(os.path.join(path, "model.safetensors"), device=str(self.device)))
-        state = torch.load(os.path.join(path, "optimizer.pt"), map_location=self.device, weights_only=True)
+        self.load_model(load_weights(os.path.join(path, "model.safetensors"), self.device))
+        state = safe_load(os.path.join(path, "optimizer.pt"), map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -133,7 +163,7 @@ class Engine:
     def load_rng(self, path):
         rng_file = os.path.join(path, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng_file):
-            rng = torch.load(rng_file, weights_only=True)
+            rng = safe_load(rng_file)
             torch.set_rng_state(rng["torch"])
             if self.device.type == "cuda" and rng["cuda"].numel():
                 torch.cuda.set_rng_state(rng["cuda"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from mup_model import GPT
-from mupgpt.engines.base import Engine, checkpoint_blocks
+from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load
 from mupgpt.errors import UsageError
 from mupgpt.optim import adamw, clean_name, lr_scheduler
 
@@ -194,6 +194,15 @@ def build_model(mcfg, config):
     return GPT(mcfg)
 
 
+def safe_ds_load(path, map_location=None):
+    """DeepSpeed's checkpoint engine loads with torch.load(weights_only=False): a planted object would
+    run. Its ZeRO-0/1/2/3 (and offload) files need tensors, plain data and these types only."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return safe_load(path, map_location, allowed=[LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg, model, groups, world, precision, total_steps, config):
         import deepspeed
@@ -225,6 +234,7 @@ class DeepSpeedEngine(Engine):
             for key, value in backup.defaults.items():
                 first.setdefault(key, value)
             backup.param_groups[0] = first
+        self.engine.checkpoint_engine.load = safe_ds_load
         if cfg.compile:
             self.engine.compile()  # compiles the module in place: parameter names stay bare
         self.forward_model = self.engine

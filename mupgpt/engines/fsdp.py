@@ -6,20 +6,77 @@ param_rules take fan-in from the config, i.e. from global shapes). Checkpoints a
 torch.distributed.checkpoint (DCP) folders for exact resume plus the consolidated model.safetensors.
 """
 import functools
+import io
 import os
+import pickle
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from mupgpt.engines.base import Engine, checkpoint_blocks
+from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load, untrusted
 from mupgpt.errors import UsageError
 from mupgpt.optim import clean_name, param_groups
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+METADATA_TYPES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                  ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle: only its own dataclasses, sizes, dtypes and paths may come out of it."""
+
+    def find_class(self, module, name):
+        value = getattr(__import__(module, fromlist=[name]), name, None) if module.startswith(("torch", "pathlib")) else None
+        if ((module, name) in METADATA_TYPES or isinstance(value, torch.dtype)
+                or (module == "torch.distributed.checkpoint.metadata" and isinstance(value, type))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+class SafeReader(dcp.FileSystemReader):
+    def __init__(self, path):
+        super().__init__(path)
+        self.metadata = None
+
+    def read_metadata(self, *args, **kwargs):
+        if self.metadata is None:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with open(path, "rb") as f:
+                    self.metadata = MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                raise untrusted(path, e) from None
+            except (OSError, EOFError, ValueError, AttributeError, TypeError) as e:
+                raise UsageError(f"{path} is damaged ({e}): resume from an earlier checkpoint") from None
+            if getattr(self.metadata, "storage_meta", None) is None:
+                from torch.distributed.checkpoint.metadata import StorageMeta
+                self.metadata.storage_meta = StorageMeta()
+        self.metadata.storage_meta.load_id = self.load_id
+        return self.metadata
+
+
+class SafePlanner(dcp.DefaultLoadPlanner):
+    """Non-tensor values (LRs, betas) are torch-saved bytes that DCP loads with weights_only=False."""
+
+    def __init__(self, dcp_dir):
+        super().__init__()
+        self.dcp_dir, self.refused = dcp_dir, None
+
+    def load_bytes(self, read_item, value):
+        try:
+            value = safe_load(value, "cpu", name=f"{self.dcp_dir} (value {read_item.dest_index.fqn})")
+        except UsageError as e:
+            self.refused = e  # DCP wraps what its steps raise: load() raises this one instead
+            raise
+        checked = io.BytesIO()
+        torch.save(value, checked)
+        checked.seek(0)
+        super().load_bytes(read_item, checked)
 
 
 class FSDPEngine(Engine):
@@ -62,9 +119,17 @@ class FSDPEngine(Engine):
     def load(self, path):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
+        planner = SafePlanner(os.path.join(path, "dcp"))
+        reader = SafeReader(planner.dcp_dir)
+        reader.read_metadata()  # refused here, before DCP's own fallbacks and wrapping
+        try:
+            dcp.load(state, storage_reader=reader, planner=planner)
+        except CheckpointException:  # a BaseException
+            if planner.refused:
+                raise planner.refused from None
+            raise
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-        sched = torch.load(os.path.join(path, "scheduler.pt"), weights_only=True)
+        sched = safe_load(os.path.join(path, "scheduler.pt"))
         self.scheduler.load_state_dict(sched["scheduler"])
         if "scaler" in sched:
             self.scaler.load_state_dict(sched["scaler"])

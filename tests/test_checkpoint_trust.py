@@ -1,0 +1,256 @@
+"""A checkpoint is untrusted input: planted code never runs, damage is found before anything changes,
+a full disk or an interrupted save leaves no .tmp behind and keeps the previous checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, losses, run_cli, trainer_args
+from mupgpt import checkpoint
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29661")
+BACKENDS = {"single": ((sys.executable,), []),
+            "deepspeed": ((sys.executable,), ["--backend", "deepspeed", "--zero_stage", "2"]),
+            "fsdp": (TORCHRUN, ["--backend", "fsdp"])}
+
+
+class Payload:
+    """Unpickling this creates a file: the proof that code in a checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def error_lines(res):
+    return [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]  # DeepSpeed's log lines
+
+
+def train(out, corpus, data_dir, name, *extra, launcher=(sys.executable,)):
+    res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", name, *extra), launcher=launcher)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / name
+
+
+def plant(path, marker):
+    """Replace a pickle file with one whose unpickling runs code; the manifest is rewritten to match,
+    as an attacker who hands out the whole folder would."""
+    import pickle
+    import torch
+    if path.name == ".metadata":
+        path.write_bytes(pickle.dumps(Payload(str(marker))))
+    else:
+        torch.save({"state": Payload(str(marker))}, path)
+    folder = next(p for p in path.parents if p.name.startswith("step_"))
+    checkpoint.write_manifest(str(folder), int(folder.name[5:]))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus, data_dir):
+    """A 2-step run with its checkpoint per backend (made on first use); each test gets a copy."""
+    made = {}
+
+    def get(backend, dest):
+        if backend not in made:
+            launcher, flags = BACKENDS[backend]
+            made[backend] = train(tmp_path_factory.mktemp(backend), corpus, data_dir, "r", "--max_steps", "2", *flags,
+                                  launcher=launcher)
+        shutil.copytree(made[backend], dest / "r")
+        return dest / "r"
+    return get
+
+
+def resume(out, corpus, data_dir, backend):
+    launcher, flags = BACKENDS[backend]
+    return run_cli(trainer_args(out, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--resume", "auto", *flags),
+                   launcher=launcher)
+
+
+@pytest.mark.parametrize("backend,files", [("single", ["optimizer.pt"]),
+                                           ("deepspeed", ["deepspeed/mp_rank_00_model_states.pt",
+                                                          "deepspeed/zero_pp_rank_0_mp_rank_00_optim_states.pt"]),
+                                           ("fsdp", ["dcp/.metadata"])])
+def test_planted_code_in_a_checkpoint_never_runs(tmp_path, trained, corpus, data_dir, backend, files):
+    for file in files:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        tmp_path.mkdir()
+        run_dir = trained(backend, tmp_path)
+        marker = tmp_path / "payload_ran"
+        plant(run_dir / "checkpoints" / "step_00000002" / file, marker)
+        before = (run_dir / "metrics.jsonl").read_text()
+        res = resume(tmp_path, corpus, data_dir, backend)
+        assert not marker.exists(), file
+        lines = [l for l in error_lines(res) if l.startswith("error: ")]
+        assert res.returncode != 0 and len(lines) == 1 and file in lines[0] and "not tensors or plain data" in lines[0], res.stderr[-3000:]
+        if backend != "fsdp":  # torchrun adds its report of the failed rank (exit 2) to any rank's error
+            assert res.returncode == 2 and len(error_lines(res)) == 1, res.stderr[-3000:]
+        assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_fsdp_values_saved_as_bytes_load_as_plain_data_only(tmp_path, trained, corpus, data_dir):
+    """DCP stores non-tensor optimizer values (LRs, betas) as torch-saved bytes and loads them with
+    weights_only=False; a planted object among them must not run either."""
+    run_dir = trained("fsdp", tmp_path)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    marker = tmp_path / "payload_ran"
+    rewrite = f"""
+import sys, torch, torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from test_checkpoint_trust import Payload
+dcp_to_torch_save({str(ckpt / 'dcp')!r}, {str(tmp_path / 'full.pt')!r})
+state = torch.load({str(tmp_path / 'full.pt')!r}, weights_only=False)
+state["optimizer"]["param_groups"][0]["lr"] = Payload({str(marker)!r})
+import shutil; shutil.rmtree({str(ckpt / 'dcp')!r})
+dcp.save(state, checkpoint_id={str(ckpt / 'dcp')!r}, no_dist=True)
+"""
+    res = subprocess.run([sys.executable, "-c", rewrite], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    checkpoint.write_manifest(str(ckpt), 2)
+    res = resume(tmp_path, corpus, data_dir, "fsdp")
+    assert not marker.exists()
+    lines = [l for l in error_lines(res) if l.startswith("error: ")]
+    assert res.returncode != 0 and len(lines) == 1 and "param_groups" in lines[0] and "not tensors or plain data" in lines[0], res.stderr[-3000:]
+
+
+def flip(path, n=16):
+    data = bytearray(path.read_bytes())
+    for i in range(n):
+        data[len(data) // 2 + i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "flipped bytes in the weights": ("model.safetensors", flip, "sha256"),
+    "flipped bytes in the optimizer": ("optimizer.pt", flip, "sha256"),
+    "truncated weights": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]), "1000 bytes"),
+    "missing rng state": ("rng_rank0.pt", lambda p: p.unlink(), "missing"),
+    "edited step": ("trainer.json", lambda p: p.write_text(p.read_text().replace('"step": 6', '"step": 10')), "says step 10"),
+    "added file": ("extra.pt", lambda p: p.write_bytes(b"x"), "not in the manifest"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, corpus, data_dir):
+    """A run with checkpoints at steps 2, 4 and 6, and the straight 8-step run to compare with (constant LR)."""
+    out = tmp_path_factory.mktemp("saved")
+    train(out, corpus, data_dir, "straight", "--max_steps", "8")
+    return out, train(out, corpus, data_dir, "r", "--max_steps", "6", "--save_interval", "2", "--keep_checkpoints", "0")
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_damage_is_found_and_auto_resume_takes_the_previous_checkpoint(tmp_path, saved, case, capsys):
+    _, run_dir = saved
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    file, damage, why = DAMAGE[case]
+    damage(copy / "checkpoints" / "step_00000006" / file)
+    assert checkpoint.find_resume("auto", str(copy)).endswith("step_00000004")
+    out = capsys.readouterr().out
+    assert f"checkpoint step_00000006 is damaged ({file}: " in out and why in out and "resuming from step_00000004" in out
+    with pytest.raises(checkpoint.UsageError, match=f"step_00000006 is not a complete checkpoint, it is damaged \\({file}: "):
+        checkpoint.find_resume(str(copy / "checkpoints" / "step_00000006"), str(copy))
+
+
+def test_a_damaged_checkpoint_is_skipped_and_the_resume_stays_exact(tmp_path, saved, corpus, data_dir):
+    out, run_dir = saved
+    shutil.copytree(run_dir, tmp_path / "r")
+    flip(tmp_path / "r" / "checkpoints" / "step_00000006" / "optimizer.pt")
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", "auto"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "checkpoint step_00000006 is damaged (optimizer.pt: " in res.stdout and "at step 4" in res.stdout
+    assert losses(tmp_path / "r") == losses(out / "straight")
+
+
+def test_a_damaged_checkpoint_named_or_all_damaged_is_one_line_and_changes_nothing(tmp_path, saved, corpus, data_dir):
+    _, run_dir = saved
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    for step in (2, 4, 6):
+        flip(copy / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+    before = {f: (copy / f).read_bytes() for f in ("metrics.jsonl", "config.json", "opt_config.json")}
+    for resume, message in ((str(copy / "checkpoints" / "step_00000004"), "step_00000004 is not a complete checkpoint, it is damaged (model.safetensors: "),
+                            ("auto", "every checkpoint in")):
+        res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", resume))
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-3000:]
+    assert {f: (copy / f).read_bytes() for f in before} == before
+
+
+def test_another_model_shape_is_one_line_naming_the_flags(tmp_path, saved, corpus, data_dir):
+    _, run_dir = saved
+    shutil.copytree(run_dir, tmp_path / "r")
+    before = {f: (tmp_path / "r" / f).read_bytes() for f in ("metrics.jsonl", "config.json", "opt_config.json")}
+    res = run_cli([*trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", "auto"),
+                   "--head_width", "32", "--n_layer", "2"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert "--head_width 32 (the checkpoint has 16)" in lines[0] and "--n_layer 2 (the checkpoint has 1)" in lines[0]
+    assert {f: (tmp_path / "r" / f).read_bytes() for f in before} == before
+
+
+def test_a_checkpoint_without_a_manifest_resumes_with_a_note(tmp_path, saved, corpus, data_dir):
+    """Written before checkpoints carried a manifest: accepted (its pickles load as plain data only), unchecked."""
+    out, run_dir = saved
+    shutil.copytree(run_dir, tmp_path / "r")
+    os.remove(tmp_path / "r" / "checkpoints" / "step_00000006" / "manifest.json")
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", "auto"))
+    assert res.returncode == 0 and "has no manifest.json" in res.stdout and "at step 6" in res.stdout, res.stderr[-3000:]
+    assert losses(tmp_path / "r") == losses(out / "straight")
+
+
+def test_stale_tmp_folders_go_at_the_next_save_and_an_interrupted_save_removes_its_own(tmp_path, corpus, data_dir):
+    from mupgpt.world import World
+    run_dir = tmp_path / "r"
+    stale = run_dir / "checkpoints" / "step_00000003.tmp"  # a kill -9 during a save
+    stale.mkdir(parents=True)
+    (stale / "optimizer.pt").write_bytes(b"partial")
+
+    class Interrupted:  # an engine whose save is cut short by a second Ctrl-C
+        world = World()
+
+        def save(self, path):
+            with open(os.path.join(path, "model.safetensors"), "wb") as f:
+                f.write(b"half")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(Interrupted(), str(run_dir), {"step": 4}, keep=2)
+    assert os.listdir(run_dir / "checkpoints") == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({res.stderr.strip()}): the full-disk test needs root and mount")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_at_save_is_one_line_keeps_the_previous_checkpoint_and_cleans_up(small_disk, corpus, data_dir):
+    run_dir = train(small_disk, corpus, data_dir, "r", "--max_steps", "4", "--save_interval", "2")
+    size = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step_00000004").iterdir())
+    free = shutil.disk_usage(small_disk).free
+    os.remove(run_dir / "summary.json")
+    (small_disk / "ballast").write_bytes(b"\0" * (free - size // 2))  # room for half a checkpoint
+    before = sorted(os.listdir(run_dir / "checkpoints"))
+    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval", "2",
+                               "--resume", "auto"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "the disk is full" in lines[0], res.stderr[-3000:]
+    assert "step_00000004 is kept" in lines[0]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before  # no .tmp left, nothing removed
+    assert checkpoint.verify(str(run_dir / "checkpoints" / "step_00000004"))
+    os.remove(small_disk / "ballast")
+    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval", "2",
+                               "--resume", "auto"))
+    assert res.returncode == 0 and "at step 4" in res.stdout, res.stderr[-3000:]
