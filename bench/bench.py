@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
 
 # backend name -> (launcher prefix, trainer flags)
 BACKENDS = {
@@ -128,8 +128,33 @@ def environment():
     return info
 
 
+def check_args(args):
+    """Bad flags fail here, before any run and before anything is written."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+        raise UsageError(f"--name {args.name!r} must be a plain file name (letters, digits, '.', '_', '-'): "
+                         "the results go to bench/results/<name>.json")
+    for name in ("n_layer", "n_head", "head_width", "seq_len", "batch", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    for name in ("warmup", "threads", "vocab_size"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be 0 or more, not {getattr(args, name)} (see --help for what 0 means)")
+    if args.warmup >= args.steps:
+        raise UsageError(f"--warmup {args.warmup} drops every one of the --steps {args.steps}: "
+                         f"use --steps {args.warmup + 1} or more, or a smaller --warmup")
+    if 0 < args.vocab_size < 257:
+        raise UsageError(f"--vocab_size {args.vocab_size} is below the byte tokenizer's 257: use 0 or at least 257")
+    unknown = [b for b in args.backends.split(",") if b not in BACKENDS]
+    if unknown:
+        raise UsageError(f"unknown backend(s) {unknown}: use {', '.join(BACKENDS)}")
+    if args.reference and not (Path(args.reference) / "train.py").exists():
+        raise UsageError(f"--reference {args.reference} has no train.py: point it at a nanoGPT checkout")
+    from mupgpt.config import parse_args
+    parse_args([*model_flags(args), "--max_steps", str(args.steps)])  # the rest as the trainer checks it
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True)
     p.add_argument("--backends", default="single", help=f"comma-separated: {', '.join(BACKENDS)}")
     p.add_argument("--reference", default="", help="a nanoGPT checkout to run side by side (never committed)")
@@ -156,14 +181,10 @@ def main():
         for key, value in HOST_OVERHEAD.items():
             if f"--{key}" not in given:
                 setattr(args, key, value)
+    check_args(args)
     args.env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     import torch
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    unknown = [b for b in args.backends.split(",") if b not in BACKENDS]
-    if unknown:
-        raise UsageError(f"unknown backend(s) {unknown}: use {', '.join(BACKENDS)}")
-    if args.reference and not (Path(args.reference) / "train.py").exists():
-        raise UsageError(f"--reference {args.reference} has no train.py: point it at a nanoGPT checkout")
     from mupgpt.data import load_data
     load_data(args.dataset, "bytes", args.data_dir)
     results = {"name": args.name, "config": {k: v for k, v in vars(args).items() if k != "env"},

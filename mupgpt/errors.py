@@ -1,4 +1,5 @@
 """Bad input is reported as one line that says what to do, with exit status 2 and no traceback."""
+import argparse
 import sys
 
 
@@ -13,3 +14,10 @@ def exit_on_usage_error(main):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown choice, a number that is not one) are a UsageError: one line, exit 2
+    under exit_on_usage_error (argparse's default prints the usage first)."""
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")

@@ -25,6 +25,7 @@ Writes <out>/coord.json (every slope) and <out>/coord.png.
 """
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch  # noqa: E402
 from mupgpt.config import parse_args  # noqa: E402
 from mupgpt.engines.factory import build  # noqa: E402
 from mupgpt.world import exit_process, init_world  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
 from run_trainer import model_config  # noqa: E402
 
 MAX_SLOPE = 0.15
@@ -123,7 +124,8 @@ def first_body_step(deltas):
     return next((t + 1 for t in range(len(hist)) if hist[t]["wte"] > 0), len(hist) + 1)
 
 
-def run(args, world=None):
+def check_args(args):
+    """Bad flags fail here, in this script's own names, before any model is built; returns the sizes."""
     flag = "--depths" if args.depths else "--head_widths"
     try:
         sizes = [int(s) for s in (args.depths or args.head_widths).split(",")]
@@ -131,10 +133,47 @@ def run(args, world=None):
         sizes = []
     if not sizes or min(sizes) < 1:
         raise UsageError(f"{flag} takes positive whole numbers separated by commas, e.g. {flag} 4,8,16,32")
-    if len(sizes) < 2:
-        raise UsageError("give at least two widths (or depths) to fit a slope, e.g. --head_widths 8,16,32,64")
+    if len(set(sizes)) < 2:
+        raise UsageError("give at least two different widths (or depths) to fit a slope, e.g. --head_widths 8,16,32,64")
+    if len(set(sizes)) < len(sizes):
+        raise UsageError(f"{flag} {','.join(map(str, sizes))} repeats a size: give each once")
+    if not args.depths and any(s % 2 for s in sizes):
+        raise UsageError(f"--head_widths must be even (use powers of 2), not {','.join(map(str, sizes))}")
     if args.steps < 3:  # step 1 is the initial model; the blocks first learn at step 3 with the zero readout
         raise UsageError(f"--steps {args.steps} leaves no step to judge: use --steps 4 or more")
+    for name in ("seeds", "batch", "seq_len", "n_head", "n_layer", "head_width", "base_head_width"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.seq_len >= len(batch_text()):
+        raise UsageError(f"--seq_len {args.seq_len} is longer than the check's text ({len(batch_text())} bytes): "
+                         "give a shorter --seq_len (the default is 32)")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive number, not {args.lr}")
+    if not (math.isfinite(args.init_std) and args.init_std >= 0):
+        raise UsageError(f"--init_std must be 0 or more, not {args.init_std}")
+    if not math.isfinite(args.depth_alpha):
+        raise UsageError(f"--depth_alpha must be a finite number, not {args.depth_alpha}")
+    if args.query_zero_init not in (0, 1):
+        raise UsageError(f"--query_zero_init must be 0 or 1, not {args.query_zero_init}")
+    return sizes
+
+
+def check_out(out):
+    """--out is a folder, created if missing: refused up front if it (or a folder above it) is a file."""
+    if not out:
+        raise UsageError("--out is empty: give a folder for coord.json and coord.png")
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: give a folder (it is created if missing)")
+    above = next(p for p in path.parents if p.exists())
+    if not above.is_dir():
+        raise UsageError(f"--out {out}: {above} is a file, not a folder: give a folder (it is created if missing)")
+    if not os.access(above if not path.exists() else path, os.W_OK):
+        raise UsageError(f"--out {out}: {above if not path.exists() else path} is not writable: give another folder")
+
+
+def run(args, world=None):
+    sizes = check_args(args)
     backend = args.backend
     if backend == "auto":
         backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single")
@@ -182,10 +221,13 @@ def run(args, world=None):
     return result, world
 
 
+def batch_text():
+    return Path(json.__file__).read_bytes() + Path(argparse.__file__).read_bytes()
+
+
 def local_batch(args, world):
     """One fixed batch of real text (this Python's standard library), split between ranks."""
-    source = Path(json.__file__).read_bytes() + Path(argparse.__file__).read_bytes()
-    tokens = torch.tensor(list(source), dtype=torch.long)
+    tokens = torch.tensor(list(batch_text()), dtype=torch.long)
     n = args.batch * world.world_size
     starts = torch.arange(n) * (len(tokens) - args.seq_len - 1) // n
     rows = torch.stack([tokens[s:s + args.seq_len + 1] for s in starts])
@@ -230,7 +272,7 @@ def plot(result, path):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parametrization", default="mup", choices=["mup", "sp"])
     p.add_argument("--head_widths", default="16,32,64,128", help="comma-separated head widths (powers of 2)")
     p.add_argument("--depths", default="", help="comma-separated depths: a depth check instead of a width check")
@@ -256,6 +298,7 @@ def build_parser():
 
 def main():
     args = build_parser().parse_args()
+    check_out(args.out)
     result, world = run(args)
     if world.is_main:
         os.makedirs(args.out, exist_ok=True)

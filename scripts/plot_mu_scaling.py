@@ -7,6 +7,8 @@ draws diverged runs as x at the top, and writes <sweep>/transfer.png and <sweep>
 per parametrization and width the optimal log2 lr (grid argmin, and the vertex of a quadratic fitted
 to the argmin and its two neighbours), the optimum's shift across widths, and the loss of every width
 at the LR that is best on average. If the sweep varies depth instead of width, the curves are depths.
+It needs two widths (or depths) per parametrization and three LRs per width: one LR, or two, cannot
+place an optimum (scripts/sweep.py --lrs with at least three values).
 
 An optimum at the smallest or largest LR tried for a width is an edge optimum ("edge": "low"/"high";
 the true one lies beyond the grid and the fit there is no better): it is drawn as a triangle pointing
@@ -25,19 +27,102 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
+
+
+METRICS = ("mean_train_loss", "final_train_loss", "val_loss")
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _row_problem(row, metric):
+    """What is wrong with one results row, or None."""
+    if not isinstance(row, dict):
+        return "is not a JSON object"
+    missing = [k for k in ("parametrization", "width", "lr", "seed", "diverged", metric) if k not in row]
+    if missing:
+        return f"has no {', '.join(missing)}"
+    if row["parametrization"] not in ("mup", "sp"):
+        return f"has parametrization {row['parametrization']!r}, not mup or sp"
+    for key in ("width", "depth", "seed", "n_head", "steps"):
+        v = row.get(key)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return f"has {key} {v!r}, not a whole number"
+    if not row["width"]:
+        return "has width 0"
+    if not (_number(row["lr"]) and math.isfinite(row["lr"]) and row["lr"] > 0):
+        return f"has lr {row['lr']!r}, not a positive number"
+    if row[metric] is not None and not _number(row[metric]):
+        return f"has {metric} {row[metric]!r}, not a number"
+    if not isinstance(row["diverged"], bool):
+        return f"has diverged {row['diverged']!r}, not true or false"
+    return None
 
 
 def load(sweep, metric):
     path = Path(sweep) / "results.jsonl"
+    if Path(sweep).is_file():
+        raise UsageError(f"{sweep} is a file: give the sweep's folder (scripts/sweep.py --out)")
     if not path.exists():
         raise UsageError(f"{path} not found: run scripts/sweep.py --out {sweep} first")
-    rows = [json.loads(l) for l in open(path) if l.strip()]
+    if not path.is_file():
+        raise UsageError(f"{path} is a folder, not the sweep's results file: give the sweep's folder")
+    redo = f"run scripts/sweep.py --out {sweep} with the sweep's flags again to rewrite it from the runs"
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise UsageError(f"{path} line {i} is not JSON: {redo}") from None
+                if isinstance(row, dict) and metric not in row and all(metric not in r for r in rows):
+                    raise UsageError(f"results have no {metric!r}: use one of {', '.join(METRICS)}")
+                problem = _row_problem(row, metric)
+                if problem:
+                    raise UsageError(f"{path} line {i} {problem}: {redo}")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text: {redo}") from None
     if not rows:
         raise UsageError(f"{path} is empty: no run of the sweep has finished")
-    if metric not in rows[0]:
-        raise UsageError(f"results have no {metric!r}: use one of mean_train_loss, final_train_loss, val_loss")
+    if len({r["width"] for r in rows}) > 1 and len({r.get("depth") for r in rows}) > 1:
+        raise UsageError(f"{path} varies both width and depth: plot a sweep over one of them (one folder each)")
     return rows
+
+
+def check_grid(tab, axis, path, metric):
+    """A transfer plot needs two sizes per parametrization and three LRs per size (an optimum with a
+    neighbour on each side), and some run that did not diverge."""
+    flag = "--depths" if axis == "depth" else "--widths"
+    for p, sizes in tab.items():
+        if len(sizes) < 2:
+            raise UsageError(f"{path} has {p} runs at one {axis} only ({next(iter(sizes))}): the plot compares the "
+                             f"optimal LR across {axis}s: sweep at least two {flag}")
+        for s, curve in sizes.items():
+            if len(curve) < 3:
+                raise UsageError(f"{path} has {len(curve)} learning rate(s) for {p} at {axis} {s}: an optimum needs "
+                                 "at least 3 (one on each side of it): sweep at least three --lrs")
+    if not any(math.isfinite(v) for sizes in tab.values() for c in sizes.values() for v in c.values()):
+        raise UsageError(f"every run in {path} diverged or has no {metric}: nothing to plot: sweep lower --lrs")
+
+
+def check_out(out):
+    """A PNG (or another format matplotlib writes) path whose folder exists."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out} is a folder: give a file name, e.g. {path / 'transfer.png'}")
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"--out {out}: {path.absolute().parent} is not a folder: create it first or give another path")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise UsageError(f"--out {out}: give a file name ending in .png (or another image format: "
+                         f"{', '.join(sorted(formats))})")
 
 
 def find_n_head(rows, sweep, given=0):
@@ -223,9 +308,12 @@ def plot(tab, axis, summary, path, metric, label="", settings=()):
 
 def make(sweep, metric="mean_train_loss", out="", label="", n_head=0):
     """Plot and summary of one sweep folder; returns (summary, what the figure shows)."""
+    if out:
+        check_out(out)
     rows = load(sweep, metric)
     n_head = find_n_head(rows, sweep, n_head)
     tab, axis = table(rows, metric)
+    check_grid(tab, axis, Path(sweep) / "results.jsonl", metric)
     summary = summarize(tab, axis, n_head)
     summary["metric"] = metric
     png = out or str(Path(sweep) / "transfer.png")
@@ -246,9 +334,9 @@ def make(sweep, metric="mean_train_loss", out="", label="", n_head=0):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep")
-    p.add_argument("--metric", default="mean_train_loss")
+    p.add_argument("--metric", default="mean_train_loss", choices=METRICS)
     p.add_argument("--out", default="", help="PNG path (default <sweep>/transfer.png)")
     p.add_argument("--label", default="", help="panel title instead of muP / SP (e.g. the depth rule of a depth sweep)")
     p.add_argument("--n_head", type=int, default=0,
