@@ -103,6 +103,15 @@ def _bool(s):
     raise argparse.ArgumentTypeError(f"expected true or false, not {s!r}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' only where the help does not say it and there is a default to show."""
+
+    def _get_help_string(self, action):
+        if action.default in ("", None) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own default prints usage first)
         raise UsageError(f"{message} (see --help)")
@@ -110,7 +119,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     p = _Parser(description="Train a muP GPT (single process, DDP, FSDP2 or DeepSpeed).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_HelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         names = [f"--{f.name}"] + f.metadata.get("aliases", [])
         if f.name == "local_rank":

@@ -273,25 +273,26 @@ def plot(result, path):
 
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parametrization", default="mup", choices=["mup", "sp"])
+    p.add_argument("--parametrization", default="mup", choices=["mup", "sp"], help="muP, or SP to see it fail")
     p.add_argument("--head_widths", default="16,32,64,128", help="comma-separated head widths (powers of 2)")
     p.add_argument("--depths", default="", help="comma-separated depths: a depth check instead of a width check")
     p.add_argument("--depth_alpha", type=float, default=1.0, help="with --depths: 1 CompleteP, 0.5 depth-muP")
     p.add_argument("--head_width", type=int, default=16, help="with --depths: the fixed head width")
     p.add_argument("--init_std", type=float, default=0.02, help="embedding init std (the trainer's default)")
-    p.add_argument("--base_head_width", type=int, default=16)
-    p.add_argument("--n_head", type=int, default=2)
-    p.add_argument("--n_layer", type=int, default=2)
-    p.add_argument("--seq_len", type=int, default=32)
+    p.add_argument("--base_head_width", type=int, default=16, help="head width at which muP and SP coincide")
+    p.add_argument("--n_head", type=int, default=2, help="attention heads")
+    p.add_argument("--n_layer", type=int, default=2, help="transformer blocks (width check)")
+    p.add_argument("--seq_len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=128,
                    help="sequences per rank; 4096 tokens in all keeps Adam's first-step noise below the signal")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--steps", type=int, default=4, help="Adam steps recorded (at least 3)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds averaged per width")
+    p.add_argument("--lr", type=float, default=1e-2, help="AdamW base learning rate")
     p.add_argument("--query_zero_init", type=int, default=1,
                    help="1: zero-initialised query (microsoft/mup's advice; else q.k/d_head shrinks like d^-1/2 at init)")
-    p.add_argument("--backend", default="auto", choices=["auto", "single", "fsdp", "deepspeed"])
-    p.add_argument("--out", default="coord_check")
+    p.add_argument("--backend", default="auto", choices=["auto", "single", "fsdp", "deepspeed"],
+                   help="auto: the launcher's (deepspeed or torchrun), else one process")
+    p.add_argument("--out", default="coord_check", help="output folder: coord.json and coord.png go there")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 

@@ -109,20 +109,20 @@ def estimate(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_head", type=int, default=12)
-    p.add_argument("--head_width", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=50257)
-    p.add_argument("--seq_len", type=int, default=1024)
+    p.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
+    p.add_argument("--n_head", type=int, default=12, help="attention heads")
+    p.add_argument("--head_width", type=int, default=64, help="width of each head (model width = n_head x head_width)")
+    p.add_argument("--vocab", type=int, default=50257, help="vocabulary size")
+    p.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=8, help="micro batch per rank")
-    p.add_argument("--world_size", type=int, default=1)
+    p.add_argument("--world_size", type=int, default=1, help="ranks the states are sharded over")
     p.add_argument("--stage", type=int, default=0, help="0 (single/DDP), 1, 2, 3 (ZeRO-3 or FSDP2)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2's layout (with --stage 3) instead of DeepSpeed's")
-    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"])
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"], help="DeepSpeed offload (with --stage 3)")
     p.add_argument("--offload_ratio", type=float, default=1.0,
                    help="fraction of Adam's states offloaded (offload_optimizer.ratio; the rest stays on the device)")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute precision")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="with activation checkpointing: each block's input plus one block's activations")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 

@@ -335,8 +335,8 @@ def make(sweep, metric="mean_train_loss", out="", label="", n_head=0):
 
 def main():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("sweep")
-    p.add_argument("--metric", default="mean_train_loss", choices=METRICS)
+    p.add_argument("sweep", help="a sweep folder made by scripts/sweep.py (its results.jsonl)")
+    p.add_argument("--metric", default="mean_train_loss", choices=METRICS, help="the loss each run is judged by")
     p.add_argument("--out", default="", help="PNG path (default <sweep>/transfer.png)")
     p.add_argument("--label", default="", help="panel title instead of muP / SP (e.g. the depth rule of a depth sweep)")
     p.add_argument("--n_head", type=int, default=0,

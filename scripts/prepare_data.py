@@ -24,8 +24,9 @@ from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="stdlib", help="stdlib, a hub dataset name, or a path to .txt/.jsonl/.parquet files")
-    p.add_argument("--tokenizer", default="auto", choices=["auto", "gpt2", "bytes"])
-    p.add_argument("--data_dir", default="data")
+    p.add_argument("--tokenizer", default="auto", choices=["auto", "gpt2", "bytes"],
+                   help="as the trainer's --tokenizer: auto is gpt2 when its files can be had, else bytes")
+    p.add_argument("--data_dir", default="data", help="where prepared datasets go (the trainer's --data_dir)")
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: up to 8 for large datasets)")
     args = p.parse_args()
     if args.num_proc is not None and args.num_proc < 1:

@@ -153,11 +153,11 @@ def build_parser():
     p.add_argument("--widths", default="8,16,32,64", help="head widths")
     p.add_argument("--depths", default="", help="n_layer values (a depth sweep); empty: the trainer's --n_layer")
     p.add_argument("--lrs", required=True, help="learning rates, e.g. 1e-3,2e-3,4e-3")
-    p.add_argument("--parametrizations", default="mup,sp")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--parametrizations", default="mup,sp", help="mup and/or sp")
+    p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2")
     p.add_argument("--jobs", type=int, default=0, help="runs at once on this machine (default: one per core)")
     p.add_argument("--hostfile", default="", help="run over ssh on these hosts instead (DeepSpeed hostfile format)")
-    p.add_argument("--slots_per_host", type=int, default=1)
+    p.add_argument("--slots_per_host", type=int, default=1, help="runs at once on each --hostfile host")
     return p
 
 
