@@ -201,31 +201,31 @@ def assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0", "1"))
 
 
 def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
-    # the run name and a forwarded value would each run `touch` on every node if a shell there evaluated them
-    name = f"two hosts $(touch {tmp_path}/pwned-arg)'\""
-    args = trainer_args(tmp_path, corpus, data_dir, *FLAGS)
+    # the output folder and a forwarded value would each run `touch` on every node if a shell there evaluated them
+    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\""
+    args = trainer_args(out, corpus, data_dir, *FLAGS)
     with Watch(tmp_path) as watch:
-        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", name],
+        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"],
                      {**host_env(hosts), **hostile_env(tmp_path)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "10.77.0.1: " in res.stdout and "10.77.0.2: " in res.stdout  # ranks ran on both hosts
     assert_nothing_ran_and_secret_hidden(tmp_path, res, watch)
     one = run_cli([*args, "--run_name", "one_host"], launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29671"))
     assert one.returncode == 0, one.stderr[-2000:]
-    assert losses(tmp_path / name) == pytest.approx(losses(tmp_path / "one_host"), rel=1e-5)  # the name, literally
+    assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)  # the folder, literally
 
 
 def test_torchrun_over_ssh_passes_values_literally_and_secrets_unseen(hosts, tmp_path, corpus, data_dir):
     # one node: two torchrun nodes don't meet in these namespace hosts (they share one host name)
-    name = f"tr $(touch {tmp_path}/pwned-arg)"
-    args = trainer_args(tmp_path, corpus, data_dir, "--max_steps", "2", "--run_name", name)
+    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\""
+    args = trainer_args(out, corpus, data_dir, "--max_steps", "2", "--run_name", "tr")
     with Watch(tmp_path) as watch:
         res = launch([hosts.hostfile(tmp_path / "hf"), 1, 1, "True", *args],
                      {**host_env(hosts), **hostile_env(tmp_path), "LAUNCHER": "torchrun", "BACKEND": "ddp"}, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "10.77.0.1: " in res.stdout
     assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0",))
-    assert json.loads((tmp_path / name / "summary.json").read_text())["steps"] == 2
+    assert json.loads((out / "tr" / "summary.json").read_text())["steps"] == 2
 
 
 def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_dir):
