@@ -16,11 +16,17 @@
 #   SWEEP_FILE                    a file of KEY=VALUE lines with those keys
 #   DRY_RUN=1                     print the commands instead of running them
 # Variables forwarded to every rank: PYTHONPATH, WANDB_*, NCCL_*, GLOO_*, TP_SOCKET_IFNAME, DS_ACCELERATOR,
-# OMP_NUM_THREADS (values are written to a private env file, never printed).
+# OMP_NUM_THREADS (and, under the deepspeed runner, those it forwards itself). Their values are never
+# printed. Secrets (*_API_KEY, *TOKEN*, *SECRET*, *PASSWORD*) never go on a command line either: they reach
+# each node over ssh's stdin (into a 0600 file there under the deepspeed runner, removed after the run).
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
-usage="usage: $0 HOSTFILE NGPU_PER_NODE NUM_NODES SINGLE_RUN [extra trainer flags]"
+usage="usage: $0 HOSTFILE NGPU_PER_NODE NUM_NODES SINGLE_RUN [extra trainer flags] (see --help)"
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"
+  exit 0
+fi
 [ $# -ge 4 ] || die "$usage"
 hostfile=$1 ngpu=$2 nnodes=$3 single=$4
 shift 4
@@ -33,6 +39,9 @@ case ${single,,} in
 esac
 launcher=${LAUNCHER:-deepspeed}
 [[ $launcher == deepspeed || $launcher == torchrun ]] || die "LAUNCHER must be deepspeed or torchrun, not '$launcher'"
+[[ ${BACKEND:-fsdp} == fsdp || ${BACKEND:-fsdp} == ddp ]] || die "BACKEND must be fsdp or ddp, not '$BACKEND'"
+[ -z "${MASTER_PORT:-}" ] || { [[ $MASTER_PORT =~ ^[1-9][0-9]{0,4}$ ]] && [ "$MASTER_PORT" -le 65535 ]; } ||
+  die "MASTER_PORT must be a port number (1-65535), not '$MASTER_PORT'"
 repo=$(cd "$(dirname "$0")" && pwd)
 python=$(python3 -c 'import sys; print(sys.executable)')  # the real interpreter, not a shim
 read -r -a ssh_args <<< "${SSH_ARGS:-}"
@@ -41,6 +50,7 @@ read -r -a ssh_args <<< "${SSH_ARGS:-}"
 hosts=()
 if [[ $hostfile == slurm ]]; then
   [ -n "${SLURM_JOB_NODELIST:-}" ] || die "HOSTFILE 'slurm' needs SLURM_JOB_NODELIST: run inside salloc/sbatch"
+  command -v scontrol >/dev/null || die "HOSTFILE 'slurm' needs scontrol on PATH (run on a SLURM node)"
   mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 else
   [ -f "$hostfile" ] || die "hostfile '$hostfile' not found: write one 'host slots=N' line per node (see hostfile.example)"
@@ -49,6 +59,7 @@ else
   while IFS= read -r line || [ -n "$line" ]; do
     lineno=$((lineno + 1))
     line=${line%%#*}
+    line=${line//$'\r'/}  # a hostfile written on Windows
     read -r -a words <<< "$line"
     [ ${#words[@]} -eq 0 ] && continue
     host=${words[0]}
@@ -83,21 +94,59 @@ if [ "${DRY_RUN:-0}" != 1 ]; then
   [ ${#failed[@]} -eq 0 ] || die "passwordless ssh failed to: ${failed[*]} (check keys, sshd and 'ssh -o BatchMode=yes HOST true')"
 fi
 
-# --- the environment every rank needs: a private file, never echoed --------------------------
+# --- the environment every rank needs: private files, never echoed ---------------------------
 workdir=$(mktemp -d "${TMPDIR:-/tmp}/mupgpt-launch.XXXXXX")
-trap 'rm -rf "$workdir"' EXIT
-envfile=$workdir/env
-: > "$envfile"
-chmod 600 "$envfile"
-forwarded=()
-while IFS='=' read -r name _; do
-  if [[ $name =~ ^(PYTHONPATH|WANDB_.*|NCCL_.*|GLOO_.*|TP_SOCKET_IFNAME|DS_ACCELERATOR|OMP_NUM_THREADS)$ ]]; then
-    value=${!name}
-    [[ $value == *$'\n'* ]] && continue
-    printf '%s=%s\n' "$name" "$value" >> "$envfile"
-    forwarded+=("$name")
+node_dir=/tmp/mupgpt-secrets.${workdir##*.}  # the same path on every node
+copied=()
+cleanup() {
+  for h in "${copied[@]}"; do
+    ssh -o BatchMode=yes -o ConnectTimeout=5 "${ssh_args[@]}" "$h" "rm -rf $node_dir" </dev/null >/dev/null 2>&1 || true
+  done
+  rm -rf "$workdir"
+}
+trap cleanup EXIT
+umask 077
+envfile=$workdir/env        # NAME=value lines: read on each node from ssh's stdin (torchrun, sweep)
+ds_env=$workdir/ds_env      # the deepspeed runner's DS_ENV_FILE: no secrets, values quoted for its "..."
+secrets=$workdir/secrets.sh # export NAME='value' lines, copied to each node for the deepspeed runner
+: > "$envfile"; : > "$ds_env"; : > "$secrets"
+sq() { printf -v "$1" "'%s'" "${2//\'/\'\\\'\'}"; }  # POSIX single quotes
+dq() {  # text that the deepspeed runner's "..." gives back unchanged on the remote shell
+  local s=${2//\\/\\\\}; s=${s//\$/\\\$}; s=${s//\`/\\\`}; printf -v "$1" '%s' "$s"
+}
+ds_plain='^[A-Za-z0-9_@%+=:,./-]*$'  # what the deepspeed runner passes without quoting
+ds_own=()  # variables the deepspeed runner forwards by itself (PYTHON*, NCCL_* on CUDA, ...)
+if $single && [[ $launcher == deepspeed ]]; then
+  mapfile -t ds_own < <(python3 - 2>/dev/null <<'PY'
+import os
+from deepspeed.launcher.runner import EXPORT_ENVS
+from deepspeed.accelerator import get_accelerator
+prefixes = tuple(EXPORT_ENVS + get_accelerator().export_envs())
+print("\n".join(k for k in os.environ if k.startswith(prefixes)))
+PY
+  )
+fi
+declare -A ds_forwards=()
+for name in "${ds_own[@]}"; do ds_forwards[$name]=1; done
+forwarded=() hidden=()
+while read -r name; do
+  [[ $name =~ ^(PYTHONPATH|WANDB_.*|NCCL_.*|GLOO_.*|TP_SOCKET_IFNAME|DS_ACCELERATOR|OMP_NUM_THREADS)$ ||
+     -n ${ds_forwards[$name]:-} ]] || continue
+  value=${!name}
+  if [[ $value == *$'\n'* ]]; then hidden+=("$name"); continue; fi
+  printf '%s=%s\n' "$name" "$value" >> "$envfile"
+  forwarded+=("$name")
+  if [[ ${name^^} =~ _API_KEY|TOKEN|SECRET|PASSWORD ]]; then
+    hidden+=("$name")
+    sq quoted "$value"
+    printf 'export %s=%s\n' "$name" "$quoted" >> "$secrets"
+  elif [[ $value =~ $ds_plain ]]; then
+    printf '%s=%s\n' "$name" "$value" >> "$ds_env"
+  else
+    dq quoted "$value"
+    printf '%s=%s\n' "$name" "${quoted//\"/\\\"}" >> "$ds_env"
   fi
-done < <(env)
+done < <(compgen -e)
 [ ${#forwarded[@]} -eq 0 ] || echo "forwarding to every rank: ${forwarded[*]}" >&2
 
 # --- single run ------------------------------------------------------------------------------
@@ -106,27 +155,51 @@ if $single && [[ $launcher == deepspeed ]]; then
   dshosts=$workdir/hostfile
   for h in "${hosts[@]}"; do echo "$h slots=$ngpu"; done > "$dshosts"
   [ "${DRY_RUN:-0}" = 1 ] && dshosts=HOSTFILE.generated
+  # The runner joins the trainer flags into one remote shell line, wrapping those with a space in "..."
+  # (escaping only "), so each flag goes in already quoted for that line.
+  ds_args=()
+  for a in "$@"; do
+    if [[ $a == *" "* ]]; then dq quoted "$a"
+    elif [[ -n $a && $a =~ $ds_plain ]]; then quoted=$a
+    else sq quoted "$a"; fi
+    ds_args+=("$quoted")
+  done
+  # secrets: into a 0600 file on each node over ssh's stdin, sourced there before the launch
+  venv=()
+  if [ -s "$secrets" ]; then
+    venv=(--venv_script "$node_dir/env")
+    if [ "${DRY_RUN:-0}" != 1 ]; then
+      for h in "${hosts[@]}"; do
+        copied+=("$h")
+        ssh -o BatchMode=yes "${ssh_args[@]}" "$h" "umask 077 && { mkdir $node_dir 2>/dev/null || { [ -d $node_dir ] &&
+          [ ! -L $node_dir ] && [ -O $node_dir ]; }; } && cat > $node_dir/env" < "$secrets" ||
+          die "could not copy the secret variables to $h over ssh"
+      done
+    fi
+  fi
   log=$workdir/launch.log
   set +e
-  (cd "$repo" && DS_ENV_FILE=$envfile PDSH_SSH_ARGS_APPEND="${SSH_ARGS:-}" \
+  (cd "$repo" && for name in "${hidden[@]}"; do unset "$name"; done &&
+    DS_ENV_FILE=$ds_env PDSH_SSH_ARGS_APPEND="${SSH_ARGS:-}" \
     run deepspeed --hostfile "$dshosts" --launcher pdsh --no_ssh_check --num_nodes "$nnodes" --num_gpus "$ngpu" \
-      --master_addr "$master" --master_port "$port" run_trainer.py "$@") 2>&1 | tee "$log"
+      --master_addr "$master" --master_port "$port" "${venv[@]}" run_trainer.py "${ds_args[@]}") 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   set -e
 elif $single; then  # torchrun on every node over ssh, c10d rendezvous on the first
-  exports=""
-  while IFS='=' read -r name value; do exports+="export $name=$(printf %q "$value"); "; done < "$envfile"
   pids=()
   log=$workdir/launch.log
   : > "$log"
   for i in "${!hosts[@]}"; do
-    remote="$exports cd $(printf %q "$repo") && $(printf '%q ' "$python" -m torch.distributed.run \
-      --nnodes "$nnodes" --nproc_per_node "$ngpu" --node_rank "$i" --rdzv_backend c10d \
-      --rdzv_endpoint "$master:$port" --rdzv_id "mupgpt-$port" run_trainer.py --backend "${BACKEND:-fsdp}" "$@")"
+    # the forwarded variables come in on stdin, so no value is on any command line
+    remote="while IFS= read -r l; do export \"\$l\"; done; cd $(printf %q "$repo") && $(printf '%q ' "$python" \
+      -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$ngpu" --node_rank "$i" --rdzv_backend c10d \
+      --rdzv_endpoint "$master:$port" --rdzv_id "mupgpt-$port" --rdzv_conf "is_host=$([ "$i" = 0 ] && echo 1 || echo 0)" \
+      run_trainer.py --backend "${BACKEND:-fsdp}" "$@")"
     if [ "${DRY_RUN:-0}" = 1 ]; then
-      printf '%q ' ssh "${ssh_args[@]}" "${hosts[$i]}"; echo "[remote] ${remote#"$exports"}"
+      printf '%q ' ssh "${ssh_args[@]}" "${hosts[$i]}"; echo "[remote] $remote"
     else
-      ssh -o BatchMode=yes "${ssh_args[@]}" "${hosts[$i]}" "$remote" 2>&1 | sed "s/^/${hosts[$i]}: /" | tee -a "$log" &
+      ssh -o BatchMode=yes "${ssh_args[@]}" "${hosts[$i]}" "$remote" < "$envfile" 2>&1 |
+        sed "s/^/${hosts[$i]}: /" | tee -a "$log" &
       pids+=($!)
     fi
   done
@@ -136,7 +209,7 @@ else  # sweep mode
   if [ -n "${SWEEP_FILE:-}" ]; then
     [ -f "$SWEEP_FILE" ] || die "SWEEP_FILE '$SWEEP_FILE' not found"
     while IFS='=' read -r key value; do
-      key=${key%%#*}; key=${key// /}
+      key=${key%%#*}; key=${key//[[:space:]]/}
       value=${value%%#*}; value=${value//[[:space:]]/}
       [ -z "$key" ] && continue
       [[ $key =~ ^SWEEP_(WIDTHS|LRS|PARAMETRIZATIONS|SEEDS|DEPTHS|DIR)$ ]] || die "$SWEEP_FILE: unknown key '$key'"

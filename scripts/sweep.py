@@ -17,39 +17,66 @@ import json
 import math
 import os
 import queue
+import re
 import shlex
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mupgpt.config import parse_args  # noqa: E402
+from mupgpt.config import _Parser, parse_args  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+
+
+HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:]+")
 
 
 def read_hostfile(path):
     """DeepSpeed's format: `host slots=N` per line, # comments."""
+    if not os.path.isfile(path):
+        raise UsageError(f"hostfile {path!r} not found: write one `host slots=N` line per node")
     hosts = []
-    for line in Path(path).read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            hosts.append(line.split()[0])
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        words = line.split("#")[0].split()
+        if not words:
+            continue
+        if not HOST.fullmatch(words[0]):  # a leading '-' would be an ssh option
+            raise UsageError(f"{path} line {n}: {words[0]!r} is not a plain host name or address")
+        if words[0] in hosts:
+            raise UsageError(f"{path} line {n}: host {words[0]!r} is listed twice")
+        hosts.append(words[0])
     if not hosts:
         raise UsageError(f"{path} names no hosts: write one `host slots=N` line per node")
     return hosts
 
 
-def grid(args):
-    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
-    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+def parse_list(flag, text, kind):
+    """Comma-separated values of one grid axis; every one usable as that flag's value."""
     try:
-        axes = (args.parametrizations.split(","), ints(args.widths), ints(args.depths) or [None],
-                floats(args.lrs), ints(args.seeds))
-    except ValueError as e:
-        raise UsageError(f"bad grid value ({e}): give comma-separated numbers, e.g. --lrs 1e-3,3e-3") from None
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        example = {"lrs": "1e-3,3e-3", "widths": "8,16", "depths": "2,4", "seeds": "0,1"}[flag]
+        raise UsageError(f"--{flag} {text!r}: give comma-separated {'numbers' if kind is float else 'integers'}, "
+                         f"e.g. --{flag} {example}") from None
+    if kind is float and not all(math.isfinite(v) and v > 0 for v in values):
+        raise UsageError(f"--{flag} {text!r}: learning rates must be finite and above 0")
+    if flag in ("widths", "depths") and not all(v > 0 for v in values):
+        raise UsageError(f"--{flag} {text!r}: must be positive integers")
+    if not values and flag != "depths":
+        raise UsageError(f"--{flag} is empty: give at least one value")
+    return values
+
+
+def grid(args):
+    axes = ([p.strip() for p in args.parametrizations.split(",") if p.strip()], parse_list("widths", args.widths, int),
+            parse_list("depths", args.depths, int) or [None], parse_list("lrs", args.lrs, float),
+            parse_list("seeds", args.seeds, int))
+    if not axes[0]:
+        raise UsageError("--parametrizations is empty: use mup and/or sp")
     for p in axes[0]:
         if p not in ("mup", "sp"):
             raise UsageError(f"unknown parametrization {p!r}: use mup and/or sp")
@@ -89,36 +116,43 @@ def launch(slot, flags, log):
     if host == "local":
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    remote = f"{remote_exports()}cd {shlex.quote(str(ROOT))} && {' '.join(shlex.quote(c) for c in cmd)}"
+    # the forwarded variables go in on stdin, so no value (an API key) is on a command line here or there
+    remote = (f"while IFS= read -r l; do export \"$l\"; done; cd {shlex.quote(str(ROOT))} && "
+              f"{' '.join(shlex.quote(c) for c in cmd)}")
     ssh = ["ssh", "-o", "BatchMode=yes", *shlex.split(os.environ.get("SSH_ARGS", "")), host, remote]
-    return subprocess.run(ssh, stdout=log, stderr=subprocess.STDOUT).returncode
+    return subprocess.run(ssh, input=remote_env().encode(), stdout=log, stderr=subprocess.STDOUT).returncode
 
 
-def remote_exports():
-    """The variables run_multi_node.sh forwards (its private env file), as shell exports."""
+def remote_env():
+    """The variables run_multi_node.sh forwards (its private env file), as NAME=value lines."""
     path = os.environ.get("MUPGPT_SSH_ENV")
     lines = Path(path).read_text().splitlines() if path and os.path.exists(path) else []
     pairs = dict(line.split("=", 1) for line in lines if "=" in line)
     pairs.setdefault("OMP_NUM_THREADS", "1")
-    return "".join(f"export {k}={shlex.quote(v)}; " for k, v in pairs.items())
+    return "".join(f"{k}={v}\n" for k, v in pairs.items())
 
 
 def run_sweep(args, extra):
+    if args.jobs is not None and args.jobs < 1:
+        raise UsageError(f"--jobs {args.jobs}: give at least 1 (default: one per core)")
+    if args.slots_per_host < 1:
+        raise UsageError(f"--slots_per_host {args.slots_per_host}: give at least 1")
+    hosts = read_hostfile(args.hostfile) if args.hostfile else None
+    points = grid(args)
     out = Path(args.out).resolve()
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    points = grid(args)
     cfg = parse_args(trainer_flags(points[0], out, extra))  # checks the shared flags once, up front
     from mupgpt.data import load_data
     load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir)  # prepare once, not in every run at the same time
     todo = [p for p in points if not (out / "runs" / run_name(p) / "summary.json").exists()]
-    if args.hostfile:
-        slots = [(h, None) for h in read_hostfile(args.hostfile) for _ in range(args.slots_per_host)]
+    if hosts:
+        slots = [(h, None) for h in hosts for _ in range(args.slots_per_host)]
     else:
         jobs = args.jobs or os.cpu_count() or 1
         slots = [("local", max(1, (os.cpu_count() or 1) // jobs))] * jobs
     print(f"{len(points)} runs in the grid, {len(points) - len(todo)} already done, {len(todo)} to run "
           f"on {len(slots)} slot(s)", flush=True)
-    free, failed = queue.Queue(), []
+    free, failed, finished, lock, start = queue.Queue(), [], [], threading.Lock(), time.time()
     for slot in slots:
         free.put(slot)
 
@@ -128,9 +162,14 @@ def run_sweep(args, extra):
             with open(out / "runs" / f"{run_name(point)}.log", "a") as log:
                 rc = launch(slot, trainer_flags(point, out, extra), log)
             status = "done" if rc == 0 else f"failed (exit {rc}, see runs/{run_name(point)}.log)"
-            if rc != 0:
-                failed.append(run_name(point))
-            print(f"{run_name(point)} on {slot[0]}: {status}", flush=True)
+            with lock:
+                finished.append(run_name(point))
+                if rc != 0:
+                    failed.append(run_name(point))
+                left = len(todo) - len(finished)
+                eta = (time.time() - start) / len(finished) * left  # runs so far set the pace
+                print(f"{run_name(point)} on {slot[0]}: {status}; {len(finished)} of {len(todo)} finished, "
+                      f"{len(failed)} failed, ETA {duration(eta) if left else 'now'}", flush=True)
         finally:
             free.put(slot)
 
@@ -147,15 +186,21 @@ def run_sweep(args, extra):
     return rows, failed
 
 
+def duration(seconds):
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="sweep folder (runs/ and results.jsonl go here)")
     p.add_argument("--widths", default="8,16,32,64", help="head widths")
     p.add_argument("--depths", default="", help="n_layer values (a depth sweep); empty: the trainer's --n_layer")
     p.add_argument("--lrs", required=True, help="learning rates, e.g. 1e-3,2e-3,4e-3")
     p.add_argument("--parametrizations", default="mup,sp", help="mup and/or sp")
     p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2")
-    p.add_argument("--jobs", type=int, default=0, help="runs at once on this machine (default: one per core)")
+    p.add_argument("--jobs", type=int, default=None, help="runs at once on this machine (default: one per core)")
     p.add_argument("--hostfile", default="", help="run over ssh on these hosts instead (DeepSpeed hostfile format)")
     p.add_argument("--slots_per_host", type=int, default=1, help="runs at once on each --hostfile host")
     return p

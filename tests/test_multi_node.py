@@ -4,9 +4,11 @@ The real hosts are network namespaces on this machine, each with its own address
 sshd (tests/netns_hosts.py); the launcher reaches them with pdsh over ssh exactly as it would reach
 cluster nodes. Those tests skip, with the reason, only where namespaces can't be made.
 """
+import glob
 import json
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -65,6 +67,7 @@ def test_secrets_are_forwarded_but_never_printed(hostfile):
     res = launch([hostfile, 8, 1, "True"], {"DRY_RUN": "1", "WANDB_API_KEY": "s3cret-value", "NCCL_SOCKET_IFNAME": "eth0"})
     assert res.returncode == 0 and "s3cret-value" not in res.stdout + res.stderr
     assert "WANDB_API_KEY" in res.stderr and "NCCL_SOCKET_IFNAME" in res.stderr  # the names only
+    assert " --venv_script /tmp/mupgpt-secrets." in res.stdout  # a file each node sources, not an export
 
 
 HOSTFILE_ERRORS = {
@@ -76,7 +79,22 @@ HOSTFILE_ERRORS = {
     "node-a slots=8\n$(reboot) slots=8\n": "is not a plain host name or address",
     "node-a slots=8\nuser@node-b slots=8\n": "is not a plain host name or address",
     "node-a slots=8\n-oProxyCommand=x slots=8\n": "is not a plain host name or address",
+    "node-a slots=8\r\nnode-a slots=8\r\n": "listed twice",  # CRLF lines are read like LF ones
 }
+
+
+def test_a_crlf_hostfile_is_read_like_an_lf_one(tmp_path):
+    (tmp_path / "hf").write_bytes(b"# windows\r\nnode-a slots=8\r\nnode-b slots=8\r\n")
+    assert dry([tmp_path / "hf", 8, 2, "True"])[0].startswith(
+        "deepspeed --hostfile HOSTFILE.generated --launcher pdsh --no_ssh_check --num_nodes 2 --num_gpus 8 "
+        "--master_addr node-a --master_port ")
+
+
+def test_help_prints_the_usage_and_exits_0():
+    for flag in ("--help", "-h"):
+        res = launch([flag])
+        assert res.returncode == 0 and "HOSTFILE NGPU_PER_NODE NUM_NODES SINGLE_RUN" in res.stdout
+        assert "LAUNCHER=deepspeed|torchrun" in res.stdout and not res.stderr
 
 
 @pytest.mark.parametrize("text", HOSTFILE_ERRORS, ids=range(len(HOSTFILE_ERRORS)))
@@ -92,9 +110,12 @@ def test_hostfile_errors_are_one_line_and_exit_2(tmp_path, text):
     (["hostfile.example", "8", "2", "maybe"], "SINGLE_RUN must be True or False"),
     (["/nonexistent", "8", "2", "True"], "not found"),
     (["hostfile.example"], "usage:"),
+    (["hostfile.example", "8", "2", "True", "--seed", "1"], "MASTER_PORT must be a port number"),
+    (["hostfile.example", "8", "2", "True"], "BACKEND must be fsdp or ddp"),
 ])
 def test_argument_errors_are_one_line_and_exit_2(args, message):
-    res = launch(args, {"DRY_RUN": "1"})
+    env = {"MASTER_PORT": "70000"} if "MASTER_PORT" in message else {"BACKEND": "dp"} if "BACKEND" in message else {}
+    res = launch(args, {"DRY_RUN": "1", **env})
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
 
 
@@ -123,22 +144,101 @@ def host_env(hosts):
 FLAGS = ["--n_layer", "2", "--max_steps", "8", "--precision", "fp32", "--zero_stage", "3"]
 
 
+SECRET = "some-secret-4f1c"
+
+
+class Watch(threading.Thread):
+    """Samples every process's command line while a launch runs, and the trainers' environments."""
+
+    def __init__(self, mark):
+        super().__init__(daemon=True)
+        self.mark = str(mark)  # a trainer of this test has it on its command line (others may be running)
+        self.stop, self.cmdlines, self.trainer_env, self.sweep_env = threading.Event(), set(), {}, []
+
+    def run(self):
+        while not self.stop.is_set():
+            for proc in glob.glob("/proc/[0-9]*"):
+                try:
+                    argv = open(f"{proc}/cmdline", "rb").read().decode(errors="replace").split("\0")
+                    cmdline = " ".join(argv)
+                    self.cmdlines.add(cmdline)
+                    if (os.path.basename(argv[0]).startswith("python") and any(a.endswith("run_trainer.py") for a in argv[1:3])
+                            and self.mark in cmdline):  # a trainer itself (not ssh, a shell or torchrun)
+                        env = dict(kv.split("=", 1) for kv in open(f"{proc}/environ", "rb").read().decode(
+                            errors="replace").split("\0") if "=" in kv)
+                        if "RANK" in env:
+                            self.trainer_env[env["RANK"]] = env
+                        else:  # a sweep's single-process run
+                            self.sweep_env.append((cmdline, env))
+                except OSError:  # gone, or a kernel thread
+                    pass
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.join()
+
+
+def hostile_env(tmp_path):
+    """A secret, and forwarded values that run commands if a shell on a node ever evaluates them."""
+    return {"WANDB_API_KEY": SECRET, "WANDB_NOTES": f"a b $(touch {tmp_path}/pwned-env) `touch {tmp_path}/pwned-bq`",
+            "WANDB_TAGS": f"$(touch${{IFS}}{tmp_path}/pwned-nospace)\"'\\"}
+
+
+def assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0", "1")):
+    assert not list(tmp_path.glob("pwned*")), "a forwarded value or trainer flag ran as a command on a node"
+    assert SECRET not in res.stdout + res.stderr
+    assert watch.cmdlines and not [c for c in watch.cmdlines if SECRET in c]
+    assert not glob.glob("/tmp/mupgpt-secrets.*"), "the secret file was left on a node"
+    env = hostile_env(tmp_path)
+    assert sorted(watch.trainer_env) == list(ranks), watch.trainer_env.keys()  # every rank seen (one per host)
+    for rank_env in watch.trainer_env.values():  # every value arrives exactly as set
+        assert all(rank_env.get(k) == v for k, v in env.items()), {k: rank_env.get(k) for k in env}
+
+
 def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
-    args = trainer_args(tmp_path, corpus, data_dir, *FLAGS)
-    res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"], host_env(hosts))
+    # the output folder and a forwarded value would each run `touch` on every node if a shell there evaluated them
+    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\""
+    args = trainer_args(out, corpus, data_dir, *FLAGS)
+    with Watch(tmp_path) as watch:
+        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"],
+                     {**host_env(hosts), **hostile_env(tmp_path)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "10.77.0.1: " in res.stdout and "10.77.0.2: " in res.stdout  # ranks ran on both hosts
+    assert_nothing_ran_and_secret_hidden(tmp_path, res, watch)
     one = run_cli([*args, "--run_name", "one_host"], launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29671"))
     assert one.returncode == 0, one.stderr[-2000:]
-    assert losses(tmp_path / "two_hosts") == pytest.approx(losses(tmp_path / "one_host"), rel=1e-5)
+    assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)  # the folder, literally
+
+
+def test_torchrun_over_ssh_passes_values_literally_and_secrets_unseen(hosts, tmp_path, corpus, data_dir):
+    # one node: two torchrun nodes don't meet in these namespace hosts (they share one host name)
+    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\""
+    args = trainer_args(out, corpus, data_dir, "--max_steps", "2", "--run_name", "tr")
+    with Watch(tmp_path) as watch:
+        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 1, "True", *args],
+                     {**host_env(hosts), **hostile_env(tmp_path), "LAUNCHER": "torchrun", "BACKEND": "ddp"}, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "10.77.0.1: " in res.stdout
+    assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0",))
+    assert json.loads((out / "tr" / "summary.json").read_text())["steps"] == 2
 
 
 def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_dir):
-    env = {**host_env(hosts), "SWEEP_DIR": str(tmp_path / "sweep"), "SWEEP_WIDTHS": "8,16", "SWEEP_LRS": "2e-3",
-           "SWEEP_PARAMETRIZATIONS": "mup,sp"}
-    res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *TINY, "--max_steps", "5", "--base_head_width", "8",
-                  "--dataset", corpus, "--data_dir", data_dir], env)
+    env = {**host_env(hosts), **hostile_env(tmp_path), "SWEEP_DIR": str(tmp_path / "sweep"), "SWEEP_WIDTHS": "8,16",
+           "SWEEP_LRS": "2e-3", "SWEEP_PARAMETRIZATIONS": "mup,sp"}
+    with Watch(tmp_path) as watch:
+        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *TINY, "--max_steps", "5", "--base_head_width",
+                      "8", "--dataset", corpus, "--data_dir", data_dir], env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert not list(tmp_path.glob("pwned*")) and SECRET not in res.stdout + res.stderr
+    assert not [c for c in watch.cmdlines if SECRET in c]
+    trainers = [e for c, e in watch.sweep_env if "run_trainer.py" in c]
+    assert trainers and all(all(e.get(k) == v for k, v in hostile_env(tmp_path).items()) for e in trainers)
     rows = [json.loads(l) for l in open(tmp_path / "sweep" / "results.jsonl")]
     assert len(rows) == 4 and all(r["steps"] == 5 for r in rows)
     ran_on = {line.split(" on ")[1].split(":")[0] for line in res.stdout.splitlines() if ": done" in line}

@@ -17,6 +17,9 @@ def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir)
     assert first.returncode == 0, first.stdout + first.stderr
     rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
     assert sorted((r["width"], r["lr"]) for r in rows) == [(8, 1e-3), (8, 4e-3), (16, 1e-3), (16, 4e-3)]
+    progress = [l.split(": done; ")[1] for l in first.stdout.splitlines() if ": done; " in l]
+    assert [p.split(", ETA")[0] for p in progress] == [f"{n} of 4 finished, 0 failed" for n in (1, 2, 3, 4)]
+    assert progress[-1].endswith("ETA now") and all(" ETA " in p for p in progress)
     assert all(r["steps"] == 6 and not r["diverged"] and math.isfinite(r["mean_train_loss"]) for r in rows)
     config = json.loads((tmp_path / "s" / "runs" / "mup_w16_lr0.004_s0" / "config.json").read_text())
     assert config["args"]["head_width"] == 16 and config["args"]["learning_rate"] == 4e-3
@@ -114,3 +117,34 @@ def test_plot_of_a_depth_sweep_labels_depths_and_gives_the_model_width(tmp_path)
         ["depth 2", "depth 4", "depth 8"]
     assert summary["mup"]["shift"] == {"grid_steps": 0, "fit_log2": pytest.approx(0), "at_least": False, "extend": None}
     assert "optimal log2 lr at depth 2 / 4 / 8: -7 / -7 / -7, shift 0 grid steps" in res.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--jobs", "-1"], "--jobs -1: give at least 1"),
+    (["--jobs", "two"], "invalid int value"),
+    (["--hostfile", "/nonexistent/hf"], "hostfile '/nonexistent/hf' not found"),
+    (["--hostfile", "HF", "--slots_per_host", "0"], "--slots_per_host 0: give at least 1"),
+    (["--hostfile", "BAD"], "'-oProxyCommand=touch' is not a plain host name or address"),
+    (["--hostfile", "TWICE"], "host 'node-a' is listed twice"),
+    (["--lrs", ","], "--lrs is empty"),
+    (["--lrs", "1e-3,0"], "learning rates must be finite and above 0"),
+    (["--lrs", "nan"], "learning rates must be finite and above 0"),
+    (["--lrs=-1e-3"], "learning rates must be finite and above 0"),
+    (["--widths", "8,sixteen"], "--widths '8,sixteen': give comma-separated integers"),
+    (["--widths", "0,8"], "must be positive integers"),
+    (["--widths", ""], "--widths is empty"),
+    (["--depths", "2,x"], "give comma-separated integers"),
+    (["--parametrizations", "mup,ntk"], "unknown parametrization 'ntk'"),
+    (["--seeds", "0.5"], "give comma-separated integers"),
+])
+def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "HF").write_text("node-a slots=1\n")
+    (tmp_path / "BAD").write_text("node-a slots=1\n-oProxyCommand=touch slots=1\n")
+    (tmp_path / "TWICE").write_text("node-a slots=1\r\nnode-a slots=1\r\n")
+    args = [str(tmp_path / a) if a in ("HF", "BAD", "TWICE") else a for a in args]
+    if not any(a.startswith("--lrs") for a in args):
+        args += ["--lrs", "1e-3"]
+    res = subprocess.run([sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+    assert not (tmp_path / "s").exists() and not res.stdout  # refused before anything starts or is written
