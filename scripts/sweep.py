@@ -161,10 +161,13 @@ def run_sweep(args, extra):
         try:
             with open(out / "runs" / f"{run_name(point)}.log", "a") as log:
                 rc = launch(slot, trainer_flags(point, out, extra), log)
-            status = "done" if rc == 0 else f"failed (exit {rc}, see runs/{run_name(point)}.log)"
+            summary = out / "runs" / run_name(point) / "summary.json"
+            diverged = rc == 1 and summary.exists() and json.loads(summary.read_text()).get("diverged")
+            status = ("done" if rc == 0 else "diverged (a result, not a failure)" if diverged
+                      else f"failed (exit {rc}, see runs/{run_name(point)}.log)")
             with lock:
                 finished.append(run_name(point))
-                if rc != 0:
+                if rc != 0 and not diverged:
                     failed.append(run_name(point))
                 left = len(todo) - len(finished)
                 eta = (time.time() - start) / len(finished) * left  # runs so far set the pace

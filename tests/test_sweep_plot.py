@@ -148,3 +148,16 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
     assert not (tmp_path / "s").exists() and not res.stdout  # refused before anything starts or is written
+
+
+def test_a_diverged_run_is_a_result_of_the_sweep_not_a_failure(tmp_path, corpus, data_dir):
+    """The trainer exits 1 on divergence (it writes no checkpoint of a diverged model); a sweep maps LRs
+    up to divergence, so for it that run is a data point."""
+    cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8", "--lrs", "1e-3,1e6",
+           "--parametrizations", "mup", "--jobs", "2", "--", *TINY, "--max_steps", "8", "--base_head_width", "8",
+           "--dataset", str(corpus), "--data_dir", str(data_dir)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {r["lr"]: r for r in map(json.loads, open(tmp_path / "s" / "results.jsonl"))}
+    assert rows[1e6]["diverged"] and not rows[1e-3]["diverged"]
+    assert "diverged (a result, not a failure)" in res.stdout and "0 failed" in res.stdout
