@@ -24,7 +24,7 @@ from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
 from mupgpt.optim import schedule_kwargs
-from mupgpt.rundir import run_directory, run_lock
+from mupgpt.rundir import refuse_a_second_run, run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
 
 
@@ -119,8 +119,8 @@ def _train(cfg, cleanup):
     check_config(cfg)
     model_config(cfg, 0)  # the width and schedule flags fail here too, before any process group or file exists
     schedule_kwargs(cfg, cfg.max_steps or None)
-    run_dir = run_directory(cfg)
     backend = resolve_backend(cfg)
+    run_dir = run_directory(cfg, backend)
     device_type = resolve_device(cfg)
     precision = resolve_precision(cfg, backend, device_type)
     G, accum = global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -133,8 +133,8 @@ def _train(cfg, cleanup):
     cleanup.enter_context(run_lock(run_dir, world))  # before anything in the run directory is read or written
     resume_path = checkpoint.find_resume(cfg.resume, run_dir)
     trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
-    if not cfg.resume and (checkpoint.checkpoints(run_dir) or os.path.exists(os.path.join(run_dir, "summary.json"))):
-        raise UsageError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run_name")
+    if not cfg.resume:
+        refuse_a_second_run(run_dir, bool(checkpoint.checkpoints(run_dir)))
 
     data, tokenizer = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.barrier)
     mcfg = model_config(cfg, data.vocab_size)

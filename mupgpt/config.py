@@ -77,7 +77,8 @@ class TrainConfig:
     device: str = _f("auto", "cpu, cuda or auto", choices=["auto", "cpu", "cuda"])
     # outputs
     output_dir: str = _f("runs", "parent folder of run directories")
-    run_name: str = _f("", "run directory name (default: from width, lr, parametrization and seed)")
+    run_name: str = _f("", "run directory name (default: from parametrization, n_head x head_width, depth, lr, seed, "
+                       "backend and steps, e.g. mup_4x32_d2_lr0.003_s1234_single_1000steps)")
     log_interval: int = _f(10, "steps between log lines (the loss is only read back from the device on these)")
     eval_interval: int = _f(100, "steps between validation evaluations (0: only at the end)")
     eval_iters: int = _f(10, "validation batches per evaluation")
@@ -90,9 +91,17 @@ class TrainConfig:
     print_profile_results: bool = _f(False, "profile a few steps with torch.profiler and print the table")
     local_rank: int = _f(-1, "set by the deepspeed launcher")
 
-    @property
-    def name(self):
-        return self.run_name or f"{self.parametrization}_w{self.head_width}_d{self.n_layer}_lr{self.learning_rate:g}_s{self.seed}"
+    def run_dir_name(self, backend):
+        """--run_name, or one from what tells runs apart: model, LR, seed, engine and length, so the README's
+        runs (and a rerun on another backend or for more steps) never land in one another's directory."""
+        if self.run_name:
+            return self.run_name
+        engine = backend
+        if backend == "deepspeed" and not self.ds_config:
+            engine = f"zero{self.zero_stage}" + ("" if self.offload == "none" else f"-{self.offload}")
+        length = f"{self.max_steps}steps" if self.max_steps else f"{self.num_train_epochs:g}epochs"
+        return (f"{self.parametrization}_{self.n_head}x{self.head_width}_d{self.n_layer}_lr{self.learning_rate:g}"
+                f"_s{self.seed}_{engine}_{length}")
 
 
 def _bool(s):
@@ -218,9 +227,6 @@ def check_config(cfg):
         path = getattr(cfg, name)
         if os.path.exists(path) and not os.path.isdir(path):
             raise UsageError(f"--{name} {path} is a file, not a folder: give a folder (it is created if missing)")
-    run_dir = os.path.join(cfg.output_dir, cfg.name)
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise UsageError(f"{run_dir} is a file, not a run directory: pass another --run_name or --output_dir")
     if cfg.nvme_path and not os.path.isdir(cfg.nvme_path):
         raise UsageError(f"--nvme_path {cfg.nvme_path}: NVMe offload needs an existing folder: create it, "
                          "or pass one on an NVMe drive")

@@ -1,6 +1,7 @@
 """The run directory: a plain folder name inside --output_dir, held by one live run at a time."""
 import contextlib
 import fcntl
+import json
 import os
 import re
 import socket
@@ -10,13 +11,36 @@ import torch
 from mupgpt.errors import UsageError
 
 
-def run_directory(cfg):
+def run_directory(cfg, backend):
     """<output_dir>/<run name>; a name that could point anywhere else is refused."""
-    name = cfg.name
+    name = cfg.run_dir_name(backend)
     if not re.fullmatch(r"[A-Za-z0-9._=+-]+", name) or ".." in name or name == ".":
         raise UsageError(f"--run_name {name!r} is not a plain folder name: use only letters, digits and . _ = + - "
                          "(no '/', no '..'); the run directory is always inside --output_dir")
-    return os.path.join(cfg.output_dir, name)
+    run_dir = os.path.join(cfg.output_dir, name)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is a file, not a run directory: pass another --run_name or --output_dir")
+    return run_dir
+
+
+def refuse_a_second_run(run_dir, has_checkpoints):
+    """A new run (no --resume) in a directory that holds one: say what is there and what to do."""
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(summary_path):
+        try:
+            with open(summary_path) as f:
+                summary = json.load(f)
+        except (OSError, ValueError):
+            summary = {}
+        if summary.get("completed"):
+            raise UsageError(f"{run_dir} already holds a finished run ({summary.get('steps')} steps): pick another "
+                             "--run_name or --output_dir (--resume auto would only reload it)")
+        if summary.get("diverged"):
+            raise UsageError(f"{run_dir} holds a run that diverged at step {summary.get('steps')}: pick another "
+                             "--run_name, or resume its last good checkpoint with --resume PATH and a lower --learning_rate")
+    if has_checkpoints or os.path.exists(summary_path):
+        raise UsageError(f"{run_dir} already holds an unfinished run: pass --resume auto to continue it, "
+                         "or another --run_name")
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Export a trained run to the GPT-2 layout of transformers, with every muP and depth multiplier folded
 into the weights, so any tool that loads GPT2LMHeadModel can take it:
 
-    python scripts/export_hf.py runs/mup_w32_d2_lr0.003_s1234 exported/
+    python scripts/export_hf.py runs/mup_4x32_d2_lr0.003_s1234_single_1000steps exported/
     # then: transformers.GPT2LMHeadModel.from_pretrained("exported/")
 
 OUT_DIR gets config.json + model.safetensors (fp32). The padded vocabulary is kept, so ids at and above

@@ -1,6 +1,6 @@
 """Generate text from a trained run (its consolidated model.safetensors + model_config.json).
 
-    python scripts/sample.py runs/mup_w32_d2_lr0.003_s1234 --prompt "def " --max_new_tokens 200
+    python scripts/sample.py runs/mup_4x32_d2_lr0.003_s1234_single_1000steps --prompt "def " --max_new_tokens 200
 """
 import argparse
 import dataclasses

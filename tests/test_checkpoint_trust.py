@@ -1,6 +1,5 @@
 """A checkpoint is untrusted input: planted code never runs, damage is found before anything changes,
 a full disk or an interrupted save leaves no .tmp behind and keeps the previous checkpoint."""
-import json
 import os
 import shutil
 import subprocess

@@ -7,6 +7,7 @@ cluster nodes. Those tests skip, with the reason, only where namespaces can't be
 import glob
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -119,6 +120,7 @@ def test_argument_errors_are_one_line_and_exit_2(args, message):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
 
 
+@pytest.mark.skipif(not shutil.which("ssh"), reason="needs the ssh client: apt-get install openssh-client")
 def test_unreachable_nodes_are_named_before_anything_starts(tmp_path):
     (tmp_path / "hf").write_text("127.0.0.2 slots=4\n127.0.0.3 slots=4\n")  # loopback, no sshd there
     res = launch([tmp_path / "hf", 4, 2, "True"], {"SSH_ARGS": "-o ConnectTimeout=2"}, timeout=120)

@@ -134,7 +134,7 @@ def test_bad_data_and_checkpoints_are_one_line_and_lose_nothing(tmp_path, corpus
     run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2")
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
     cases = [
-        (["--run_name", "r"], "already holds a run: pass --resume auto"),  # would overwrite a finished run
+        (["--run_name", "r"], "already holds a finished run (4 steps): pick another --run_name"),  # finished: resume is no use
         (["--run_name", "x", "--data_dir", str(tmp_path / "empty"), "--dataset", str(tmp_path / "nofiles")], "no such"),
     ]
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000004"
@@ -181,3 +181,22 @@ def test_benchmark_runs_write_no_checkpoints_and_keep_a_larger_vocabulary(tmp_pa
     assert summary["completed"] and (run_dir / "summary.json").exists()
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "model.safetensors").exists()
     assert json.loads((run_dir / "config.json").read_text())["resolved"]["model"]["vocab_size"] == 1024
+
+
+def test_default_run_names_differ_by_backend_and_length_and_say_what_to_do(tmp_path, corpus, data_dir):
+    """The README's runs in a row: each its own directory; a second start says what is there."""
+    common = ["--max_steps", "3", "--save_interval", "2"]
+    run(tmp_path, corpus, data_dir, *common)
+    run(tmp_path, corpus, data_dir, "--max_steps", "4")  # another length: another directory
+    run(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--zero_stage", "1", *common)  # another engine
+    assert sorted(os.listdir(tmp_path)) == ["mup_2x16_d1_lr0.003_s1234_single_3steps",
+                                            "mup_2x16_d1_lr0.003_s1234_single_4steps",
+                                            "mup_2x16_d1_lr0.003_s1234_zero1_3steps"]
+    finished = run_cli(trainer_args(tmp_path, corpus, data_dir, *common))
+    assert finished.returncode == 2 and "already holds a finished run (3 steps): pick another --run_name" in finished.stderr
+    unfinished = tmp_path / "mup_2x16_d1_lr0.003_s1234_single_3steps"
+    os.remove(unfinished / "summary.json")  # as if stopped after the step-2 checkpoint
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, *common))
+    assert res.returncode == 2 and "holds an unfinished run: pass --resume auto to continue it" in res.stderr
+    resumed = run_cli(trainer_args(tmp_path, corpus, data_dir, *common, "--resume", "auto"))
+    assert resumed.returncode == 0 and "at step" in resumed.stdout, resumed.stderr
