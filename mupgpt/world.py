@@ -5,6 +5,7 @@ torch.distributed when there are several ranks and pins each rank to its GPU.
 """
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -77,15 +78,23 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def init_world(backend, device_type):
-    """Start torch.distributed when launched with several ranks; pin each rank to its GPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def deepspeed_environment(device_type):
+    """What DeepSpeed should find when it is first imported (its accelerator is chosen then)."""
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's choice, without its warning
         # DeepSpeed's CPU accelerator counts its devices by running `numactl --hardware` in a subprocess
         # unless LOCAL_SIZE is set (its launcher sets it; one process or torchrun do not), and ZeRO-3 asks
         # about 100 times a step: 3/4 of its step time on the bench's host-overhead model
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # DeepSpeed calls torch.distributed's old collective names: six FutureWarnings a run that are not the user's
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+
+
+def init_world(backend, device_type):
+    """Start torch.distributed when launched with several ranks; pin each rank to its GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend == "deepspeed":
+        deepspeed_environment(device_type)
     check_launcher(backend)
     if backend == "single" and world_size > 1:
         raise UsageError(f"--backend single was launched with {world_size} processes: use ddp, fsdp or deepspeed")

@@ -188,7 +188,9 @@ def test_default_run_names_differ_by_backend_and_length_and_say_what_to_do(tmp_p
     common = ["--max_steps", "3", "--save_interval", "2"]
     run(tmp_path, corpus, data_dir, *common)
     run(tmp_path, corpus, data_dir, "--max_steps", "4")  # another length: another directory
-    run(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--zero_stage", "1", *common)  # another engine
+    ds = run_cli(trainer_args(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--zero_stage", "1", *common))
+    assert ds.returncode == 0, ds.stderr  # another engine; and DeepSpeed's noise is not the user's to read:
+    assert "Warning" not in ds.stderr and "WARNING" not in ds.stderr and "accelerator" not in ds.stderr, ds.stderr
     assert sorted(os.listdir(tmp_path)) == ["mup_2x16_d1_lr0.003_s1234_single_3steps",
                                             "mup_2x16_d1_lr0.003_s1234_single_4steps",
                                             "mup_2x16_d1_lr0.003_s1234_zero1_3steps"]

@@ -22,6 +22,7 @@ from mup_model import GPT
 from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load
 from mupgpt.errors import UsageError
 from mupgpt.optim import adamw, clean_name, lr_scheduler
+from mupgpt.world import deepspeed_environment, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
@@ -50,6 +51,7 @@ def _set(node, key, value, source, flag):
 
 def ds_config(cfg, precision, global_batch, accum, width):
     """The effective DeepSpeed config for this run (also written to the run directory)."""
+    deepspeed_environment(resolve_device(cfg))  # checking the config imports DeepSpeed
     path = template_path(cfg)
     try:
         config = json.load(open(path))
