@@ -14,6 +14,12 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 MAX_SEQ_LEN = 1 << 20
 
 
+def tokenizer_names():
+    """bytes and every encoding tiktoken has here (its own and any tiktoken_ext plugin's); no download."""
+    import tiktoken
+    return ["bytes", *tiktoken.list_encoding_names()]
+
+
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -61,8 +67,9 @@ class TrainConfig:
     dataset: str = _f("stdlib", "'stdlib' (this Python's standard-library sources, no download), a hub dataset "
                       "(wikitext-103, openwebtext, fineweb-edu, or any name/config), or a path to .txt/.jsonl/.parquet files or a folder")
     data_dir: str = _f("data", "where prepared token files live (one subfolder per dataset and tokenizer)")
-    tokenizer: str = _f("auto", "gpt2 (tiktoken), bytes (no download), or auto: gpt2 when its files can be had, else bytes",
-                        choices=["auto", "gpt2", "bytes"])
+    tokenizer: str = _f("auto", "bytes (no download), gpt2 or any other tiktoken encoding (cl100k_base, o200k_base, ...: "
+                        "downloaded once, or from TIKTOKEN_CACHE_DIR), or auto: gpt2 when its files can be had, else bytes",
+                        choices=["auto", *tokenizer_names()])
     # systems
     backend: str = _f("auto", "single, ddp, fsdp or deepspeed; auto: deepspeed under the deepspeed launcher, ddp under torchrun, else single",
                       choices=["auto", "single", "ddp", "fsdp", "deepspeed"])

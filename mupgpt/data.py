@@ -7,6 +7,7 @@ would have seen, and a global batch is the same whatever the world size; each ra
 disjoint slice of it.
 """
 import codecs
+import difflib
 import errno
 import fcntl
 import glob
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mupgpt.config import tokenizer_names
 from mupgpt.errors import UsageError
 
 HUB_ALIASES = {
@@ -56,20 +58,37 @@ class TiktokenTokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
-        return self.enc.decode([i for i in ids if i < self.vocab_size])
+        try:
+            return self.enc.decode(ids)
+        except KeyError:  # an id in a gap of the vocabulary (cl100k_base, o200k_base have some) or the padding
+            return self.enc.decode([i for i in ids if self._known(i)])
+
+    def _known(self, i):
+        try:
+            self.enc.decode_single_token_bytes(i)
+            return True
+        except (KeyError, OverflowError):
+            return False
 
 
 def get_tokenizer(name):
+    """bytes, or any encoding tiktoken knows (its files are downloaded once into tiktoken's cache)."""
     if name == "bytes":
         return ByteTokenizer()
-    if name != "gpt2":
-        raise UsageError(f"unknown tokenizer {name!r}: use gpt2 or bytes")
+    names = tokenizer_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        raise UsageError(f"unknown tokenizer {name!r}{f' (did you mean {close[0]}?)' if close else ''}: "
+                         f"use one of {', '.join(names)}")
     import tiktoken
     try:
-        return TiktokenTokenizer(tiktoken.get_encoding("gpt2"))
+        enc = tiktoken.get_encoding(name)
     except Exception as e:
-        raise UsageError(f"could not load tiktoken's gpt2 files ({type(e).__name__}; no network?): "
+        raise UsageError(f"could not load tiktoken's {name} files ({type(e).__name__}; no network?): "
                          "use --tokenizer bytes, or point TIKTOKEN_CACHE_DIR at a folder that has them") from None
+    if "<|endoftext|>" not in enc.special_tokens_set:
+        raise UsageError(f"tiktoken's {name} has no <|endoftext|> token to end documents with: use another --tokenizer")
+    return TiktokenTokenizer(enc)
 
 
 def resolve_tokenizer(name, dataset_dir):
