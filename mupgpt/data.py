@@ -17,7 +17,11 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sysconfig
+import threading
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -34,6 +38,7 @@ HUB_ALIASES = {
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
 }
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HUB_TIMEOUT = 3  # seconds to wait for the hub's host to answer
 VAL_EVERY = 20  # without a validation split, every 20th document is held out
 
 
@@ -232,6 +237,9 @@ def load_documents(dataset):
     name, config, source = _hub_name(dataset)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise UsageError(f"unknown dataset {dataset!r}: give 'stdlib', a path to text files, or a hub dataset name")
+    if not hub_offline() and not hub_reachable():
+        raise UsageError(f"the hub cannot be reached (no network?) for dataset {dataset!r}: use --dataset stdlib or a "
+                         "local path (or set HF_HUB_OFFLINE=1 to load it from the datasets cache)")
     try:
         splits = datasets.load_dataset(name, config)
     except Exception as e:
@@ -241,6 +249,36 @@ def load_documents(dataset):
     if "validation" in splits:
         return (train, splits["validation"].select_columns(["text"])), source
     return _split(train), source
+
+
+def hub_offline():
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_reachable(timeout=HUB_TIMEOUT):
+    """Whether the hub (HF_ENDPOINT, or huggingface.co), or the proxy in the way, takes a TCP connection
+    within `timeout` seconds, name lookup included. Without this, datasets retries for about 30 s."""
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:
+        return True  # a malformed endpoint: let datasets say what is wrong with it
+    answered = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            answered.append(True)
+        except (OSError, UnicodeError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # name lookup has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return bool(answered)
 
 
 def _split(ds):
