@@ -97,6 +97,11 @@ def step_profiler(prof, is_main):
     return None
 
 
+def duration(s):
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 def evaluate(engine, batches, iters):
     losses = torch.stack([engine.eval_loss(*batches.val(i)) for i in range(iters)])
     return losses.mean().item()
@@ -175,6 +180,7 @@ def _train(cfg, cleanup):
     peak = peak_flops(world.device) * world.world_size
     stop = StopFlag()
     t_start = t_log = time.time()
+    start_step, paused = step, 0.0  # paused: evaluation, checkpoint and logging time, left out of the ETA
     last_log_step, last_loss, val_loss, diverged = step, float("nan"), None, False
     # every loss and grad norm since the last check was finite; read back only on log and save steps.
     # fp16 loss scaling overflows the grad norm on purpose (that step is skipped), and DeepSpeed's ZeRO-0
@@ -201,10 +207,13 @@ def _train(cfg, cleanup):
             dt = time.time() - t_log
             tps = (step - last_log_step) * tokens_per_step / max(dt, 1e-9)
             mfu = flops_token * tps / peak if peak else None  # no known peak (CPU): no MFU
+            elapsed = time.time() - t_start
+            eta = (elapsed - paused) / (step - start_step) * (total_steps - step)
             row = {"step": step, "loss": last_loss, "lr": engine.lr(), "grad_norm": float(grad_norm),
-                   "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu}
+                   "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": elapsed, "eta_s": eta}
             line = (f"step {step:>6}/{total_steps} | loss {last_loss:.4f} | lr {engine.lr():.3e} | "
-                    f"{tps:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+                    f"{tps:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                    + f" | {duration(elapsed)} elapsed, ETA {duration(eta)}")
             t_log, last_log_step = time.time(), step
             train_mem = peak_memory(world.device)  # before any eval, checkpoint or export at this step
         t_pause = time.time()  # evaluation, logging and checkpoints are not counted as training time
@@ -226,7 +235,9 @@ def _train(cfg, cleanup):
                                                           "world_size": world.world_size}, cfg.keep_checkpoints)
             if stopping and world.is_main:
                 print(f"stopped at step {step}; resume with --resume auto (checkpoint {path})", flush=True)
-        t_log += time.time() - t_pause  # the interval's start moves with it (not reset: its steps still count)
+        pause = time.time() - t_pause
+        t_log += pause  # the interval's start moves with it (not reset: its steps still count)
+        paused += pause
         if stopping or diverged:
             break
 

@@ -2,8 +2,11 @@
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import os
+import re
+import tomllib
 from dataclasses import dataclass, field
 
 from mupgpt.errors import UsageError
@@ -12,6 +15,12 @@ from mupgpt.errors import UsageError
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
               "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 MAX_SEQ_LEN = 1 << 20
+
+
+def tokenizer_names():
+    """bytes and every encoding tiktoken has here (its own and any tiktoken_ext plugin's); no download."""
+    import tiktoken
+    return ["bytes", *tiktoken.list_encoding_names()]
 
 
 def _f(default, help, **kw):
@@ -61,8 +70,9 @@ class TrainConfig:
     dataset: str = _f("stdlib", "'stdlib' (this Python's standard-library sources, no download), a hub dataset "
                       "(wikitext-103, openwebtext, fineweb-edu, or any name/config), or a path to .txt/.jsonl/.parquet files or a folder")
     data_dir: str = _f("data", "where prepared token files live (one subfolder per dataset and tokenizer)")
-    tokenizer: str = _f("auto", "gpt2 (tiktoken), bytes (no download), or auto: gpt2 when its files can be had, else bytes",
-                        choices=["auto", "gpt2", "bytes"])
+    tokenizer: str = _f("auto", "bytes (no download), gpt2 or any other tiktoken encoding (cl100k_base, o200k_base, ...: "
+                        "downloaded once, or from TIKTOKEN_CACHE_DIR), or auto: gpt2 when its files can be had, else bytes",
+                        choices=["auto", *tokenizer_names()])
     # systems
     backend: str = _f("auto", "single, ddp, fsdp or deepspeed; auto: deepspeed under the deepspeed launcher, ddp under torchrun, else single",
                       choices=["auto", "single", "ddp", "fsdp", "deepspeed"])
@@ -142,15 +152,100 @@ def build_parser():
                 kw["choices"] = f.metadata["choices"]
         p.add_argument(*names, **kw)
     p.add_argument("--num_gpus", type=int, default=None, help=argparse.SUPPRESS)  # tolerated, set by some launch scripts
+    p.add_argument("--config", default="", help="a TOML or JSON file whose keys are these flags' names (tables may "
+                   "group them); flags given here override it")
     return p
 
 
 def parse_args(argv=None):
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    pre = _Parser(add_help=False)
+    pre.add_argument("--config", default="")
+    path = pre.parse_known_args(argv)[0].config
+    if path:
+        parser.set_defaults(**read_config_file(path, parser))
+    args = vars(parser.parse_args(argv))
     args.pop("num_gpus")
+    args.pop("config")
     cfg = TrainConfig(**args)
     check_config(cfg)
     return cfg
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def read_config_file(path, parser=None):
+    """A TOML (.toml) or JSON (.json) file of flag values -> {dest: value}. Keys are the flag names without
+    dashes (aliases such as lr and width too); tables only group keys and their names are ignored."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}: "
+                         "give a .toml or .json file")
+    kind = os.path.splitext(path)[1].lower()
+    if kind not in (".toml", ".json"):
+        raise UsageError(f"--config {path}: name it .toml or .json (the suffix picks the format)")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path} is unreadable ({type(e).__name__}): give a UTF-8 .toml or .json file") from None
+    try:
+        if kind == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path} is not valid TOML: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an object of flag names and values")
+
+    parser = parser or build_parser()
+    dests = {}  # a key as written in the file ('lr', 'learning_rate') -> the flag it sets
+    for a in parser._actions:
+        if a.dest not in ("help", "config", "num_gpus"):
+            for opt in a.option_strings:
+                dests[opt.lstrip("-")] = a
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+    def where(key):
+        pattern = rf'^\s*"?{re.escape(key)}"?\s*=' if kind == ".toml" else rf'"{re.escape(key)}"\s*:'
+        for n, line in enumerate(text.splitlines(), 1):
+            if re.search(pattern, line):
+                return f"{path} line {n}"
+        return path
+
+    def flatten(table, prefix=""):
+        for key, value in table.items():
+            if isinstance(value, dict):
+                yield from flatten(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, key, value
+
+    out, seen = {}, {}
+    for full, key, value in flatten(data):
+        action = dests.get(key)
+        if action is None:
+            raise UsageError(f"{where(key)}: unknown key {full!r}{_nearest(key, sorted(dests))}: "
+                             "keys are the trainer's flag names (see --help)")
+        dest = action.dest
+        if dest in seen:
+            raise UsageError(f"{where(key)}: {full!r} sets {dest} again (also set by {seen[dest]!r}): keep one")
+        seen[dest] = full
+        want = fields[dest].type if dest in fields else "int"
+        want = {"bool": bool, "int": int, "float": float, "str": str}.get(want, want)
+        ok = (isinstance(value, bool) if want is bool else
+              isinstance(value, want) and not isinstance(value, bool) or
+              want is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise UsageError(f"{where(key)}: {full} must be {_KINDS[want]}, not {value!r}")
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"{where(key)}: {full} must be one of {', '.join(map(str, action.choices))}, not {value!r}"
+                             f"{_nearest(str(value), [str(c) for c in action.choices])}")
+        out[dest] = float(value) if want is float else value
+    return out
 
 
 def _nearest(word, options):

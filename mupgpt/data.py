@@ -7,6 +7,7 @@ would have seen, and a global batch is the same whatever the world size; each ra
 disjoint slice of it.
 """
 import codecs
+import difflib
 import errno
 import fcntl
 import glob
@@ -16,7 +17,11 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sysconfig
+import threading
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mupgpt.config import tokenizer_names
 from mupgpt.errors import UsageError
 
 HUB_ALIASES = {
@@ -32,6 +38,7 @@ HUB_ALIASES = {
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
 }
 LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HUB_TIMEOUT = 3  # seconds to wait for the hub's host to answer
 VAL_EVERY = 20  # without a validation split, every 20th document is held out
 
 
@@ -56,20 +63,37 @@ class TiktokenTokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
-        return self.enc.decode([i for i in ids if i < self.vocab_size])
+        try:
+            return self.enc.decode(ids)
+        except KeyError:  # an id in a gap of the vocabulary (cl100k_base, o200k_base have some) or the padding
+            return self.enc.decode([i for i in ids if self._known(i)])
+
+    def _known(self, i):
+        try:
+            self.enc.decode_single_token_bytes(i)
+            return True
+        except (KeyError, OverflowError):
+            return False
 
 
 def get_tokenizer(name):
+    """bytes, or any encoding tiktoken knows (its files are downloaded once into tiktoken's cache)."""
     if name == "bytes":
         return ByteTokenizer()
-    if name != "gpt2":
-        raise UsageError(f"unknown tokenizer {name!r}: use gpt2 or bytes")
+    names = tokenizer_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        raise UsageError(f"unknown tokenizer {name!r}{f' (did you mean {close[0]}?)' if close else ''}: "
+                         f"use one of {', '.join(names)}")
     import tiktoken
     try:
-        return TiktokenTokenizer(tiktoken.get_encoding("gpt2"))
+        enc = tiktoken.get_encoding(name)
     except Exception as e:
-        raise UsageError(f"could not load tiktoken's gpt2 files ({type(e).__name__}; no network?): "
+        raise UsageError(f"could not load tiktoken's {name} files ({type(e).__name__}; no network?): "
                          "use --tokenizer bytes, or point TIKTOKEN_CACHE_DIR at a folder that has them") from None
+    if "<|endoftext|>" not in enc.special_tokens_set:
+        raise UsageError(f"tiktoken's {name} has no <|endoftext|> token to end documents with: use another --tokenizer")
+    return TiktokenTokenizer(enc)
 
 
 def resolve_tokenizer(name, dataset_dir):
@@ -213,6 +237,9 @@ def load_documents(dataset):
     name, config, source = _hub_name(dataset)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
         raise UsageError(f"unknown dataset {dataset!r}: give 'stdlib', a path to text files, or a hub dataset name")
+    if not hub_offline() and not hub_reachable():
+        raise UsageError(f"the hub cannot be reached (no network?) for dataset {dataset!r}: use --dataset stdlib or a "
+                         "local path (or set HF_HUB_OFFLINE=1 to load it from the datasets cache)")
     try:
         splits = datasets.load_dataset(name, config)
     except Exception as e:
@@ -222,6 +249,36 @@ def load_documents(dataset):
     if "validation" in splits:
         return (train, splits["validation"].select_columns(["text"])), source
     return _split(train), source
+
+
+def hub_offline():
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def hub_reachable(timeout=HUB_TIMEOUT):
+    """Whether the hub (HF_ENDPOINT, or huggingface.co), or the proxy in the way, takes a TCP connection
+    within `timeout` seconds, name lookup included. Without this, datasets retries for about 30 s."""
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:
+        return True  # a malformed endpoint: let datasets say what is wrong with it
+    answered = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            answered.append(True)
+        except (OSError, UnicodeError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # name lookup has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return bool(answered)
 
 
 def _split(ds):

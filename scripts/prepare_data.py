@@ -18,14 +18,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mupgpt.data import (check_data_dir, dataset_slug, load_documents, open_prepared, prepare, preparing, resolve_tokenizer,  # noqa: E402
                          source_of)
+from mupgpt.config import tokenizer_names  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="stdlib", help="stdlib, a hub dataset name, or a path to .txt/.jsonl/.parquet files")
-    p.add_argument("--tokenizer", default="auto", choices=["auto", "gpt2", "bytes"],
-                   help="as the trainer's --tokenizer: auto is gpt2 when its files can be had, else bytes")
+    p.add_argument("--tokenizer", default="auto", choices=["auto", *tokenizer_names()],
+                   help="as the trainer's --tokenizer: bytes, gpt2 or another tiktoken encoding; auto is gpt2 when its "
+                   "files can be had, else bytes")
     p.add_argument("--data_dir", default="data", help="where prepared datasets go (the trainer's --data_dir)")
     p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: up to 8 for large datasets)")
     args = p.parse_args()

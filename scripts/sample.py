@@ -121,7 +121,7 @@ def main():
     args = p.parse_args()
     check_args(args)
     model, tok_name = load_model(args.run_dir, args.device)
-    tok = get_tokenizer("gpt2" if tok_name == "gpt2" else "bytes")
+    tok = get_tokenizer(tok_name)
     try:
         torch.manual_seed(args.seed)
     except (RuntimeError, ValueError, OverflowError):

@@ -1,0 +1,28 @@
+"""Step lines and metrics.jsonl carry the elapsed time and an ETA that leaves evaluation time out."""
+import json
+import re
+
+from conftest import run_cli, trainer_args
+
+
+def test_step_lines_show_elapsed_and_eta(tmp_path, corpus, data_dir):
+    # 100 validation batches after every step: evaluation takes far longer than the training steps
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "4", "--eval_interval", "1",
+                               "--eval_iters", "100", "--run_name", "r"))
+    assert res.returncode == 0, res.stderr
+    steps = [l for l in res.stdout.splitlines() if l.startswith("step ")]
+    assert len(steps) == 4
+    for l in steps:
+        assert re.search(r"\| (\d+h\d\dm|\d+m\d\ds|\d+s) elapsed, ETA (\d+h\d\dm|\d+m\d\ds|\d+s) \|", l), l
+    assert steps[-1].split("ETA ")[1].startswith("0s")
+    rows = [json.loads(l) for l in open(tmp_path / "r" / "metrics.jsonl")]
+    elapsed = [r["elapsed_s"] for r in rows]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert rows[-1]["eta_s"] == 0
+    # at step 3 one step is left: an ETA that counted the evaluations would be about elapsed / 3
+    assert 0 < rows[2]["eta_s"] < rows[2]["elapsed_s"] / 3 / 4
+
+
+def test_duration_format():
+    from run_trainer import duration
+    assert [duration(s) for s in (0.2, 42, 83, 3600 + 5 * 60 + 7, 27 * 3600)] == ["0s", "42s", "1m23s", "1h05m", "27h00m"]
