@@ -7,7 +7,8 @@ Each grid point is `run_trainer.py` with its own run directory under <out>/runs/
 summary.json exists is skipped, and an interrupted one resumes from its checkpoint, so a sweep can
 be re-run until done. Runs go out as slots free up: --jobs at a time here (one thread each by
 default), or --slots_per_host at a time on each host of a DeepSpeed-style --hostfile over ssh (the
-repository must be at the same path on every host, the sweep folder on a shared filesystem).
+repository and the folder the sweep starts in must be at the same paths on every host, the sweep folder
+on a shared filesystem).
 Everything after `--` goes to every run unchanged, so steps, batch, warmup and schedule are the same
 at every width. Results: <out>/results.jsonl, one row per run, read by scripts/plot_mu_scaling.py.
 """
@@ -110,14 +111,16 @@ def result_row(point, run_dir):
 
 
 def launch(slot, flags, log):
-    """A run on a slot: ('local', threads) runs here, (host, None) over ssh."""
+    """A run on a slot: ('local', threads) runs here, (host, None) over ssh. Runs start in this process's
+    folder, so relative paths after `--` (--config, --dataset, --data_dir) mean what they meant here,
+    where the sweep prepared the data."""
     host, threads = slot
     cmd = [sys.executable, str(ROOT / "run_trainer.py"), *flags]
     if host == "local":
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     # the forwarded variables go in on stdin, so no value (an API key) is on a command line here or there
-    remote = (f"while IFS= read -r l; do export \"$l\"; done; cd {shlex.quote(str(ROOT))} && "
+    remote = (f"while IFS= read -r l; do export \"$l\"; done; cd {shlex.quote(os.getcwd())} && "
               f"{' '.join(shlex.quote(c) for c in cmd)}")
     ssh = ["ssh", "-o", "BatchMode=yes", *shlex.split(os.environ.get("SSH_ARGS", "")), host, remote]
     return subprocess.run(ssh, input=remote_env().encode(), stdout=log, stderr=subprocess.STDOUT).returncode

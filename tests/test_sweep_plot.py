@@ -161,3 +161,19 @@ def test_a_diverged_run_is_a_result_of_the_sweep_not_a_failure(tmp_path, corpus,
     rows = {r["lr"]: r for r in map(json.loads, open(tmp_path / "s" / "results.jsonl"))}
     assert rows[1e6]["diverged"] and not rows[1e-3]["diverged"]
     assert "diverged (a result, not a failure)" in res.stdout and "0 failed" in res.stdout
+
+
+def test_relative_paths_after_the_double_dash_mean_what_they_mean_where_the_sweep_starts(tmp_path, corpus, data_dir):
+    """A sweep started outside the repository, with a config file and data folder given relative to there."""
+    (tmp_path / "base.toml").write_text("\n".join(f"{k} = {v}" for k, v in [
+        ("n_layer", 1), ("n_head", 2), ("seq_len", 32), ("per_device_train_batch_size", 4), ("max_steps", 4),
+        ("base_head_width", 8), ("tokenizer", '"bytes"'), ("eval_iters", 2), ("precision", '"fp32"')]) + "\n")
+    (tmp_path / "prepared").symlink_to(data_dir)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "sweep.py"), "--out", "s", "--widths", "8", "--lrs",
+                          "1e-3", "--parametrizations", "mup", "--jobs", "1", "--", "--config", "base.toml",
+                          "--dataset", str(corpus), "--data_dir", "prepared"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    config = json.loads((tmp_path / "s" / "runs" / "mup_w8_lr0.001_s0" / "config.json").read_text())
+    assert config["args"]["n_layer"] == 1 and config["args"]["data_dir"] == "prepared"
+    assert not (ROOT / "prepared").exists() and not (ROOT / "base.toml").exists()
