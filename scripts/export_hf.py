@@ -34,6 +34,15 @@ TOKENIZERS = {  # what the ids mean, for people and tools reading config.json
 }
 
 
+def run_eot(run_dir):
+    """The end-of-text id the run's data was prepared with (config.json's resolved data), if recorded."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.load(f)["resolved"]["data"]["eot"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @torch.no_grad()
 def gpt2_export(model):
     """mupgpt GPT -> (state dict of GPT2LMHeadModel, GPT2Config fields), multipliers folded in."""
@@ -118,7 +127,7 @@ def export(run_dir, out_dir):
         raise UsageError(f"{run_dir}/model.safetensors does not hold the model its model_config.json describes: "
                          "give a finished run's directory") from None
     state, fields = EXPORTERS[arch](model)
-    eot, meaning = TOKENIZERS.get(tokenizer, (None, "unknown to export_hf.py"))
+    eot, meaning = TOKENIZERS.get(tokenizer, (run_eot(run_dir), f"tiktoken '{tokenizer}'"))
     fields.update(bos_token_id=eot, eos_token_id=eot, mupgpt={
         "tokenizer": tokenizer, "tokenizer_ids": meaning, "source_run": os.path.abspath(run_dir),
         "model_config": dict(vars(model.cfg)),

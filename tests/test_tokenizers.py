@@ -59,6 +59,12 @@ def test_a_wide_tiktoken_encoding_trains_and_samples(tmp_path, corpus, tiny_env)
                          env={**os.environ, "OMP_NUM_THREADS": "1", **tiny_env}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def f")
+    # and the transformers export names its end-of-text id (read from the run, not a table of known tokenizers)
+    exported = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), str(run), str(tmp_path / "hf")],
+                              capture_output=True, text=True, env=tiny_env, timeout=300)
+    assert exported.returncode == 0, exported.stderr
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["eos_token_id"] == 70000 and hf["mupgpt"]["tokenizer"] == "tiny_wide"
 
 
 def test_the_choices_list_tiktoken_encodings():
