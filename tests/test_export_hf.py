@@ -113,7 +113,7 @@ def test_export_errors(tmp_path, monkeypatch, capsys):
     good = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**good, "n_layer": 2}))
     mismatch = export_cli(tmp_path / "run", tmp_path / "out")
-    assert mismatch.returncode == 2 and "does not hold the model" in mismatch.stderr
+    assert mismatch.returncode == 2 and "model.safetensors does not fit" in mismatch.stderr and mismatch.stderr.count("\n") == 1
     cfg_file.write_text(json.dumps({**good, "arch": "llama"}))
     llama = export_cli(tmp_path / "run", tmp_path / "out")
     assert llama.returncode == 2 and "'llama'" in llama.stderr and "gpt2 only" in llama.stderr
