@@ -121,7 +121,7 @@ def test_export_errors(tmp_path, monkeypatch, capsys):
     weights = tmp_path / "run" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     cut = export_cli(tmp_path / "run", tmp_path / "out")
-    assert cut.returncode == 2 and "model.safetensors can't be read" in cut.stderr
+    assert cut.returncode == 2 and "model.safetensors is not a readable safetensors file" in cut.stderr
     for res in (missing, nofiles, taken, mismatch, llama, cut):
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert sorted(os.listdir(tmp_path)) == ["empty", "run", "taken"]  # no output and no temporary left behind
