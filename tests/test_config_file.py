@@ -1,6 +1,5 @@
 """--config FILE: a TOML or JSON file of flag values; the command line overrides it; bad files are one line."""
 import json
-from pathlib import Path
 
 import pytest
 
