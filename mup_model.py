@@ -16,13 +16,26 @@ as its reference implementation (nanoGPT-mup, completep branch) applies it; alph
 | parameter class         | examples                          | init std                  | AdamW LR          | AdamW decay | AdamW eps  |
 |-------------------------|-----------------------------------|---------------------------|-------------------|-------------|------------|
 | hidden (matrix-like)    | qkv, attn out, MLP in and out     | gain / sqrt(fan_in)       | lr / m * d^(a-1)  | wd / (LR/lr)| eps * d^-a |
-| block vector            | LayerNorms and biases in blocks   | 1 / 0                     | lr * d^(a-1)      | 0           | eps * d^-a |
+| block vector            | Layer/RMSNorm gains, block biases | 1 / 0                     | lr * d^(a-1)      | 0           | eps * d^-a |
 | embedding (vector-like) | token and position embeddings     | init_std                  | lr                | wd          | eps        |
 | readout                 | lm_head (untied)                  | 0, or gain/sqrt(base_width) | lr              | wd          | eps        |
 | final norm              | ln_f                              | 1 / 0                     | lr                | 0           | eps        |
 | logits (forward)        | lm_head output                    | multiplied by output_mult / m                                      |
-| attention (forward)     | q . k                             | multiplied by attn_mult / d_head                                   |
+| attention (forward)     | q . k (after RoPE under llama)    | multiplied by attn_mult / d_head                                   |
 | residual branch (fwd)   | each attention and MLP output     | multiplied by d^-a before it is added to the stream                |
+
+Two architectures share this table (cfg.arch). gpt2: LayerNorm, GELU MLP (hidden 4 x width), learned
+position table, biases. llama: RMSNorm (learnable gain, no bias), SwiGLU MLP (hidden mlp_hidden,
+default 8/3 x width rounded up to a multiple of 64), rotary position embeddings (no position table,
+no parameters), grouped-query attention (n_kv_head K/V heads shared by n_head / n_kv_head query heads
+each), no biases, untied readout. The llama parameters fall into the same classes by name: the
+RMSNorm gains in blocks (ln_1, ln_2) are block vectors; the fused q, k, v projection (width ->
+width + 2 n_kv_head d_head, fan_in width) is hidden, like the attention output (fan_in width) and
+SwiGLU's gate and up matrices (c_gate, c_fc: fan_in width); its down matrix (c_proj) is hidden with
+fan_in mlp_hidden; ln_f is the final norm; wte the only embedding. RoPE rotates each (x_i, x_i+d/2)
+pair of q and k by a position-dependent angle: a rotation keeps |q| and |k|, so q . k keeps muP's
+1/d_head rule (and the optional zero-init of q). The depth rules are per block, so CompleteP applies
+to the llama block unchanged: d^-a on each branch, the block's hidden and gain LRs and eps as above.
 
 attn_mult defaults to sqrt(base_head_width), so muP's attn_mult / d_head equals SP's
 1 / sqrt(d_head) at the base head width (SP: attn_mult / sqrt(base_head_width * d_head)). A model
@@ -74,9 +87,27 @@ class GPTConfig:
     attn_mult: float = 0.0  # 0: sqrt(base_head_width)
     readout_zero_init: bool = True
     query_zero_init: bool = False
-    bias: bool = True
+    bias: bool = True  # gpt2 only: llama has no biases
+    arch: str = "gpt2"  # "gpt2" | "llama"
+    n_kv_head: int = 0  # llama's K/V heads (grouped-query attention; 0: n_head)
+    mlp_hidden: int = 0  # 0: 4 x width (gpt2), 8/3 x width rounded up to a multiple of 64 (llama)
 
     def __post_init__(self):
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"--arch must be gpt2 or llama, not {self.arch!r}")
+        if self.n_kv_head < 0 or self.mlp_hidden < 0:
+            raise ValueError(f"--n_kv_head {self.n_kv_head} and --mlp_hidden {self.mlp_hidden} must be 0 or more "
+                             "(0: the architecture's default)")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"--n_kv_head {self.n_kv_head} must divide --n_head {self.n_head} "
+                             "(each K/V head serves n_head / n_kv_head query heads)")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError("--n_kv_head (grouped-query attention) is for --arch llama; gpt2 has one K/V head per query head")
+        if not self.mlp_hidden:
+            self.mlp_hidden = 4 * self.width if self.arch == "gpt2" else 64 * math.ceil(8 * self.width / 3 / 64)
+        if self.arch == "llama":
+            self.bias = False
         if self.base_width < 0 or self.base_head_width < 1:
             raise ValueError(f"--base_width {self.base_width} and --base_head_width {self.base_head_width} must be "
                              "positive (--base_width 0: n_head x base_head_width)")
@@ -177,11 +208,12 @@ class Embedding(nn.Embedding):
 
 
 class QKV(Linear):
-    """The fused q, k, v projection; the q third can start at zero (muP's optional query zero-init)."""
+    """The fused q, k, v projection (k and v narrower under grouped-query attention); the q rows can start
+    at zero (muP's optional query zero-init)."""
 
-    def __init__(self, width, bias, std, zero_query):
+    def __init__(self, width, kv_width, bias, std, zero_query):
         self.zero_query = zero_query
-        super().__init__(width, 3 * width, bias, std)
+        super().__init__(width, width + 2 * kv_width, bias, std)
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -197,46 +229,87 @@ class Identity(nn.Module):
         return x
 
 
+def rope(x, base=10000.0):
+    """Rotary position embedding of x (B, heads, T, d): the pair (x_i, x_{i+d/2}) at position t turns by
+    t * base^(-2i/d). Computed in forward from T and d (no buffers: nothing for zero.Init, FSDP2 or a
+    meta-device build to place)."""
+    T, d = x.shape[-2], x.shape[-1]
+    inv_freq = base ** -(torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angle = torch.arange(T, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angle.cos(), angle.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         rules = mup_rules(cfg, cfg.width)
-        self.n_head, self.head_width = cfg.n_head, cfg.head_width
+        self.n_head, self.n_kv_head, self.head_width = cfg.n_head, cfg.n_kv_head, cfg.head_width
+        self.rotary = cfg.arch == "llama"
         self.scale = attention_scale(cfg)
-        self.c_attn = QKV(cfg.width, cfg.bias, rules["hidden"].init_std, cfg.query_zero_init)
+        self.c_attn = QKV(cfg.width, cfg.n_kv_head * cfg.head_width, cfg.bias, rules["hidden"].init_std,
+                          cfg.query_zero_init)
         self.c_proj = Linear(cfg.width, cfg.width, cfg.bias, rules["hidden"].init_std)
         self.q, self.k, self.attn_logits = Identity(), Identity(), Identity()
         self.record_logits = False  # coordinate checks compute the logits explicitly
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_width).transpose(1, 2) for t in (q, k, v))
+        kv = self.n_kv_head * self.head_width
+        q, k, v = self.c_attn(x).split([C, kv, kv], dim=2)
+        q = q.view(B, T, self.n_head, self.head_width).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_width).transpose(1, 2) for t in (k, v))
+        if self.rotary:
+            q, k = rope(q), rope(k)
         q, k = self.q(q), self.k(k)
+        gqa = self.n_kv_head != self.n_head
         if self.record_logits:  # only the entries attention uses: position t sees positions <= t
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            self.attn_logits((q @ k.transpose(-2, -1) * self.scale)[..., causal])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            kk = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1) if gqa else k
+            self.attn_logits((q @ kk.transpose(-2, -1) * self.scale)[..., causal])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = Linear(cfg.width, 4 * cfg.width, cfg.bias, mup_rules(cfg, cfg.width)["hidden"].init_std)
-        self.c_proj = Linear(4 * cfg.width, cfg.width, cfg.bias, mup_rules(cfg, 4 * cfg.width)["hidden"].init_std)
+        self.c_fc = Linear(cfg.width, cfg.mlp_hidden, cfg.bias, mup_rules(cfg, cfg.width)["hidden"].init_std)
+        self.c_proj = Linear(cfg.mlp_hidden, cfg.width, cfg.bias, mup_rules(cfg, cfg.mlp_hidden)["hidden"].init_std)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x)))
 
 
+class SwiGLU(nn.Module):
+    """llama's MLP: c_proj(silu(c_gate(x)) * c_fc(x)); gate and up have fan_in width, down (c_proj) mlp_hidden."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        std_in = mup_rules(cfg, cfg.width)["hidden"].init_std
+        self.c_gate = Linear(cfg.width, cfg.mlp_hidden, False, std_in)
+        self.c_fc = Linear(cfg.width, cfg.mlp_hidden, False, std_in)
+        self.c_proj = Linear(cfg.mlp_hidden, cfg.width, False, mup_rules(cfg, cfg.mlp_hidden)["hidden"].init_std)
+
+    def forward(self, x):
+        return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+
+
+def norm(cfg):
+    """gpt2: LayerNorm; llama: RMSNorm with a learnable gain (both start at 1; ones_ in their reset_parameters)."""
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.width, eps=1e-5)
+    return nn.LayerNorm(cfg.width, bias=cfg.bias)
+
+
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, bias=cfg.bias)
+        self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.width, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_2 = norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.arch == "llama" else MLP(cfg)
         self.branch_scale = residual_scale(cfg)
 
     def forward(self, x):
@@ -252,9 +325,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         rules = mup_rules(cfg, cfg.width)
         self.wte = Embedding(cfg.vocab_size, cfg.width, rules["embedding"].init_std)
-        self.wpe = Embedding(cfg.block_size, cfg.width, rules["embedding"].init_std)
+        if cfg.arch == "gpt2":  # llama's positions are rotary (in attention)
+            self.wpe = Embedding(cfg.block_size, cfg.width, rules["embedding"].init_std)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.width, bias=cfg.bias)
+        self.ln_f = norm(cfg)
         self.lm_head = Linear(cfg.width, cfg.vocab_size, False, rules["readout"].init_std)
         self.logit_scale = output_scale(cfg)
 
@@ -266,8 +340,8 @@ class GPT(nn.Module):
 
     def param_rules(self):
         """name -> (class, Rule) for every parameter, from names and the config alone."""
-        fan_in = {"c_attn": self.cfg.width, "c_fc": self.cfg.width, "attn.c_proj": self.cfg.width,
-                  "mlp.c_proj": 4 * self.cfg.width}
+        fan_in = {"c_attn": self.cfg.width, "c_fc": self.cfg.width, "c_gate": self.cfg.width,
+                  "attn.c_proj": self.cfg.width, "mlp.c_proj": self.cfg.mlp_hidden}
         out = {}
         for name, _ in self.named_parameters():
             cls = param_class(name)
@@ -276,9 +350,9 @@ class GPT(nn.Module):
         return out
 
     def forward(self, idx, targets=None):
-        T = idx.shape[1]
-        pos = torch.arange(T, device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+        x = self.wte(idx)
+        if self.cfg.arch == "gpt2":
+            x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x)) * self.logit_scale
@@ -288,7 +362,7 @@ class GPT(nn.Module):
 
     def num_params(self, embeddings=True):
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.wpe.weight.numel()
+        return n if embeddings or self.cfg.arch != "gpt2" else n - self.wpe.weight.numel()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -39,7 +39,8 @@ def model_config(cfg, vocab_size):
                          base_head_width=cfg.base_head_width, base_width=cfg.base_width, base_n_layer=cfg.base_n_layer,
                          depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
                          attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
-                         query_zero_init=cfg.query_zero_init)
+                         query_zero_init=cfg.query_zero_init, arch=cfg.arch, n_kv_head=cfg.n_kv_head,
+                         mlp_hidden=cfg.mlp_hidden)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -30,9 +30,13 @@ def _f(default, help, **kw):
 @dataclass
 class TrainConfig:
     # model
+    arch: str = _f("gpt2", "gpt2 (LayerNorm, GELU MLP, learned positions, biases) or llama (RMSNorm, SwiGLU, rotary "
+                   "positions, grouped-query attention, no biases); both under the same muP rules", choices=["gpt2", "llama"])
     head_width: int = _f(32, "width of each attention head; model width = n_head * head_width", aliases=["--width"])
     n_head: int = _f(4, "attention heads")
     n_layer: int = _f(2, "transformer blocks")
+    n_kv_head: int = _f(0, "llama: key/value heads, dividing --n_head (grouped-query attention; 0: n_head)")
+    mlp_hidden: int = _f(0, "MLP hidden size (0: 4 x width for gpt2, 8/3 x width rounded up to a multiple of 64 for llama)")
     parametrization: str = _f("mup", "mup or sp (standard parametrization, for comparison)", choices=["mup", "sp"])
     base_head_width: int = _f(32, "the base model's head width: muP's attention scale is sqrt(this) / head_width "
                               "(with --base_width 0 the base width is n_head x this)")
@@ -110,7 +114,8 @@ class TrainConfig:
         if backend == "deepspeed" and not self.ds_config:
             engine = f"zero{self.zero_stage}" + ("" if self.offload == "none" else f"-{self.offload}")
         length = f"{self.max_steps}steps" if self.max_steps else f"{self.num_train_epochs:g}epochs"
-        return (f"{self.parametrization}_{self.n_head}x{self.head_width}_d{self.n_layer}_lr{self.learning_rate:g}"
+        arch = "" if self.arch == "gpt2" else f"{self.arch}_"
+        return (f"{arch}{self.parametrization}_{self.n_head}x{self.head_width}_d{self.n_layer}_lr{self.learning_rate:g}"
                 f"_s{self.seed}_{engine}_{length}")
 
 
@@ -280,7 +285,7 @@ def check_config(cfg):
                  "log_interval", "eval_iters"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
-    for name in ("base_n_layer", "vocab_size", "train_batch_size", "max_steps", "num_warmup_steps", "eval_interval",
+    for name in ("n_kv_head", "mlp_hidden", "base_n_layer", "vocab_size", "train_batch_size", "max_steps", "num_warmup_steps", "eval_interval",
                  "save_interval", "keep_checkpoints"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be 0 or more, not {getattr(cfg, name)} (see --help for what 0 means)")

@@ -16,7 +16,9 @@ def flops_per_token(cfg):
 
     N counts the blocks' projections and the readout; the embeddings are lookups (nanoGPT's N holds
     the token embedding once, as the readout it is tied to; here the readout is its own matrix)."""
-    n_matmul = cfg.n_layer * 12 * cfg.width**2 + cfg.vocab_size * cfg.width
+    attn = cfg.width * (2 * cfg.width + 2 * cfg.n_kv_head * cfg.head_width)  # q, k, v and out (gpt2: 4 width^2)
+    mlp = (3 if cfg.arch == "llama" else 2) * cfg.width * cfg.mlp_hidden  # SwiGLU's gate, up, down (gpt2: 8 width^2)
+    n_matmul = cfg.n_layer * (attn + mlp) + cfg.vocab_size * cfg.width
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.width * cfg.block_size
 
 

@@ -7,6 +7,7 @@ the slope of their log2 against log2(width) (or depth). Under muP every slope st
 hidden outputs and logits grow.
 
     python scripts/coord_check.py --parametrization mup --out coord_mup
+    python scripts/coord_check.py --arch llama --parametrization mup --out coord_llama   # the Llama-style block
     torchrun --nproc_per_node 2 scripts/coord_check.py --backend fsdp ...     # the same under FSDP2
     deepspeed --num_gpus 2 scripts/coord_check.py --backend deepspeed ...     # and ZeRO-3
     python scripts/coord_check.py --depths 4,8,16,32 --depth_alpha 1 --n_head 4 --head_width 32 --steps 10
@@ -48,7 +49,7 @@ VOCAB = 257  # the byte tokenizer's
 def watched_modules(model, depth=False):
     """name -> module whose output is recorded; attention blocks compute their logits explicitly.
     Across depths only the same relative place compares, so a depth check watches the last block."""
-    out = {"wte": model.wte, "wpe": model.wpe}
+    out = {"wte": model.wte, **({"wpe": model.wpe} if hasattr(model, "wpe") else {})}  # llama: no position table
     blocks = {"last": model.h[-1]} if depth else {f"h.{i}": b for i, b in enumerate(model.h)}
     for name, block in blocks.items():
         block.attn.record_logits = True
@@ -181,7 +182,7 @@ def run(args, world=None):
     for size in sizes:
         runs[size], deltas[size] = [], []
         for seed in range(args.seeds):
-            flags = ["--parametrization", args.parametrization, "--head_width", str(args.head_width),
+            flags = ["--arch", args.arch, "--parametrization", args.parametrization, "--head_width", str(args.head_width),
                      "--base_head_width", str(args.base_head_width), "--n_head", str(args.n_head),
                      "--n_layer", str(args.n_layer), "--seq_len", str(args.seq_len), "--learning_rate", str(args.lr),
                      "--per_device_train_batch_size", str(args.batch), "--seed", str(seed), "--grad_clip", "0",
@@ -211,7 +212,7 @@ def run(args, world=None):
         judged = verdict(delta_table, runs, from_step, NOT_JUDGED_IN_DEPTH)
     else:
         judged = verdict(table, runs)
-    result = {"parametrization": args.parametrization, "backend": backend, "world_size": world.world_size,
+    result = {"arch": args.arch, "parametrization": args.parametrization, "backend": backend, "world_size": world.world_size,
               "vary": "depth" if args.depths else "head_width", "sizes": sizes,
               "depth_alpha": args.depth_alpha if args.depths else None,
               "judged": "learned part" if args.depths else "mean |x|", **judged,
@@ -274,6 +275,7 @@ def plot(result, path):
 def build_parser():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parametrization", default="mup", choices=["mup", "sp"], help="muP, or SP to see it fail")
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="the model's architecture")
     p.add_argument("--head_widths", default="16,32,64,128", help="comma-separated head widths (powers of 2)")
     p.add_argument("--depths", default="", help="comma-separated depths: a depth check instead of a width check")
     p.add_argument("--depth_alpha", type=float, default=1.0, help="with --depths: 1 CompleteP, 0.5 depth-muP")
