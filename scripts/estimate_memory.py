@@ -28,7 +28,8 @@ Activations per layer use s*b*h*34 bytes in half precision for a pre-LN GPT bloc
 attention (Korthikanti et al. 2022, without the s^2 attention term), s*b*h*2 with activation
 checkpointing plus one recomputed layer; the logits add s*b*V*(2 + 4 + 4) bytes (logits, fp32 loss
 input, gradient). All terms are summed though not all are alive at once: the measured peaks on CPU
-were 0.86x-1.23x of the sum (bench/RESULTS.md).
+were 0.86x-1.23x of the sum (bench/RESULTS.md). --arch llama counts its own parameters (SwiGLU,
+grouped K/V, no position table) and uses the same activation rule, not measured for it.
 """
 import argparse
 import json
@@ -48,11 +49,16 @@ MAX_LIVE = 1e9  # stage3_max_live_parameters and stage3_max_reuse_distance: Deep
 
 
 def count_params(args):
-    cfg = GPTConfig(vocab_size=64 * math.ceil(args.vocab / 64), block_size=args.seq_len, n_layer=args.n_layer,
-                    n_head=args.n_head, head_width=args.head_width)
+    try:
+        cfg = GPTConfig(vocab_size=64 * math.ceil(args.vocab / 64), block_size=args.seq_len, n_layer=args.n_layer,
+                        n_head=args.n_head, head_width=args.head_width, arch=args.arch, n_kv_head=args.n_kv_head,
+                        mlp_hidden=args.mlp_hidden)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     with torch.device("meta"):
         model = GPT(cfg)
-    return sum(p.numel() for p in model.parameters()), cfg
+    layer = sum(p.numel() for p in model.h[0].parameters() if p.dim() == 2)  # a block's matrices
+    return sum(p.numel() for p in model.parameters()), cfg, layer
 
 
 def estimate(args):
@@ -67,11 +73,10 @@ def estimate(args):
         raise UsageError("--offload needs --stage 3")
     if not 0 <= args.offload_ratio <= 1 or (args.offload_ratio < 1 and args.offload != "cpu"):
         raise UsageError("--offload_ratio is a fraction in [0, 1] and needs --offload cpu")
-    n_params, cfg = count_params(args)
+    n_params, cfg, layer = count_params(args)
     N, P = args.world_size, n_params
     half = args.precision in ("bf16", "fp16")
     w = 2 if half else 4  # bytes of a weight or gradient in the training precision
-    layer = 12 * cfg.width**2  # a block's matrices
     gathered = 0.0
     if args.stage == 0:
         weights, grads, optim = 4 * P, 4 * P, 8 * P
@@ -109,6 +114,9 @@ def estimate(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="the model's architecture (as the trainer's)")
+    p.add_argument("--n_kv_head", type=int, default=0, help="llama: key/value heads (0: n_head)")
+    p.add_argument("--mlp_hidden", type=int, default=0, help="MLP hidden size (0: the architecture's default)")
     p.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
     p.add_argument("--n_head", type=int, default=12, help="attention heads")
     p.add_argument("--head_width", type=int, default=64, help="width of each head (model width = n_head x head_width)")

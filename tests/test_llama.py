@@ -218,3 +218,12 @@ def test_llama_coordinate_check_passes_mup_and_flags_sp():
     sp, _ = coord_check.run(coord_check.build_parser().parse_args(["--arch", "llama", "--parametrization", "sp",
                                                                     "--seeds", "1", "--steps", "3"]))
     assert not sp["passes"] and sp["slopes"][2]["logits"] > 0.5 and sp["slopes"][3]["h.1.mlp"] > 0.5
+
+
+def test_memory_estimator_counts_the_llama_model():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimate_memory.py"), "--arch", "llama", "--n_layer", "2",
+                          "--n_head", "4", "--n_kv_head", "2", "--head_width", "16", "--vocab", "257", "--json"],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = GPTConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, head_width=16, vocab_size=320, block_size=1024)
+    assert json.loads(out.stdout)["params"] == sum(p.numel() for p in GPT(cfg).parameters())
