@@ -80,9 +80,9 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
 
 
 def test_llama_parameters_fall_in_the_rules_table_by_name():
-    model = llama(n_head=4, n_kv_head=2, head_width=8, n_layer=2, query_zero_init=True, readout_zero_init=False)
-    cfg = model.cfg
-    assert cfg.mlp_hidden == 128  # 8/3 x 32 = 85.3, rounded up to a multiple of 64
+    assert GPTConfig(arch="llama", n_head=4, head_width=8).mlp_hidden == 128  # 8/3 x 32 = 85.3, rounded up to 64s
+    model = llama(n_head=4, n_kv_head=2, head_width=8, n_layer=2, mlp_hidden=96, query_zero_init=True,
+                  readout_zero_init=False)
     rules = model.param_rules()
     classes = {n: c for n, (c, _) in rules.items()}
     assert classes == {n: param_class(n) for n, _ in model.named_parameters()}
@@ -92,9 +92,10 @@ def test_llama_parameters_fall_in_the_rules_table_by_name():
     assert not any(n.endswith(".bias") for n in classes)  # no biases
     for name in ("attn.c_attn", "attn.c_proj", "mlp.c_gate", "mlp.c_fc"):
         assert rules[f"h.0.{name}.weight"][1].init_std == pytest.approx(1 / math.sqrt(32)), name
-    assert rules["h.0.mlp.c_proj.weight"][1].init_std == pytest.approx(1 / math.sqrt(128))  # fan_in = mlp_hidden
+    assert rules["h.0.mlp.c_proj.weight"][1].init_std == pytest.approx(1 / math.sqrt(96))  # fan_in = mlp_hidden
     w = model.h[0].attn.c_attn.weight
     assert torch.count_nonzero(w[:32]) == 0 and torch.count_nonzero(w[32:]) == w[32:].numel()  # query zero-init: q rows
+    assert model.h[0].mlp.c_proj.weight.std().item() == pytest.approx(1 / math.sqrt(96), rel=0.1)
     assert torch.equal(model.h[0].ln_1.weight, torch.ones(32))
 
 
@@ -212,7 +213,7 @@ def test_llama_gathered_init_and_first_step_equal_one_process(tmp_path, backend)
 def test_llama_coordinate_check_passes_mup_and_flags_sp():
     sys.path.insert(0, str(ROOT / "scripts"))
     import coord_check
-    mup, _ = coord_check.run(coord_check.build_parser().parse_args(["--arch", "llama", "--seeds", "2"]))
+    mup, _ = coord_check.run(coord_check.build_parser().parse_args(["--arch", "llama"]))
     assert mup["passes"], mup["violations"]
     assert "wpe" not in mup["slopes"][4] and {"h.1.mlp", "h.0.attn.logits", "logits"} <= set(mup["slopes"][4])
     sp, _ = coord_check.run(coord_check.build_parser().parse_args(["--arch", "llama", "--parametrization", "sp",
