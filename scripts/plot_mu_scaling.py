@@ -6,9 +6,11 @@ Reads <sweep>/results.jsonl (scripts/sweep.py), averages over seeds, marks each 
 draws diverged runs as x at the top, and writes <sweep>/transfer.png and <sweep>/transfer_summary.json:
 per parametrization and width the optimal log2 lr (grid argmin, and the vertex of a quadratic fitted
 to the argmin and its two neighbours), the optimum's shift across widths, and the loss of every width
-at the LR that is best on average. If the sweep varies depth instead of width, the curves are depths.
-It needs two widths (or depths) per parametrization and three LRs per width: one LR, or two, cannot
-place an optimum (scripts/sweep.py --lrs with at least three values).
+at the LR that is best on average. The curves are the values of the axis the sweep varied besides the
+LR: width, depth, steps (training length, --max_steps; "200 steps") or batch (the global
+--train_batch_size; "batch 16"); the summary's "axis" names it. It needs two values of that axis per
+parametrization and three LRs per value: one LR, or two, cannot place an optimum (scripts/sweep.py
+--lrs with at least three values).
 
 An optimum at the smallest or largest LR tried for a width is an edge optimum ("edge": "low"/"high";
 the true one lies beyond the grid and the fit there is no better): it is drawn as a triangle pointing
@@ -31,6 +33,10 @@ from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noq
 
 
 METRICS = ("mean_train_loss", "final_train_loss", "val_loss")
+# axis -> (its key in the results rows, its sweep.py flag, what one value is called, more than one)
+AXES = {"width": ("width", "--widths", "width", "widths"), "depth": ("depth", "--depths", "depth", "depths"),
+        "steps": ("max_steps", "--steps", "training length", "training lengths"),
+        "batch": ("train_batch_size", "--batch_sizes", "batch size", "batch sizes")}
 
 
 def _number(v):
@@ -46,7 +52,7 @@ def _row_problem(row, metric):
         return f"has no {', '.join(missing)}"
     if row["parametrization"] not in ("mup", "sp"):
         return f"has parametrization {row['parametrization']!r}, not mup or sp"
-    for key in ("width", "depth", "seed", "n_head", "steps"):
+    for key in ("width", "depth", "seed", "n_head", "steps", "max_steps", "train_batch_size"):
         v = row.get(key)
         if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
             return f"has {key} {v!r}, not a whole number"
@@ -90,22 +96,30 @@ def load(sweep, metric):
         raise UsageError(f"{path} is not UTF-8 text: {redo}") from None
     if not rows:
         raise UsageError(f"{path} is empty: no run of the sweep has finished")
-    if len({r["width"] for r in rows}) > 1 and len({r.get("depth") for r in rows}) > 1:
-        raise UsageError(f"{path} varies both width and depth: plot a sweep over one of them (one folder each)")
+    varied = varied_axes(rows)
+    if len(varied) > 1:
+        raise UsageError(f"{path} varies both {varied[0]} and {varied[1]}: plot a sweep over one of them "
+                         "(one folder each)")
     return rows
+
+
+def varied_axes(rows):
+    """The axes (width, depth, steps, batch) with more than one value in the rows; older rows lack steps and batch."""
+    return [axis for axis, (key, *_) in AXES.items() if len({r.get(key) for r in rows}) > 1]
 
 
 def check_grid(tab, axis, path, metric):
     """A transfer plot needs two sizes per parametrization and three LRs per size (an optimum with a
     neighbour on each side), and some run that did not diverge."""
-    flag = "--depths" if axis == "depth" else "--widths"
+    _, flag, one, many = AXES[axis]
     for p, sizes in tab.items():
         if len(sizes) < 2:
-            raise UsageError(f"{path} has {p} runs at one {axis} only ({next(iter(sizes))}): the plot compares the "
-                             f"optimal LR across {axis}s: sweep at least two {flag}")
+            raise UsageError(f"{path} has {p} runs at one {one} only ({next(iter(sizes))}): the plot compares the "
+                             f"optimal LR across {many}: sweep at least two {flag}")
         for s, curve in sizes.items():
             if len(curve) < 3:
-                raise UsageError(f"{path} has {len(curve)} learning rate(s) for {p} at {axis} {s}: an optimum needs "
+                raise UsageError(f"{path} has {len(curve)} learning rate(s) for {p} at {size_label(axis, s)}: "
+                                 "an optimum needs "
                                  "at least 3 (one on each side of it): sweep at least three --lrs")
     if not any(math.isfinite(v) for sizes in tab.values() for c in sizes.values() for v in c.values()):
         raise UsageError(f"every run in {path} diverged or has no {metric}: nothing to plot: sweep lower --lrs")
@@ -140,15 +154,16 @@ def find_n_head(rows, sweep, given=0):
     return given or None
 
 
-def describe(rows, n_head):
-    """The settings every curve shares, for the figure: seeds, steps, and the model width of a depth sweep."""
+def describe(rows, n_head, axis="width"):
+    """The settings every curve shares, for the figure: seeds, steps (unless they are the axis), and the model
+    width of a sweep along another axis."""
     seeds = sorted({r["seed"] for r in rows})
     parts = [f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}"]
     steps = sorted({r["steps"] for r in rows if r.get("steps") and not r["diverged"]})
-    if steps:
+    if steps and axis != "steps":
         parts.append(f"{steps[0]} steps" if len(steps) == 1 else f"{steps[0]}-{steps[-1]} steps")
     widths = sorted({r["width"] for r in rows})
-    if len({r.get("depth") for r in rows}) > 1 and len(widths) == 1:
+    if axis != "width" and len(widths) == 1:
         w = widths[0]
         parts.append(f"width {n_head * w} ({n_head} heads x {w})" if n_head else f"head width {w}")
     elif n_head:
@@ -156,11 +171,16 @@ def describe(rows, n_head):
     return parts
 
 
-def size_label(axis, sizes, n_head):
-    """'width 256' for head width 64 and 4 heads ('width 256 and 512' for several); 'head width 64' without n_head."""
+def size_label(axis, sizes, n_head=None):
+    """'width 256' for head width 64 and 4 heads ('width 256 and 512' for several); 'head width 64' without n_head;
+    'depth 4', '200 steps' ('200 and 800 steps'), 'batch 16'."""
     sizes = sizes if isinstance(sizes, list) else [sizes]
     if axis == "depth":
         return "depth " + " and ".join(map(str, sizes))
+    if axis == "steps":
+        return " and ".join(map(str, sizes)) + " steps"
+    if axis == "batch":
+        return "batch " + " and ".join(map(str, sizes))
     if n_head:
         return "width " + " and ".join(str(n_head * s) for s in sizes)
     return "head width " + " and ".join(map(str, sizes))
@@ -168,13 +188,13 @@ def size_label(axis, sizes, n_head):
 
 def table(rows, metric):
     """{parametrization: {size: {log2 lr: mean loss over seeds, inf if any seed diverged}}} and the size axis."""
-    depths = {r.get("depth") for r in rows}
-    axis = "depth" if len(depths) > 1 else "width"
+    axis = (varied_axes(rows) or ["width"])[0]
+    key = AXES[axis][0]
     acc = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in rows:
         loss = r[metric]
         bad = r["diverged"] or loss is None or not math.isfinite(loss)
-        acc[r["parametrization"]][r[axis]][math.log2(r["lr"])].append(math.inf if bad else loss)
+        acc[r["parametrization"]][r[key]][math.log2(r["lr"])].append(math.inf if bad else loss)
     out = {p: {s: {x: float(np.mean(v)) for x, v in sorted(lrs.items())} for s, lrs in sorted(sizes.items())}
            for p, sizes in acc.items()}
     return out, axis
@@ -292,7 +312,7 @@ def plot(tab, axis, summary, path, metric, label="", settings=()):
     axes[0][0].set_ylabel(metric.replace("_", " "))
     step = summary[params[0]]["grid_step_log2"]
     edges = any(b["edge"] for p in params for b in summary[p]["optimum"].values())
-    marks = [f"*: optimum per {axis}", "x: diverged, or above the top of the chart"]
+    marks = [f"*: optimum per {AXES[axis][2]}", "x: diverged, or above the top of the chart"]
     if edges:
         marks.insert(1, "< >: optimum at the grid's low / high edge (the true one lies beyond: extend the grid)")
     drawn["footer"] = [
@@ -317,7 +337,7 @@ def make(sweep, metric="mean_train_loss", out="", label="", n_head=0):
     summary = summarize(tab, axis, n_head)
     summary["metric"] = metric
     png = out or str(Path(sweep) / "transfer.png")
-    drawn = plot(tab, axis, summary, png, metric, label, describe(rows, n_head))
+    drawn = plot(tab, axis, summary, png, metric, label, describe(rows, n_head, axis))
     with open(Path(sweep) / "transfer_summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     for par in ("mup", "sp"):
@@ -326,7 +346,7 @@ def make(sweep, metric="mean_train_loss", out="", label="", n_head=0):
             sizes = size_label(axis, [int(k) for k in s["optimum"]], n_head).replace(" and ", " / ")
             lrs = " / ".join("-" if b["grid_log2_lr"] is None else f"{b['grid_log2_lr']:g}"
                              for b in s["optimum"].values())
-            better = "wider" if axis == "width" else "deeper"
+            better = {"width": "wider", "depth": "deeper", "steps": "longer", "batch": "a larger batch"}[axis]
             print(f"{par}: optimal log2 lr at {sizes}: {lrs}, shift {shift_text(s, axis, n_head)}; "
                   f"{better} is better at the best common lr: {s['wider_is_better_at_best_common_lr']}")
     print(f"-> {png}, {Path(sweep) / 'transfer_summary.json'}")

@@ -1,7 +1,17 @@
-"""A width x LR x parametrization x seed (x depth) grid of ordinary trainer runs, packed onto cores or hosts.
+"""An LR x parametrization x seed grid of ordinary trainer runs along one more axis (width, depth, training
+length or batch size), packed onto cores or hosts.
 
     python scripts/sweep.py --out sweeps/transfer --widths 8,16,32,64 --lrs 3e-4,1e-3,3e-3 \\
         --parametrizations mup,sp --seeds 0 -- --max_steps 300 --seq_len 64 --base_head_width 8
+    python scripts/sweep.py --out sweeps/length --widths 32 --steps 200,800 --lrs 3e-4,1e-3,3e-3 \\
+        --parametrizations mup -- --seq_len 64 --lr_scheduler_type warmup_stable_decay
+
+The varied axis is the one of --widths (head widths), --depths (--n_layer), --steps (--max_steps) and
+--batch_sizes (--train_batch_size, the global batch: sequences per optimizer step) given more than one
+value; a sweep varies at most one of them (scripts/plot_mu_scaling.py plots the optimum's transfer
+along it), so a steps or batch sweep names one width. A batch size is reached by accumulating micro
+batches of --per_device_train_batch_size (set after `--`; each batch size must be a multiple of it), so
+every run holds the same memory; at a fixed --max_steps a larger batch also sees more tokens.
 
 Each grid point is `run_trainer.py` with its own run directory under <out>/runs/; a run whose
 summary.json exists is skipped, and an interrupted one resumes from its checkpoint, so a sweep can
@@ -9,8 +19,12 @@ be re-run until done. Runs go out as slots free up: --jobs at a time here (one t
 default), or --slots_per_host at a time on each host of a DeepSpeed-style --hostfile over ssh (the
 repository and the folder the sweep starts in must be at the same paths on every host, the sweep folder
 on a shared filesystem).
-Everything after `--` goes to every run unchanged, so steps, batch, warmup and schedule are the same
-at every width. Results: <out>/results.jsonl, one row per run, read by scripts/plot_mu_scaling.py.
+Everything after `--` goes to every run unchanged (so --num_warmup_steps is the same number of steps at
+every length; warmup_stable_decay's default decay is the last 20% of each run's steps). A flag the sweep
+sets per run (--head_width, --learning_rate, --parametrization, --seed, --output_dir, --run_name, and
+--n_layer, --max_steps or --train_batch_size when swept) is refused there: it would override the grid.
+Results: <out>/results.jsonl, one row per run (its grid point: max_steps and train_batch_size are null
+unless swept; steps: the steps it ran), read by scripts/plot_mu_scaling.py.
 """
 import argparse
 import itertools
@@ -30,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mupgpt.config import _Parser, parse_args  # noqa: E402
+from mupgpt.config import build_parser as build_trainer_parser  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 
@@ -60,33 +75,65 @@ def parse_list(flag, text, kind):
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        example = {"lrs": "1e-3,3e-3", "widths": "8,16", "depths": "2,4", "seeds": "0,1"}[flag]
+        example = {"lrs": "1e-3,3e-3", "widths": "8,16", "depths": "2,4", "seeds": "0,1", "steps": "200,800",
+                   "batch_sizes": "16,64"}[flag]
         raise UsageError(f"--{flag} {text!r}: give comma-separated {'numbers' if kind is float else 'integers'}, "
                          f"e.g. --{flag} {example}") from None
     if kind is float and not all(math.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"--{flag} {text!r}: learning rates must be finite and above 0")
-    if flag in ("widths", "depths") and not all(v > 0 for v in values):
+    if flag in ("widths", "depths", "steps", "batch_sizes") and not all(v > 0 for v in values):
         raise UsageError(f"--{flag} {text!r}: must be positive integers")
-    if not values and flag != "depths":
+    if not values and flag in ("lrs", "widths", "seeds"):
         raise UsageError(f"--{flag} is empty: give at least one value")
     return values
 
 
+SIZE_AXES = ("widths", "depths", "steps", "batch_sizes")  # the sweep varies one of these besides the LR
+# trainer flag (argparse dest) -> the sweep flag that sets it for each run; the axes only when given
+OWNED = {"parametrization": "--parametrizations", "head_width": "--widths", "learning_rate": "--lrs",
+         "seed": "--seeds", "output_dir": "--out", "run_name": "--out", "n_layer": "--depths",
+         "max_steps": "--steps", "train_batch_size": "--batch_sizes"}
+
+
 def grid(args):
-    axes = ([p.strip() for p in args.parametrizations.split(",") if p.strip()], parse_list("widths", args.widths, int),
-            parse_list("depths", args.depths, int) or [None], parse_list("lrs", args.lrs, float),
-            parse_list("seeds", args.seeds, int))
-    if not axes[0]:
+    params = [p.strip() for p in args.parametrizations.split(",") if p.strip()]
+    if not params:
         raise UsageError("--parametrizations is empty: use mup and/or sp")
-    for p in axes[0]:
+    for p in params:
         if p not in ("mup", "sp"):
             raise UsageError(f"unknown parametrization {p!r}: use mup and/or sp")
-    return [dict(parametrization=p, width=w, depth=d, lr=lr, seed=s) for p, w, d, lr, s in itertools.product(*axes)]
+    sizes = {flag: parse_list(flag, getattr(args, flag), int) for flag in SIZE_AXES}
+    varied = [flag for flag in SIZE_AXES if len(sizes[flag]) > 1]
+    if len(varied) > 1:
+        a, b = varied[:2]
+        keep = "--widths 32" if "widths" in varied else f"--{b} {sizes[b][0]}"
+        raise UsageError(f"--{a} {getattr(args, a)} and --{b} {getattr(args, b)} both vary: a sweep varies one of "
+                         f"width, depth, steps and batch size besides the LR: give the other one value, e.g. {keep}")
+    axes = (params, sizes["widths"], sizes["depths"] or [None], sizes["steps"] or [None],
+            sizes["batch_sizes"] or [None], parse_list("lrs", args.lrs, float), parse_list("seeds", args.seeds, int))
+    return [dict(parametrization=p, width=w, depth=d, max_steps=t, train_batch_size=b, lr=lr, seed=s)
+            for p, w, d, t, b, lr, s in itertools.product(*axes)]
+
+
+def refuse_swept_flags(args, extra):
+    """A flag after `--` that the sweep also sets per run would silently win over the grid (the last
+    value of a flag counts), so every run of an axis would be the same run under different names."""
+    parser = build_trainer_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(extra))  # only what the command line after `--` sets
+    for dest, flag in OWNED.items():
+        optional = flag in ("--depths", "--steps", "--batch_sizes")  # set per run only when swept
+        if dest in given and (not optional or getattr(args, flag[2:]).strip()):
+            raise UsageError(f"--{dest} is given after -- and the sweep sets it for each run from {flag}: "
+                             f"give its values to {flag} only")
 
 
 def run_name(point):
     depth = f"_d{point['depth']}" if point["depth"] else ""
-    return f"{point['parametrization']}_w{point['width']}{depth}_lr{point['lr']:g}_s{point['seed']}"
+    steps = f"_steps{point['max_steps']}" if point["max_steps"] else ""
+    batch = f"_batch{point['train_batch_size']}" if point["train_batch_size"] else ""
+    return f"{point['parametrization']}_w{point['width']}{depth}{steps}{batch}_lr{point['lr']:g}_s{point['seed']}"
 
 
 def trainer_flags(point, out, extra):
@@ -95,6 +142,10 @@ def trainer_flags(point, out, extra):
              "--run_name", run_name(point), "--resume", "auto", "--log_interval", "10"]
     if point["depth"]:
         flags += ["--n_layer", str(point["depth"])]
+    if point["max_steps"]:
+        flags += ["--max_steps", str(point["max_steps"])]
+    if point["train_batch_size"]:
+        flags += ["--train_batch_size", str(point["train_batch_size"])]
     return flags + extra
 
 
@@ -142,9 +193,15 @@ def run_sweep(args, extra):
         raise UsageError(f"--slots_per_host {args.slots_per_host}: give at least 1")
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
     points = grid(args)
+    refuse_swept_flags(args, extra)
     out = Path(args.out).resolve()
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     cfg = parse_args(trainer_flags(points[0], out, extra))  # checks the shared flags once, up front
+    for b in sorted({p["train_batch_size"] for p in points if p["train_batch_size"]}):
+        if b % cfg.per_device_train_batch_size:
+            raise UsageError(f"--batch_sizes {args.batch_sizes}: {b} is not a multiple of the micro batch "
+                             f"--per_device_train_batch_size {cfg.per_device_train_batch_size} (each run accumulates "
+                             "micro batches up to its batch size): give multiples of it, or a smaller one after --")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     from mupgpt.data import load_data
     load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir)  # prepare once, not in every run at the same time
     todo = [p for p in points if not (out / "runs" / run_name(p) / "summary.json").exists()]
@@ -203,6 +260,10 @@ def build_parser():
     p.add_argument("--out", required=True, help="sweep folder (runs/ and results.jsonl go here)")
     p.add_argument("--widths", default="8,16,32,64", help="head widths")
     p.add_argument("--depths", default="", help="n_layer values (a depth sweep); empty: the trainer's --n_layer")
+    p.add_argument("--steps", default="", help="--max_steps values (a training-length sweep); empty: the trainer's")
+    p.add_argument("--batch_sizes", default="",
+                   help="global --train_batch_size values, sequences per optimizer step (a batch-size sweep; "
+                        "multiples of --per_device_train_batch_size); empty: the trainer's")
     p.add_argument("--lrs", required=True, help="learning rates, e.g. 1e-3,2e-3,4e-3")
     p.add_argument("--parametrizations", default="mup,sp", help="mup and/or sp")
     p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2")

@@ -8,10 +8,13 @@ import pytest
 
 from conftest import ROOT, TINY
 
+# The trainer flags every sweep run shares: TINY less --head_width, which the sweep sets per run (--widths)
+SHARED = [f for i, f in enumerate(TINY) if "--head_width" not in TINY[max(0, i - 1):i + 1]]
+
 
 def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir):
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8,16", "--lrs", "1e-3,4e-3",
-           "--parametrizations", "mup", "--jobs", "2", "--", *TINY, "--max_steps", "6", "--base_head_width", "8",
+           "--parametrizations", "mup", "--jobs", "2", "--", *SHARED, "--max_steps", "6", "--base_head_width", "8",
            "--dataset", str(corpus), "--data_dir", str(data_dir)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -23,6 +26,7 @@ def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir)
     assert all(r["steps"] == 6 and not r["diverged"] and math.isfinite(r["mean_train_loss"]) for r in rows)
     config = json.loads((tmp_path / "s" / "runs" / "mup_w16_lr0.004_s0" / "config.json").read_text())
     assert config["args"]["head_width"] == 16 and config["args"]["learning_rate"] == 4e-3
+    assert json.loads((tmp_path / "s" / "runs" / "mup_w8_lr0.004_s0" / "config.json").read_text())["args"]["head_width"] == 8
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert "4 already done, 0 to run" in again.stdout and again.returncode == 0
 
@@ -136,6 +140,20 @@ def test_plot_of_a_depth_sweep_labels_depths_and_gives_the_model_width(tmp_path)
     (["--depths", "2,x"], "give comma-separated integers"),
     (["--parametrizations", "mup,ntk"], "unknown parametrization 'ntk'"),
     (["--seeds", "0.5"], "give comma-separated integers"),
+    (["--widths", "8", "--steps", "4,0"], "--steps '4,0': must be positive integers"),
+    (["--widths", "8", "--batch_sizes=-8"], "--batch_sizes '-8': must be positive integers"),
+    (["--steps", "4,8"], "--widths 8,16,32,64 and --steps 4,8 both vary: a sweep varies one of width, depth, steps and "
+                         "batch size besides the LR: give the other one value, e.g. --widths 32"),
+    (["--widths", "8", "--depths", "2,4", "--batch_sizes", "8,16"], "--depths 2,4 and --batch_sizes 8,16 both vary"),
+    (["--widths", "8", "--steps", "4,8", "--", "--max_steps=6"],
+     "--max_steps is given after -- and the sweep sets it for each run from --steps"),
+    (["--widths", "8", "--batch_sizes", "8,16", "--", "--train_batch_size", "4"],
+     "--train_batch_size is given after -- and the sweep sets it for each run from --batch_sizes"),
+    (["--widths", "8,16", "--", "--width", "16"], "--head_width is given after -- and the sweep sets it for each run "
+                                                  "from --widths: give its values to --widths only"),
+    (["--widths", "8", "--", "--lr", "1e-2"], "--learning_rate is given after -- and the sweep sets it"),
+    (["--widths", "8", "--batch_sizes", "8,12", "--", "--per_device_train_batch_size", "8"],
+     "--batch_sizes 8,12: 12 is not a multiple of the micro batch --per_device_train_batch_size 8"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "HF").write_text("node-a slots=1\n")
@@ -143,7 +161,7 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "TWICE").write_text("node-a slots=1\r\nnode-a slots=1\r\n")
     args = [str(tmp_path / a) if a in ("HF", "BAD", "TWICE") else a for a in args]
     if not any(a.startswith("--lrs") for a in args):
-        args += ["--lrs", "1e-3"]
+        args = ["--lrs", "1e-3", *args]
     res = subprocess.run([sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), *args], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
@@ -154,7 +172,7 @@ def test_a_diverged_run_is_a_result_of_the_sweep_not_a_failure(tmp_path, corpus,
     """The trainer exits 1 on divergence (it writes no checkpoint of a diverged model); a sweep maps LRs
     up to divergence, so for it that run is a data point."""
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8", "--lrs", "1e-3,1e6",
-           "--parametrizations", "mup", "--jobs", "2", "--", *TINY, "--max_steps", "8", "--base_head_width", "8",
+           "--parametrizations", "mup", "--jobs", "2", "--", *SHARED, "--max_steps", "8", "--base_head_width", "8",
            "--dataset", str(corpus), "--data_dir", str(data_dir)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -177,3 +195,58 @@ def test_relative_paths_after_the_double_dash_mean_what_they_mean_where_the_swee
     config = json.loads((tmp_path / "s" / "runs" / "mup_w8_lr0.001_s0" / "config.json").read_text())
     assert config["args"]["n_layer"] == 1 and config["args"]["data_dir"] == "prepared"
     assert not (ROOT / "prepared").exists() and not (ROOT / "base.toml").exists()
+
+
+def test_a_sweep_over_training_length_runs_each_length_and_plots_its_transfer(tmp_path, corpus, data_dir):
+    cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8", "--steps", "4,8",
+           "--lrs", "1e-3,4e-3,1.6e-2", "--parametrizations", "mup", "--jobs", "2", "--", *SHARED,
+           "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
+    assert sorted((r["max_steps"], r["lr"]) for r in rows) == [(t, lr) for t in (4, 8) for lr in (1e-3, 4e-3, 1.6e-2)]
+    assert all(r["steps"] == r["max_steps"] and r["train_batch_size"] is None for r in rows)
+    config = json.loads((tmp_path / "s" / "runs" / "mup_w8_steps8_lr0.004_s0" / "config.json").read_text())
+    assert config["args"]["max_steps"] == 8 and config["args"]["head_width"] == 8
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_mu_scaling
+
+    summary, drawn = plot_mu_scaling.make(str(tmp_path / "s"))
+    assert summary["axis"] == "steps" and list(summary["mup"]["optimum"]) == ["4", "8"]
+    assert [b["label"] for b in summary["mup"]["optimum"].values()] == ["4 steps", "8 steps"]
+    assert [t.split(" (")[0] for t in drawn["legends"]["mup"]] == ["4 steps", "8 steps"]
+    assert "optimum per training length" in drawn["footer"][0] and "width 16 (2 heads x 8)" in drawn["footer"][1]
+    assert json.loads((tmp_path / "s" / "transfer_summary.json").read_text())["axis"] == "steps"
+
+
+def test_plot_of_a_batch_size_sweep(tmp_path, capsys):
+    # muP's optimum moves one grid step right per 4x batch; batch 256 wants 2^-3, beyond the grid's high edge
+    best = {16: -7.2, 64: -6.2, 256: -3}
+    rows = [{"parametrization": "mup", "width": 16, "depth": None, "max_steps": None, "train_batch_size": b,
+             "lr": 2.0 ** x, "seed": 0, "n_head": 4, "steps": 100, "diverged": False,
+             "mean_train_loss": (x - best[b]) ** 2 / 10 + 3 - math.log2(b) / 10}
+            for b in (16, 64, 256) for x in range(-10, -4)]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import plot_mu_scaling
+
+    summary, drawn = plot_mu_scaling.make(str(tmp_path / "b"))
+    mup = summary["mup"]
+    assert summary["axis"] == "batch" and [b["label"] for b in mup["optimum"].values()] == \
+        ["batch 16", "batch 64", "batch 256"]
+    assert [b["grid_log2_lr"] for b in mup["optimum"].values()] == [-7, -6, -5]
+    assert [b["edge"] for b in mup["optimum"].values()] == [None, None, "high"]
+    assert mup["shift"] == {"grid_steps": 2, "fit_log2": pytest.approx(2.2), "at_least": True,
+                            "extend": "higher LRs above 2^-5"}
+    assert drawn["legends"]["mup"][-1] == "batch 256 (optimum at high edge)"
+    assert "100 steps" in drawn["footer"][1] and "width 64 (4 heads x 16)" in drawn["footer"][1]
+    assert ("optimal log2 lr at batch 16 / 64 / 256: -7 / -6 / -5, shift at least 2 grid steps (optimum at the "
+            "grid's high edge at batch 256: extend the grid above 2^-5); a larger batch is better" in capsys.readouterr().out)
+
+    # a folder whose rows vary two axes is refused: the curves would mix them
+    (tmp_path / "b" / "results.jsonl").write_text("".join(json.dumps({**r, "max_steps": 50 + i % 2}) + "\n"
+                                                          for i, r in enumerate(rows)))
+    res = subprocess.run([sys.executable, "scripts/plot_mu_scaling.py", str(tmp_path / "b")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "varies both steps and batch" in res.stderr
