@@ -125,6 +125,24 @@ def first_body_step(deltas):
     return next((t + 1 for t in range(len(hist)) if hist[t]["wte"] > 0), len(hist) + 1)
 
 
+def train_config(args, backend, size, seed, sizes):
+    """The trainer's config for one width (or depth) and seed; what the flags leave out is the trainer's default,
+    so the check judges the model users train (the query init included)."""
+    flags = ["--arch", args.arch, "--parametrization", args.parametrization, "--head_width", str(args.head_width),
+             "--base_head_width", str(args.base_head_width), "--n_head", str(args.n_head),
+             "--n_layer", str(args.n_layer), "--seq_len", str(args.seq_len), "--learning_rate", str(args.lr),
+             "--per_device_train_batch_size", str(args.batch), "--seed", str(seed), "--grad_clip", "0",
+             "--lr_scheduler_type", "constant", "--precision", "fp32", "--backend", backend,
+             "--zero_stage", "3", "--init_std", str(args.init_std)]
+    if args.query_zero_init is not None:
+        flags += ["--query_zero_init", str(args.query_zero_init)]
+    if args.depths:
+        flags += ["--n_layer", str(size), "--base_n_layer", str(sizes[0]), "--depth_alpha", str(args.depth_alpha)]
+    else:
+        flags += ["--head_width", str(size)]
+    return parse_args(flags)
+
+
 def check_args(args):
     """Bad flags fail here, in this script's own names, before any model is built; returns the sizes."""
     flag = "--depths" if args.depths else "--head_widths"
@@ -154,7 +172,7 @@ def check_args(args):
         raise UsageError(f"--init_std must be 0 or more, not {args.init_std}")
     if not math.isfinite(args.depth_alpha):
         raise UsageError(f"--depth_alpha must be a finite number, not {args.depth_alpha}")
-    if args.query_zero_init not in (0, 1):
+    if args.query_zero_init not in (None, 0, 1):
         raise UsageError(f"--query_zero_init must be 0 or 1, not {args.query_zero_init}")
     return sizes
 
@@ -182,18 +200,7 @@ def run(args, world=None):
     for size in sizes:
         runs[size], deltas[size] = [], []
         for seed in range(args.seeds):
-            flags = ["--arch", args.arch, "--parametrization", args.parametrization, "--head_width", str(args.head_width),
-                     "--base_head_width", str(args.base_head_width), "--n_head", str(args.n_head),
-                     "--n_layer", str(args.n_layer), "--seq_len", str(args.seq_len), "--learning_rate", str(args.lr),
-                     "--per_device_train_batch_size", str(args.batch), "--seed", str(seed), "--grad_clip", "0",
-                     "--lr_scheduler_type", "constant", "--precision", "fp32", "--backend", backend,
-                     "--zero_stage", "3", "--query_zero_init", str(args.query_zero_init),
-                     "--init_std", str(args.init_std)]
-            if args.depths:
-                flags += ["--n_layer", str(size), "--base_n_layer", str(sizes[0]), "--depth_alpha", str(args.depth_alpha)]
-            else:
-                flags += ["--head_width", str(size)]
-            cfg = parse_args(flags)
+            cfg = train_config(args, backend, size, seed, sizes)
             ds_cfg = None
             if backend == "deepspeed":
                 from mupgpt.engines.deepspeed_zero import ds_config
@@ -214,7 +221,7 @@ def run(args, world=None):
         judged = verdict(table, runs)
     result = {"arch": args.arch, "parametrization": args.parametrization, "backend": backend, "world_size": world.world_size,
               "vary": "depth" if args.depths else "head_width", "sizes": sizes,
-              "depth_alpha": args.depth_alpha if args.depths else None,
+              "depth_alpha": args.depth_alpha if args.depths else None, "query_zero_init": cfg.query_zero_init,
               "judged": "learned part" if args.depths else "mean |x|", **judged,
               "slopes": table, "delta_slopes": delta_table,
               "l1": {str(s): [[h[t] for t in range(args.steps)] for h in runs[s]] for s in sizes},
@@ -290,8 +297,9 @@ def build_parser():
     p.add_argument("--steps", type=int, default=4, help="Adam steps recorded (at least 3)")
     p.add_argument("--seeds", type=int, default=3, help="seeds averaged per width")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW base learning rate")
-    p.add_argument("--query_zero_init", type=int, default=1,
-                   help="1: zero-initialised query (microsoft/mup's advice; else q.k/d_head shrinks like d^-1/2 at init)")
+    p.add_argument("--query_zero_init", type=int, default=None,
+                   help="1: zero-initialised query, 0: random (default: the trainer's, zero; with a random query "
+                        "q.k/d_head shrinks like d^-1/2 at init)")
     p.add_argument("--backend", default="auto", choices=["auto", "single", "fsdp", "deepspeed"],
                    help="auto: the launcher's (deepspeed or torchrun), else one process")
     p.add_argument("--out", default="coord_check", help="output folder: coord.json and coord.png go there")

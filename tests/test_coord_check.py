@@ -29,6 +29,20 @@ def test_mup_activations_keep_their_size_across_an_8x_width_range(single):
                                      "h.0.attn.k", "h.1.attn.logits", "logits"}
 
 
+def test_the_check_judges_the_query_init_the_trainer_uses(single):
+    """Both start the query at zero (microsoft/mup's advice): with a random query the check would see the init's
+    q.k/d_head shrink like d^-1/2 while the trainer trained another model."""
+    from mup_model import GPT
+    from mupgpt.config import parse_args
+    from run_trainer import model_config
+    trainer = GPT(model_config(parse_args([]), coord_check.VOCAB)).h[0].attn.c_attn.weight
+    width = trainer.shape[1]
+    assert trainer[:width].abs().max() == 0 and trainer[width:].std() > 0
+    checked = coord_check.train_config(coord_check.build_parser().parse_args([]), "single", 16, 0, [16, 32])
+    assert checked.query_zero_init and single["mup"]["query_zero_init"]
+    assert single["mup"]["l1"]["16"][0][0]["h.0.attn.q"] == 0.0
+
+
 def test_sp_is_flagged_its_logits_and_hidden_outputs_grow(single):
     sp = single["sp"]
     assert not sp["passes"]  # the power check: the same test fails SP
