@@ -86,7 +86,7 @@ class GPTConfig:
     output_mult: float = 1.0
     attn_mult: float = 0.0  # 0: sqrt(base_head_width)
     readout_zero_init: bool = True
-    query_zero_init: bool = False
+    query_zero_init: bool = True  # microsoft/mup's advice; the trainer's default too
     bias: bool = True  # gpt2 only: llama has no biases
     arch: str = "gpt2"  # "gpt2" | "llama"
     n_kv_head: int = 0  # llama's K/V heads (grouped-query attention; 0: n_head)

@@ -48,7 +48,8 @@ class TrainConfig:
     attn_mult: float = _f(0.0, "attention multiplier on q.k/d_head under muP (0: sqrt(base_head_width))")
     init_std: float = _f(0.02, "std of the token and position embeddings")
     readout_zero_init: bool = _f(True, "start the readout at zero (both parametrizations)")
-    query_zero_init: bool = _f(False, "start the query projection at zero")
+    query_zero_init: bool = _f(True, "start the query projection at zero (microsoft/mup's advice: the attention "
+                                "logits start at 0 at every width instead of shrinking like head_width^-1/2)")
     seq_len: int = _f(128, "tokens per training sequence (also the model's context length)")
     vocab_size: int = _f(0, "model vocabulary, padded to a multiple of 64 (0: the tokenizer's); a larger one keeps "
                          "unused rows, e.g. 50304 to benchmark GPT-2's shape on byte tokens")
