@@ -61,6 +61,15 @@ def test_the_verdict_holds_at_16x_width_and_10_steps():
     assert not sp["passes"] and sp["slopes"][4]["logits"] > 0.5 and sp["slopes"][4]["h.1.mlp"] > 0.5
 
 
+@pytest.mark.parametrize("logit_slope, passes", [(0.1, True), (-0.3, True), (0.3, False), (-1.0, False)])
+def test_attention_logits_may_shrink_like_a_clt_term_but_not_like_a_wrong_scale(logit_slope, passes):
+    """Up to d^-1/2 (the learned query meeting the key's random part) passes; d^-1 (an attention scale one
+    power of d_head too small) and growth fail."""
+    slopes = {2: {"h.1.attn.logits": logit_slope, "h.1.mlp": 0.05}}
+    runs = {16: [[{"logits": 0.0}]]}
+    assert coord_check.verdict(slopes, runs)["passes"] is passes
+
+
 @pytest.mark.parametrize("launcher", [
     (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29661"),
     ("deepspeed", "--num_gpus", "2", "--master_port", "29662"),
