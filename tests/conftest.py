@@ -1,8 +1,10 @@
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -52,3 +54,29 @@ def losses(run_dir, key="loss"):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "multinode: runs on real hosts made from network namespaces (skips where they can't be made)")
+
+
+@pytest.fixture
+def script(capsys, monkeypatch):
+    """Run a script (path from the repository root) in this process as `python path args` would: faster than a
+    subprocess; returns returncode, stdout and stderr."""
+    def run(path, *args):
+        path = str(ROOT / path)
+        monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
+        monkeypatch.setattr(sys, "path", list(sys.path))
+        capsys.readouterr()
+        try:
+            runpy.run_path(path, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
+
+
+def assert_one_error_line(res, *words):
+    """The bad-input contract: exit status 2 and one stderr line, 'error: ...', with the given words."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    assert all(w in lines[0] for w in words), lines[0]

@@ -5,14 +5,12 @@ on a loaded machine took ~10 s a run. One case per script runs it as a real subp
 import dataclasses
 import json
 import os
-import runpy
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_error_line
 from mup_model import GPT, GPTConfig
 
 
@@ -22,26 +20,10 @@ def subprocess_script(name, *args):
 
 
 @pytest.fixture
-def script(capsys, monkeypatch):
-    def run(name, *args):
-        path = str(ROOT / "scripts" / name)
-        monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
-        monkeypatch.setattr(sys, "path", list(sys.path))
-        capsys.readouterr()
-        try:
-            runpy.run_path(path, run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
+def script(script):
+    """These scripts live in scripts/."""
+    return lambda name, *args: script(f"scripts/{name}", *args)
 
-
-def assert_one_error_line(res, *words):
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
-    assert all(w in lines[0] for w in words), lines[0]
 
 
 def texts(folder, n=12):

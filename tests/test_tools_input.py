@@ -4,44 +4,22 @@ script runs it as a real subprocess."""
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, assert_one_error_line
 
 FAST_COORD = ["--head_widths", "8,16", "--seeds", "1", "--batch", "2", "--steps", "4"]  # seconds, if it ever ran
 
 
-@pytest.fixture
-def script(capsys, monkeypatch):
-    def run(path, *args):
-        path = str(ROOT / path)
-        monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
-        monkeypatch.setattr(sys, "path", list(sys.path))
-        capsys.readouterr()
-        try:
-            runpy.run_path(path, run_name="__main__")
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
 
 
 def subprocess_script(path, *args):
     return subprocess.run([sys.executable, str(ROOT / path), *map(str, args)], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
 
-
-def assert_one_error_line(res, *words):
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
-    assert all(w in lines[0] for w in words), lines[0]
 
 
 # coord_check.py
