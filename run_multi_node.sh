@@ -12,7 +12,8 @@
 #   BACKEND=fsdp|ddp              the trainer backend under torchrun (default fsdp)
 #   MASTER_PORT                   default: derived from the hostfile and arguments (deterministic)
 #   SSH_ARGS                      extra ssh options (e.g. "-i key -o StrictHostKeyChecking=no"), also given to pdsh
-#   SWEEP_WIDTHS, SWEEP_LRS, SWEEP_PARAMETRIZATIONS, SWEEP_SEEDS, SWEEP_DEPTHS, SWEEP_DIR, or
+#   SWEEP_WIDTHS, SWEEP_LRS, SWEEP_PARAMETRIZATIONS, SWEEP_SEEDS, SWEEP_DEPTHS, SWEEP_STEPS,
+#   SWEEP_BATCH_SIZES, SWEEP_DIR, or
 #   SWEEP_FILE                    a file of KEY=VALUE lines with those keys
 #   DRY_RUN=1                     print the commands instead of running them
 # Variables forwarded to every rank: PYTHONPATH, WANDB_*, NCCL_*, GLOO_*, TP_SOCKET_IFNAME, DS_ACCELERATOR,
@@ -212,7 +213,7 @@ else  # sweep mode
       key=${key%%#*}; key=${key//[[:space:]]/}
       value=${value%%#*}; value=${value//[[:space:]]/}
       [ -z "$key" ] && continue
-      [[ $key =~ ^SWEEP_(WIDTHS|LRS|PARAMETRIZATIONS|SEEDS|DEPTHS|DIR)$ ]] || die "$SWEEP_FILE: unknown key '$key'"
+      [[ $key =~ ^SWEEP_(WIDTHS|LRS|PARAMETRIZATIONS|SEEDS|DEPTHS|STEPS|BATCH_SIZES|DIR)$ ]] || die "$SWEEP_FILE: unknown key '$key'"
       printf -v "$key" '%s' "$value"
     done < "$SWEEP_FILE"
   fi
@@ -223,6 +224,7 @@ else  # sweep mode
   (cd "$repo" && MUPGPT_SSH_ENV=$envfile run python3 scripts/sweep.py --out "${SWEEP_DIR:-sweeps/multinode}" \
     --widths "${SWEEP_WIDTHS:-8,16,32,64}" --lrs "${SWEEP_LRS:-0.001,0.002,0.004,0.008,0.016}" \
     --parametrizations "${SWEEP_PARAMETRIZATIONS:-mup,sp}" --seeds "${SWEEP_SEEDS:-0}" --depths "${SWEEP_DEPTHS:-}" \
+    --steps "${SWEEP_STEPS:-}" --batch_sizes "${SWEEP_BATCH_SIZES:-}" \
     --hostfile "$sweephosts" --slots_per_host "$ngpu" -- "$@")
   rc=$?
   set -e

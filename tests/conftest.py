@@ -15,6 +15,8 @@ sys.path.insert(0, str(ROOT))
 TINY = ["--n_layer", "1", "--n_head", "2", "--head_width", "16", "--base_head_width", "16", "--seq_len", "32",
         "--per_device_train_batch_size", "4", "--tokenizer", "bytes", "--eval_iters", "2", "--log_interval", "1",
         "--eval_interval", "0", "--precision", "fp32", "--lr_scheduler_type", "constant"]
+# TINY without the head width: what a sweep's runs share (the sweep sets each run's width)
+SWEEP_SHARED = [f for i, f in enumerate(TINY) if "--head_width" not in TINY[max(0, i - 1):i + 1]]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, losses, run_cli, trainer_args
+from conftest import ROOT, SWEEP_SHARED, losses, run_cli, trainer_args
 from netns_hosts import Hosts, unavailable
 
 SCRIPT = str(ROOT / "run_multi_node.sh")
@@ -57,11 +57,12 @@ def test_torchrun_path_starts_one_rendezvous_per_node(hostfile):
 
 
 def test_sweep_mode_hands_the_grid_and_nodes_to_sweep_py(hostfile, tmp_path):
-    (tmp_path / "grid").write_text("SWEEP_WIDTHS=8,16\nSWEEP_LRS=1e-3,2e-3  # two\n")
-    (cmd,) = dry([hostfile, 2, 2, "false", "--max_steps", "50"], SWEEP_FILE=str(tmp_path / "grid"), SWEEP_SEEDS="0,1")
-    assert cmd.startswith("python3 scripts/sweep.py --out sweeps/multinode --widths 8\\,16 --lrs 1e-3\\,2e-3 "
+    (tmp_path / "grid").write_text("SWEEP_WIDTHS=32\nSWEEP_LRS=1e-3,2e-3  # two\nSWEEP_STEPS=100,400\n")
+    (cmd,) = dry([hostfile, 2, 2, "false", "--seq_len", "64"], SWEEP_FILE=str(tmp_path / "grid"), SWEEP_SEEDS="0,1")
+    assert cmd.startswith("python3 scripts/sweep.py --out sweeps/multinode --widths 32 --lrs 1e-3\\,2e-3 "
                           "--parametrizations mup\\,sp --seeds 0\\,1 ")
-    assert "--hostfile HOSTFILE.generated --slots_per_host 2 -- --max_steps 50" in cmd
+    assert "--steps 100\\,400 --batch_sizes '' " in cmd  # a length sweep across the nodes
+    assert "--hostfile HOSTFILE.generated --slots_per_host 2 -- --seq_len 64" in cmd
 
 
 def test_secrets_are_forwarded_but_never_printed(hostfile):
@@ -234,7 +235,7 @@ def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_
     env = {**host_env(hosts), **hostile_env(tmp_path), "SWEEP_DIR": str(tmp_path / "sweep"), "SWEEP_WIDTHS": "8,16",
            "SWEEP_LRS": "2e-3", "SWEEP_PARAMETRIZATIONS": "mup,sp"}
     with Watch(tmp_path) as watch:
-        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *TINY, "--max_steps", "5", "--base_head_width",
+        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *SWEEP_SHARED, "--max_steps", "5", "--base_head_width",
                       "8", "--dataset", corpus, "--data_dir", data_dir], env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert not list(tmp_path.glob("pwned*")) and SECRET not in res.stdout + res.stderr

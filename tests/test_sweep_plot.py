@@ -6,15 +6,12 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY
-
-# The trainer flags every sweep run shares: TINY less --head_width, which the sweep sets per run (--widths)
-SHARED = [f for i, f in enumerate(TINY) if "--head_width" not in TINY[max(0, i - 1):i + 1]]
+from conftest import ROOT, SWEEP_SHARED
 
 
 def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir):
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8,16", "--lrs", "1e-3,4e-3",
-           "--parametrizations", "mup", "--jobs", "2", "--", *SHARED, "--max_steps", "6", "--base_head_width", "8",
+           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "6", "--base_head_width", "8",
            "--dataset", str(corpus), "--data_dir", str(data_dir)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -172,7 +169,7 @@ def test_a_diverged_run_is_a_result_of_the_sweep_not_a_failure(tmp_path, corpus,
     """The trainer exits 1 on divergence (it writes no checkpoint of a diverged model); a sweep maps LRs
     up to divergence, so for it that run is a data point."""
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8", "--lrs", "1e-3,1e6",
-           "--parametrizations", "mup", "--jobs", "2", "--", *SHARED, "--max_steps", "8", "--base_head_width", "8",
+           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "8", "--base_head_width", "8",
            "--dataset", str(corpus), "--data_dir", str(data_dir)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -199,7 +196,7 @@ def test_relative_paths_after_the_double_dash_mean_what_they_mean_where_the_swee
 
 def test_a_sweep_over_training_length_runs_each_length_and_plots_its_transfer(tmp_path, corpus, data_dir):
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8", "--steps", "4,8",
-           "--lrs", "1e-3,4e-3,1.6e-2", "--parametrizations", "mup", "--jobs", "2", "--", *SHARED,
+           "--lrs", "1e-3,4e-3,1.6e-2", "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED,
            "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
