@@ -16,7 +16,8 @@ corrected to what DeepSpeed and FSDP2 allocate, measured on CPU with tests/mem_p
   ZeRO-3                 as ZeRO-2, weights sharded: w/N; plus the gathered weights: a weight stays
                          gathered from forward to backward while fewer than stage3_max_reuse_distance
                          (1e9) elements are fetched in between, up to stage3_max_live_parameters (1e9),
-                         so below 1e9 parameters the whole model does (w x P), and one layer's gradients
+                         so below 1e9 parameters the whole model does (w x P), and a reduce bucket of gradients
+                         (one layer, at least 2^20 elements: bucket_elements in engines/deepspeed_zero.py)
   FSDP2 (--fsdp)         (4 + 4 + 8)/N fp32 shards; plus two blocks gathered, each weight with its
                          gradient and that gradient's fp32 copy for the reduce-scatter
   offload cpu            Adam, master and fp32 gradients (16/N) and the weight shards (w/N) on the
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from mup_model import GPT, GPTConfig  # noqa: E402
+from mupgpt.engines.deepspeed_zero import bucket_elements  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
 
 GIB = 2**30
@@ -87,8 +89,9 @@ def estimate(args):
         weights = w * P / N if args.stage == 3 else w * P
         grads = (w * P / N if args.stage >= 2 else w * P) + (4 * P / N if half else 0)
         optim = 12 * P / N
-        if args.stage == 3:  # weights reused within MAX_LIVE elements stay gathered from forward to backward
-            gathered = w * (min(P, MAX_LIVE) + layer)  # and one layer's gradients before their reduce-scatter
+        if args.stage == 3:  # weights reused within MAX_LIVE elements stay gathered from forward to backward,
+            # and the gradients wait in a full reduce bucket before their reduce-scatter
+            gathered = w * (min(P, MAX_LIVE) + max(layer, bucket_elements(cfg.width)))
     host = 0.0
     if args.offload == "cpu":
         # DeepSpeed keeps the offloaded gradients in fp32 (4 B, not 2) and reserves 1.5x for its pinned

@@ -49,6 +49,12 @@ def _set(node, key, value, source, flag):
     node[key] = value
 
 
+def bucket_elements(width):
+    """DeepSpeed's reduce / all-gather bucket: about one layer, at least 2^20 elements (below that each small
+    parameter is its own collective: ZeRO-3 spent 99 reduce-scatters a step on the bench's tiny model)."""
+    return max(width * width, 2**20)
+
+
 def ds_config(cfg, precision, global_batch, accum, width):
     """The effective DeepSpeed config for this run (also written to the run directory)."""
     deepspeed_environment(resolve_device(cfg))  # checking the config imports DeepSpeed
@@ -85,10 +91,8 @@ def ds_config(cfg, precision, global_batch, accum, width):
         # (ZeRO-1/2/3: 0.07%), so it is not offered
         raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
                          "or --backend ddp for mixed precision")
-    # sizes from the model: buckets about one layer but at least 2^20 elements (below that each small
-    # parameter is its own collective: ZeRO-3 spent 99 reduce-scatters a step on the bench's tiny model),
-    # keep small (norm/bias) params resident
-    bucket = max(width * width, 2**20)
+    # sizes from the model: buckets (bucket_elements), keep small (norm/bias) params resident
+    bucket = bucket_elements(width)
     auto_sizes = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                   "stage3_prefetch_bucket_size": int(0.9 * bucket),
                   "stage3_param_persistence_threshold": 10 * width}
