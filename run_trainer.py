@@ -22,7 +22,7 @@ from mupgpt.data import Batches, load_data
 from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
-from mupgpt.metrics import Reporter, flops_per_token, peak_flops, peak_memory
+from mupgpt.metrics import Reporter, duration, flops_per_token, peak_flops, peak_memory
 from mupgpt.optim import schedule_kwargs
 from mupgpt.rundir import refuse_a_second_run, run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
@@ -96,11 +96,6 @@ def step_profiler(prof, is_main):
         sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=20), flush=True)
     return None
-
-
-def duration(s):
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def evaluate(engine, batches, iters):

@@ -22,6 +22,13 @@ def flops_per_token(cfg):
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.width * cfg.block_size
 
 
+def duration(seconds):
+    """42s, 1m23s, 1h05m: elapsed times and ETAs in step lines and sweep progress."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 def peak_flops(device):
     """The device's peak, or 0 where none is known: then no MFU is shown. On a CPU a matmul rate timed at
     start-up stood in for the peak, but on a busy machine it came out low and MFU read 300-600%."""

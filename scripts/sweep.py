@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from mupgpt.config import _Parser, parse_args  # noqa: E402
 from mupgpt.config import build_parser as build_trainer_parser  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.metrics import duration  # noqa: E402
 
 
 HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:]+")
@@ -247,12 +248,6 @@ def run_sweep(args, extra):
         f.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"{len(rows)} of {len(points)} runs finished -> {out / 'results.jsonl'}", flush=True)
     return rows, failed
-
-
-def duration(seconds):
-    m, s = divmod(round(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def build_parser():

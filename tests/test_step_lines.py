@@ -24,5 +24,5 @@ def test_step_lines_show_elapsed_and_eta(tmp_path, corpus, data_dir):
 
 
 def test_duration_format():
-    from run_trainer import duration
+    from mupgpt.metrics import duration
     assert [duration(s) for s in (0.2, 42, 83, 3600 + 5 * 60 + 7, 27 * 3600)] == ["0s", "42s", "1m23s", "1h05m", "27h00m"]

@@ -150,3 +150,9 @@ def test_bad_flag_from_the_command_line_is_one_line_and_exit_2(tmp_path, corpus,
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert sorted(os.listdir(out)) == ["f"]
+
+
+def test_the_keys_taken_without_scanning_deepspeed_are_deepspeed_keys():
+    """check_keys skips its 1.5 s scan of DeepSpeed's sources for the keys we ship; each must be one it reads."""
+    from mupgpt.engines.deepspeed_zero import SHIPPED_KEYS, deepspeed_keys
+    assert SHIPPED_KEYS <= deepspeed_keys()
