@@ -77,24 +77,33 @@ class StopFlag:
         return bool(flag.item())
 
 
+PROFILE_WAIT = 10  # steps before the profiled ones: compile, recompiles and the allocator settle first
+
+
 def start_profiler():
-    """--print_profile_results: profile steps 2 to 4 (after warm-up) and print the top operators."""
+    """--print_profile_results: profile steps 13 to 16 (after warm-up) and print the top operators by
+    device time and by host time; MUPGPT_PROFILE_TRACE=FILE.json also writes a Chrome trace."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    prof = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=1, warmup=1, active=3))
+    prof = torch.profiler.profile(activities=activities,
+                                  schedule=torch.profiler.schedule(wait=PROFILE_WAIT, warmup=2, active=4))
     prof.start()
     return prof
 
 
 def step_profiler(prof, is_main):
     prof.step()
-    if prof.step_num < 5:
+    if prof.step_num < PROFILE_WAIT + 6:
         return prof
     prof.stop()
     if is_main:
-        sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=20), flush=True)
+        table = prof.key_averages()
+        if torch.cuda.is_available():
+            print(table.table(sort_by="cuda_time_total", row_limit=25), flush=True)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        if os.environ.get("MUPGPT_PROFILE_TRACE"):
+            prof.export_chrome_trace(os.environ["MUPGPT_PROFILE_TRACE"])
     return None
 
 
@@ -237,6 +246,11 @@ def _train(cfg, cleanup):
         if stopping or diverged:
             break
 
+    if profiler is not None:  # the run ended before the profiled steps
+        profiler.stop()
+        if world.is_main:
+            print(f"note: no profile: --print_profile_results profiles steps {PROFILE_WAIT + 3}-{PROFILE_WAIT + 6}, "
+                  f"this run ended at step {step}", flush=True)
     if world.is_main and not diverged:
         print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
     if cfg.save and not diverged:

@@ -3,7 +3,8 @@
 # the stdlib corpus prepared in data/ (python scripts/prepare_data.py --tokenizer bytes) and, for the
 # side-by-side row, a nanoGPT checkout at ref/nanoGPT (never committed):
 #
-#   bash bench/gpu.sh throughput   # GPT-2 124M shape: single, FSDP2, ZeRO-3 with compile; nanoGPT; fp16 checks
+#   bash bench/gpu.sh throughput   # GPT-2 124M shape: single, FSDP2, ZeRO-3 (DeepCompile) with compile; nanoGPT; fp16 checks
+# (bench/gpu_profile.sh: every engine in one call, with per-step losses; what RESULTS.md's 2026-11-25 rows ran)
 #   bash bench/gpu.sh largest 32x4096 24x4096   # ZeRO-3 + CPU offload, the first size (layers x width) that trains 10 steps
 #   DS_CONFIG=ds_configs/zero3_offload_cpu_partial.json bash bench/gpu.sh largest 32x4096   # part of Adam on the GPU
 #   bash bench/gpu.sh checks       # exactness on the GPU: partial vs full offload, checkpoint_in_cpu, FSDP2 fp16

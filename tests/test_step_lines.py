@@ -26,3 +26,19 @@ def test_step_lines_show_elapsed_and_eta(tmp_path, corpus, data_dir):
 def test_duration_format():
     from mupgpt.metrics import duration
     assert [duration(s) for s in (0.2, 42, 83, 3600 + 5 * 60 + 7, 27 * 3600)] == ["0s", "42s", "1m23s", "1h05m", "27h00m"]
+
+
+def test_profile_is_taken_after_warm_up_and_said_when_the_run_is_too_short(tmp_path, corpus, data_dir):
+    """--print_profile_results profiles steps 13-16 (compile and the allocator have settled by then): host
+    tables and, with MUPGPT_PROFILE_TRACE, a Chrome trace; a shorter run says there is no profile."""
+    trace = tmp_path / "trace.json"
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "16", "--run_name", "long",
+                               "--print_profile_results"), env={"MUPGPT_PROFILE_TRACE": str(trace)})
+    assert res.returncode == 0, res.stderr
+    assert "Self CPU time total" in res.stdout and "no profile" not in res.stdout
+    steps = [e["name"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")]
+    assert sorted(set(steps)) == [f"ProfilerStep#{n}" for n in (12, 13, 14, 15)]  # 0-based: steps 13-16
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "5", "--run_name", "short",
+                               "--print_profile_results"))
+    assert res.returncode == 0, res.stderr
+    assert "note: no profile: --print_profile_results profiles steps 13-16, this run ended at step 5" in res.stdout
