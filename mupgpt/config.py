@@ -88,7 +88,7 @@ class TrainConfig:
     nvme_path: str = _f("", "folder for --offload nvme")
     ds_config: str = _f("", "a DeepSpeed JSON config of your own (the batch, precision and clipping flags are filled in)")
     gradient_checkpointing: bool = _f(False, "recompute block activations in the backward pass to save memory")
-    compile: bool = _f(False, "torch.compile the model")
+    compile: bool = _f(False, "torch.compile the model (DeepSpeed: DeepCompile under ZeRO-3 on a GPU; refused under ZeRO-0/1/2)")
     device: str = _f("auto", "cpu, cuda or auto", choices=["auto", "cpu", "cuda"])
     # outputs
     output_dir: str = _f("runs", "parent folder of run directories")
