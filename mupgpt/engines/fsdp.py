@@ -11,6 +11,7 @@ import os
 import pickle
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -102,11 +103,19 @@ class FSDPEngine(Engine):
         self.model.set_requires_gradient_sync(last)
         return super().no_sync(last)
 
+    @torch.no_grad()  # to_local() is an autograd op: 0.75 ms for 149 parameters with grad mode on, 0.05 without
     def clip(self):
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        """The global grad norm from each rank's local shards (one all-reduce of a scalar) and the clip
+        applied to them: clip_grad_norm_ on the DTensors themselves dispatched every op per parameter and
+        took 2.0-2.8 ms a step on the bench's tiny model (149 parameters, CPU), this 0.8 ms."""
+        grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
+        squares = torch.nn.utils.get_total_norm(grads).square()
+        if self.world.world_size > 1:
+            dist.all_reduce(squares)
+        norm = squares.sqrt()
+        if self.grad_clip > 0:
+            torch._foreach_mul_(grads, torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0))
+        return norm
 
     def save(self, path):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
