@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 
+from safetensors.torch import save_file
+
 from mupgpt.errors import UsageError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -216,6 +218,39 @@ def save(engine, run_dir, trainer_state, keep):
             shutil.rmtree(old, ignore_errors=True)
     world.barrier()
     return final
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def export(engine, run_dir, model_cfg):
+    """The run's final model.safetensors + model_config.json (all ranks call this; rank 0 writes). Written
+    beside and renamed into place: a full disk leaves no half file, says so in one line and names the
+    last checkpoint, which holds the same weights."""
+    state = engine.full_state_dict()  # a collective under the sharded backends
+    if not engine.world.is_main:
+        return
+    files = {"model.safetensors": lambda f: save_file(state, f),
+             "model_config.json": lambda f: _write_json(f, dataclasses.asdict(model_cfg))}
+    tmps = {name: os.path.join(run_dir, f".{name}.tmp") for name in files}
+    try:
+        for name, write in files.items():
+            write(tmps[name])
+        for name, tmp in tmps.items():
+            os.replace(tmp, os.path.join(run_dir, name))
+    except Exception as e:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if not _disk_full(e, run_dir):
+            raise
+        last = checkpoints(run_dir)
+        where = (f"the last checkpoint {last[-1]} holds the trained weights (its model.safetensors)" if last
+                 else "no checkpoint holds the weights (--save was off or none was written)")
+        raise UsageError(f"the disk is full: could not write the final model.safetensors in {run_dir} "
+                         f"({e.__class__.__name__}); {where}: free space and copy it from there") from None
 
 
 def restore(engine, path, trainer_state, backend):

@@ -253,3 +253,23 @@ def test_a_full_disk_at_save_is_one_line_keeps_the_previous_checkpoint_and_clean
     res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval", "2",
                                "--resume", "auto"))
     assert res.returncode == 0 and "at step 4" in res.stdout, res.stderr[-3000:]
+
+
+def test_a_full_disk_at_the_final_export_is_one_line_and_names_the_checkpoint(small_disk, corpus, data_dir):
+    """The final model.safetensors is written beside and renamed into place: a full disk leaves no half
+    file, is one line, and points at the last checkpoint, which holds the same weights."""
+    first = train(small_disk, corpus, data_dir, "sizes", "--max_steps", "2")
+    model = (first / "model.safetensors").stat().st_size
+    rest = sum(f.stat().st_size for f in first.rglob("*") if f.is_file() and f.name != "model.safetensors")
+    shutil.rmtree(first)
+    page = 4096  # tmpfs counts whole pages: give every file of the run but the model a page of slack
+    slack = page * (sum(1 for _ in first.parent.rglob("*")) + 40)
+    (small_disk / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - rest - slack - model // 2))
+    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert "the disk is full: could not write the final model.safetensors" in lines[0]
+    run_dir = small_disk / "r"
+    assert f"the last checkpoint {run_dir}/checkpoints/step_00000002 holds the trained weights" in lines[0]
+    assert sorted(p.name for p in run_dir.iterdir() if "model" in p.name) == []  # no half file, no .tmp
+    assert checkpoint.verify(str(run_dir / "checkpoints" / "step_00000002"))

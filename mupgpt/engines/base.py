@@ -3,13 +3,11 @@
 The model (mup_model.GPT) knows nothing of parallelism; everything that wraps it (DDP, FSDP2,
 DeepSpeed, activation checkpointing, torch.compile, autocast) happens in this package. An engine offers:
 train_step(micro_batches) -> (mean loss, grad norm) as device tensors (no host sync), eval_loss,
-save(dir) / load(dir) of its native state, full_state_dict() for a consolidated export, and
-world info (rank, world_size, device, is_main).
+save(dir) / load(dir) of its native state, full_state_dict() for the consolidated export that
+checkpoint.export writes, and world info (rank, world_size, device, is_main).
 """
 import contextlib
-import dataclasses
 import functools
-import json
 import os
 import pickle
 import re
@@ -171,14 +169,6 @@ class Engine:
     def full_state_dict(self):
         """The whole model's weights as plain CPU tensors under bare names (rank 0 gets them)."""
         return {clean_name(k): v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-
-    def export(self, path, model_cfg):
-        """A consolidated model (safetensors + model_config.json) that loads into any backend."""
-        state = self.full_state_dict()
-        if self.is_main:
-            save_file(state, path)
-            with open(os.path.join(os.path.dirname(path), "model_config.json"), "w") as f:
-                json.dump(dataclasses.asdict(model_cfg), f, indent=2)
 
     def load_model(self, state):
         missing, unexpected = self.model.load_state_dict(state, strict=False)
