@@ -191,10 +191,13 @@ elif $single; then  # torchrun on every node over ssh, c10d rendezvous on the fi
   log=$workdir/launch.log
   : > "$log"
   for i in "${!hosts[@]}"; do
-    # the forwarded variables come in on stdin, so no value is on any command line
+    # the forwarded variables come in on stdin, so no value is on any command line. --local_addr: the node that
+    # rendezvous makes rank 0 tells every worker to reach it at this name; without it, at its FQDN, which is
+    # `localhost` wherever /etc/hosts maps the host name to a loopback address (then the other nodes hang)
     remote="while IFS= read -r l; do export \"\$l\"; done; cd $(printf %q "$repo") && $(printf '%q ' "$python" \
       -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$ngpu" --node_rank "$i" --rdzv_backend c10d \
-      --rdzv_endpoint "$master:$port" --rdzv_id "mupgpt-$port" --rdzv_conf "is_host=$([ "$i" = 0 ] && echo 1 || echo 0)" \
+      --rdzv_endpoint "$master:$port" --local_addr "${hosts[$i]}" --rdzv_id "mupgpt-$port" \
+      --rdzv_conf "is_host=$([ "$i" = 0 ] && echo 1 || echo 0)" \
       run_trainer.py --backend "${BACKEND:-fsdp}" "$@")"
     if [ "${DRY_RUN:-0}" = 1 ]; then
       printf '%q ' ssh "${ssh_args[@]}" "${hosts[$i]}"; echo "[remote] $remote"

@@ -8,7 +8,9 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -21,8 +23,15 @@ SCRIPT = str(ROOT / "run_multi_node.sh")
 
 
 def launch(args, env=None, timeout=600):
-    return subprocess.run([SCRIPT, *map(str, args)], cwd=ROOT, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen([SCRIPT, *map(str, args)], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung launch: end its ssh clients too, which hold the pipes open
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def dry(args, **env):
@@ -54,6 +63,7 @@ def test_torchrun_path_starts_one_rendezvous_per_node(hostfile):
     for rank, line in enumerate(lines):
         assert (f"--nnodes 3 --nproc_per_node 4 --node_rank {rank} --rdzv_backend c10d --rdzv_endpoint node-a:"
                 in line) and line.endswith("run_trainer.py --backend ddp --head_width 16")
+        assert f" --local_addr {line.split()[1]} " in line  # what rank 0's workers are told to reach it at
 
 
 def test_sweep_mode_hands_the_grid_and_nodes_to_sweep_py(hostfile, tmp_path):
@@ -218,17 +228,20 @@ def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, d
     assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)  # the folder, literally
 
 
-def test_torchrun_over_ssh_passes_values_literally_and_secrets_unseen(hosts, tmp_path, corpus, data_dir):
-    # one node: two torchrun nodes don't meet in these namespace hosts (they share one host name)
+def test_torchrun_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
     out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\""
-    args = trainer_args(out, corpus, data_dir, "--max_steps", "2", "--run_name", "tr")
+    args = trainer_args(out, corpus, data_dir, "--max_steps", "4")
     with Watch(tmp_path) as watch:
-        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 1, "True", *args],
+        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"],
                      {**host_env(hosts), **hostile_env(tmp_path), "LAUNCHER": "torchrun", "BACKEND": "ddp"}, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert "10.77.0.1: " in res.stdout
-    assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0",))
-    assert json.loads((out / "tr" / "summary.json").read_text())["steps"] == 2
+    assert "10.77.0.1: " in res.stdout and "10.77.0.2: " in res.stdout
+    assert_nothing_ran_and_secret_hidden(tmp_path, res, watch)
+    one = run_cli([*args, "--backend", "ddp", "--run_name", "one_host"],
+                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29673"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)
+    assert json.loads((out / "two_hosts" / "summary.json").read_text())["steps"] == 4
 
 
 def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_dir):
