@@ -19,7 +19,8 @@
 # Variables forwarded to every rank: PYTHONPATH, WANDB_*, NCCL_*, GLOO_*, TP_SOCKET_IFNAME, DS_ACCELERATOR,
 # OMP_NUM_THREADS (and, under the deepspeed runner, those it forwards itself). Their values are never
 # printed. Secrets (*_API_KEY, *TOKEN*, *SECRET*, *PASSWORD*) never go on a command line either: they reach
-# each node over ssh's stdin (into a 0600 file there under the deepspeed runner, removed after the run).
+# each node over ssh's stdin (under the deepspeed runner into a 0600 file there, which removes itself when
+# the node's launch has read it, before training starts).
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -165,15 +166,18 @@ if $single && [[ $launcher == deepspeed ]]; then
     else sq quoted "$a"; fi
     ds_args+=("$quoted")
   done
-  # secrets: into a 0600 file on each node over ssh's stdin, sourced there before the launch
+  # secrets: into a 0600 file on each node over ssh's stdin, sourced there before the launch; its last line
+  # removes it, so it is gone before training starts. One file per node (pdsh makes %h the node's name):
+  # where nodes share /tmp, the first to start would otherwise remove the others' file before they read it.
   venv=()
   if [ -s "$secrets" ]; then
-    venv=(--venv_script "$node_dir/env")
+    venv=(--venv_script "$node_dir/env.%h")
     if [ "${DRY_RUN:-0}" != 1 ]; then
       for h in "${hosts[@]}"; do
         copied+=("$h")
-        ssh -o BatchMode=yes "${ssh_args[@]}" "$h" "umask 077 && { mkdir $node_dir 2>/dev/null || { [ -d $node_dir ] &&
-          [ ! -L $node_dir ] && [ -O $node_dir ]; }; } && cat > $node_dir/env" < "$secrets" ||
+        { cat "$secrets"; echo "rm -f $node_dir/env.$h; rmdir $node_dir 2>/dev/null || :"; } |
+          ssh -o BatchMode=yes "${ssh_args[@]}" "$h" "umask 077 && { mkdir $node_dir 2>/dev/null || { [ -d $node_dir ] &&
+          [ ! -L $node_dir ] && [ -O $node_dir ]; }; } && cat > $node_dir/env.$h" ||
           die "could not copy the secret variables to $h over ssh"
       done
     fi

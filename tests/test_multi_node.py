@@ -167,9 +167,11 @@ class Watch(threading.Thread):
         super().__init__(daemon=True)
         self.mark = str(mark)  # a trainer of this test has it on its command line (others may be running)
         self.stop, self.cmdlines, self.trainer_env, self.sweep_env = threading.Event(), set(), {}, []
+        self.secret_files = []  # (the ranks running, the secrets files on the nodes then): one per sample
 
     def run(self):
         while not self.stop.is_set():
+            ranks = set()
             for proc in glob.glob("/proc/[0-9]*"):
                 try:
                     argv = open(f"{proc}/cmdline", "rb").read().decode(errors="replace").split("\0")
@@ -181,10 +183,12 @@ class Watch(threading.Thread):
                             errors="replace").split("\0") if "=" in kv)
                         if "RANK" in env:
                             self.trainer_env[env["RANK"]] = env
+                            ranks.add(env["RANK"])
                         else:  # a sweep's single-process run
                             self.sweep_env.append((cmdline, env))
                 except OSError:  # gone, or a kernel thread
                     pass
+            self.secret_files.append((ranks, glob.glob("/tmp/mupgpt-secrets.*/*")))  # the hosts share this /tmp
             time.sleep(0.05)
 
     def __enter__(self):
@@ -223,6 +227,9 @@ def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, d
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "10.77.0.1: " in res.stdout and "10.77.0.2: " in res.stdout  # ranks ran on both hosts
     assert_nothing_ran_and_secret_hidden(tmp_path, res, watch)
+    # the trainers have the secret (above), and while they run its file is gone from both nodes already
+    training = [files for ranks, files in watch.secret_files if ranks == {"0", "1"}]
+    assert training and not any(training), [f for f in training if f][:1]
     one = run_cli([*args, "--run_name", "one_host"], launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29671"))
     assert one.returncode == 0, one.stderr[-2000:]
     assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)  # the folder, literally
