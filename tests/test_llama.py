@@ -229,3 +229,29 @@ def test_memory_estimator_counts_the_llama_model():
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = GPTConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, head_width=16, vocab_size=320, block_size=1024)
     assert json.loads(out.stdout)["params"] == sum(p.numel() for p in GPT(cfg).parameters())
+
+
+@pytest.mark.parametrize("name, flags", [("checkpointing", ["--gradient_checkpointing"]), ("compiled", ["--compile"]),
+                                         ("bf16", ["--precision", "bf16"])])
+def test_llama_checkpointing_compile_and_bf16_train_like_eager_fp32(single_llama, corpus, data_dir, name, flags):
+    """One process, against the eager fp32 run: activation checkpointing recomputes the same blocks (the same
+    losses); torch.compile traces the forward (RoPE included) once, recompiles only for the evaluation, and matches within the
+    gpt2 compile test's 1e-4; bf16 autocast stays within a bf16 ulp (2^-8), as the gpt2 bf16 tests."""
+    res = run_cli(trainer_args(single_llama, corpus, data_dir, "--run_name", name, *COMMON, *flags),
+                  env={"TORCH_LOGS": "dynamo,recompiles"})  # dynamo logs each frame it traces and each recompile
+    assert res.returncode == 0, res.stderr[-3000:]
+    traced = "start tracing forward" in res.stderr and "mup_model.py" in res.stderr
+    assert traced == (name == "compiled"), res.stderr[-3000:]
+    # the one recompile allowed is the final evaluation's: no_grad changes dynamo's grad-mode guard
+    recompiles = res.stderr.count("Recompiling function")
+    assert recompiles <= (name == "compiled") and recompiles == res.stderr.count("GLOBAL_STATE changed: grad_mode"), \
+        res.stderr[-3000:]
+    assert "recompile_limit" not in res.stderr, res.stderr[-3000:]
+    got, fp32 = losses(single_llama / name), losses(single_llama / "single")
+    assert len(got) == len(fp32) == 10
+    if name == "checkpointing":
+        assert got == fp32
+    elif name == "compiled":
+        assert got == pytest.approx(fp32, rel=1e-4)
+    else:
+        assert got == pytest.approx(fp32, rel=2 ** -8) and got != fp32  # it really ran in bf16
