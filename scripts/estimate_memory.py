@@ -26,11 +26,12 @@ corrected to what DeepSpeed and FSDP2 allocate, measured on CPU with tests/mem_p
                          fraction 1 - r of the 16/N on the device. nvme: on disk instead.
 
 Activations per layer use s*b*h*34 bytes in half precision for a pre-LN GPT block with flash
-attention (Korthikanti et al. 2022, without the s^2 attention term), s*b*h*2 with activation
+attention (Korthikanti et al. 2022, without the s^2 attention term; a llama block keeps more: about
+s*b*h*44 bytes at its default MLP and half as many K/V heads, see layer_activations), s*b*h*2 with activation
 checkpointing plus one recomputed layer; the logits add s*b*V*(2 + 4 + 4) bytes (logits, fp32 loss
 input, gradient). All terms are summed though not all are alive at once: the measured peaks on CPU
 were 0.86x-1.23x of the sum (bench/RESULTS.md). --arch llama counts its own parameters (SwiGLU,
-grouped K/V, no position table) and uses the same activation rule, not measured for it.
+grouped K/V, no position table) and its own activations.
 """
 import argparse
 import json
@@ -61,6 +62,19 @@ def count_params(args):
         model = GPT(cfg)
     layer = sum(p.numel() for p in model.h[0].parameters() if p.dim() == 2)  # a block's matrices
     return sum(p.numel() for p in model.parameters()), cfg, layer
+
+
+def layer_activations(cfg):
+    """Values per token one block keeps for backward (as counted with saved-tensor hooks on CPU).
+    gpt2: each LayerNorm's input and output, q, k, v, the attention output and the projection's input,
+    and the MLP's hidden before and after GELU: 7h + 2kv + 2f with kv = h (17h: Korthikanti's 34 bytes in half precision).
+    llama: RMSNorm also keeps its normalised input (for the gain's gradient), k and v are n_kv_head wide,
+    RoPE's rotated q and k are kept besides the unrotated projection, and SwiGLU keeps four hidden-wide
+    tensors (gate, silu(gate), up, their product): 10h + 3kv + 4f (22.2h at f = 8/3 h, n_kv_head = n_head / 2)."""
+    h, f, kv = cfg.width, cfg.mlp_hidden, cfg.n_kv_head * cfg.head_width
+    if cfg.arch == "llama":
+        return 3 * 2 * h + (h + 2 * kv) + (h + kv) + 2 * h + 4 * f
+    return 2 * 2 * h + (h + 2 * kv) + 2 * h + 2 * f
 
 
 def estimate(args):
@@ -106,7 +120,7 @@ def estimate(args):
         host = 4 * layer * 4  # pinned staging buffers
     act_bytes = 2 if half else 4
     s, b, h, L, V = args.seq_len, args.batch, cfg.width, args.n_layer, cfg.vocab_size
-    per_layer = s * b * h * 34 * act_bytes / 2
+    per_layer = s * b * layer_activations(cfg) * act_bytes
     activations = (L * s * b * h * act_bytes + per_layer) if args.gradient_checkpointing else L * per_layer
     activations += s * b * V * (act_bytes + 4 + 4)
     device = weights + grads + optim + gathered + activations
