@@ -316,14 +316,15 @@ def check_config(cfg):
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be cpu, cuda or auto, not {cfg.device!r}")
     check_scheduler(cfg.lr_scheduler_type)
-    # the position table alone is seq_len x width floats, times 4 with its gradient and two Adam moments
+    # gpt2's position table alone is seq_len x width floats, times 4 with its gradient and two Adam moments;
+    # llama's rotary positions have no table
     width = cfg.n_head * cfg.head_width
-    table_bytes = 16 * cfg.seq_len * width
+    table_bytes = 16 * cfg.seq_len * width if cfg.arch == "gpt2" else 0
     host = _host_memory()
     if cfg.seq_len > MAX_SEQ_LEN or (host and table_bytes > host):
-        raise UsageError(f"--seq_len {cfg.seq_len} is too long: its position table and attention would not fit "
-                         f"(the table alone needs {table_bytes / 2**30:.1f} GiB with its optimizer state); "
-                         f"use at most {MAX_SEQ_LEN}")
+        what = (f"its position table and attention would not fit (the table alone needs {table_bytes / 2**30:.1f} GiB "
+                "with its optimizer state)" if table_bytes else "its attention and activations would not fit")
+        raise UsageError(f"--seq_len {cfg.seq_len} is too long: {what}; use at most {MAX_SEQ_LEN}")
     for name in ("output_dir", "data_dir"):
         path = getattr(cfg, name)
         if os.path.exists(path) and not os.path.isdir(path):

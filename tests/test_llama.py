@@ -116,6 +116,7 @@ def test_llama_hidden_lrs_scale_with_width_like_gpt2():
     (["--n_head", "4", "--n_kv_head", "2"], "is for --arch llama"),
     (["--arch", "llama", "--mlp_hidden", "-1"], "--mlp_hidden must be 0 or more"),
     (["--arch", "mamba"], "--arch: invalid choice"),
+    (["--arch", "llama", "--seq_len", "100000000"], "--seq_len 100000000 is too long: its attention and activations"),  # no table
 ])
 def test_bad_llama_flags_are_one_line_and_exit_2(tmp_path, corpus, data_dir, flags, message):
     res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "1", *flags))
