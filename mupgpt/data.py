@@ -381,8 +381,24 @@ def preparing(out_dir):
             fcntl.flock(f, fcntl.LOCK_EX)
             waited = True
         except OSError:
-            pass  # no locks here (some network filesystems)
+            yield waited  # no locks here (some network filesystems): another process's folders may be live
+            return
+        clear_stale(out_dir)
         yield waited
+
+
+def clear_stale(out_dir):
+    """With out_dir.lock held no other process prepares out_dir, so its .tmp-* and .old-* folders are a
+    killed preparation's: remove them (an .old-* is the previous copy, put back if it was not replaced)."""
+    for tmp in glob.glob(glob.escape(out_dir) + ".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"note: removed {tmp}, left by a preparation that was killed", flush=True)
+    for old in sorted(glob.glob(glob.escape(out_dir) + ".old-*"), key=os.path.getmtime):
+        if not os.path.exists(out_dir) and os.path.exists(os.path.join(old, "meta.json")):
+            os.rename(old, out_dir)
+            print(f"note: put back {out_dir} from {old}, moved aside by a preparation that was killed", flush=True)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

@@ -227,3 +227,30 @@ def test_a_corrupted_meta_json_stops_the_trainer_with_one_line(tmp_path, corpus,
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "no 'val_tokens'" in lines[0], res.stderr
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in data_dir.iterdir())
+
+
+def test_a_killed_preparations_folders_are_cleared_by_the_next_one(tmp_path):
+    """A preparation killed mid-way leaves <folder>.tmp-<pid>-<hex> (half-written) and, killed between its
+    two renames, <folder>.old-* (the previous copy, moved aside): the next one, holding the lock, removes
+    the first and puts the second back."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"d{i:02d}.txt").write_text(f"document {i} " * 50)
+    out = tmp_path / "d"
+    args = [sys.executable, str(ROOT / "scripts/prepare_data.py"), "--dataset", str(src), "--tokenizer", "bytes",
+            "--data_dir", str(out)]
+    assert subprocess.run(args, capture_output=True, text=True).returncode == 0
+    final = out / f"{dataset_slug(str(src))}-bytes"
+    os.rename(final, str(final) + ".old-4242-beef")  # killed between moving the old copy aside and the new in
+    (out / (final.name + ".tmp-4242-cafe")).mkdir()
+    (out / (final.name + ".tmp-4242-cafe") / "train.bin").write_bytes(b"\0" * 100)
+    from mupgpt.data import preparing
+    with preparing(str(final)):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == sorted([final.name, final.name + ".lock"])
+    assert open_prepared(str(final), ByteTokenizer(), source_of(str(src)))  # the old copy, whole
+    (out / (final.name + ".tmp-1-x")).mkdir()
+    res = subprocess.run(args, capture_output=True, text=True)
+    assert res.returncode == 0 and f"removed {out / (final.name + '.tmp-1-x')}" in res.stdout, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([final.name, final.name + ".lock"])
