@@ -109,7 +109,7 @@ cleanup() {
 trap cleanup EXIT
 umask 077
 envfile=$workdir/env        # NAME=value lines: read on each node from ssh's stdin (torchrun, sweep)
-ds_env=$workdir/ds_env      # the deepspeed runner's DS_ENV_FILE: no secrets, values quoted for its "..."
+ds_env=$workdir/ds_env      # the deepspeed runner's DS_ENV_FILE: no secrets, values quoted for its "..." and pdsh
 secrets=$workdir/secrets.sh # export NAME='value' lines, copied to each node for the deepspeed runner
 : > "$envfile"; : > "$ds_env"; : > "$secrets"
 sq() { printf -v "$1" "'%s'" "${2//\'/\'\\\'\'}"; }  # POSIX single quotes
@@ -143,10 +143,11 @@ while read -r name; do
     sq quoted "$value"
     printf 'export %s=%s\n' "$name" "$quoted" >> "$secrets"
   elif [[ $value =~ $ds_plain ]]; then
-    printf '%s=%s\n' "$name" "$value" >> "$ds_env"
+    printf '%s=%s\n' "$name" "${value//%/%%}" >> "$ds_env"
   else
     dq quoted "$value"
-    printf '%s=%s\n' "$name" "${quoted//\"/\\\"}" >> "$ds_env"
+    quoted=${quoted//\"/\\\"}
+    printf '%s=%s\n' "$name" "${quoted//%/%%}" >> "$ds_env"
   fi
 done < <(compgen -e)
 [ ${#forwarded[@]} -eq 0 ] || echo "forwarding to every rank: ${forwarded[*]}" >&2
@@ -158,13 +159,15 @@ if $single && [[ $launcher == deepspeed ]]; then
   for h in "${hosts[@]}"; do echo "$h slots=$ngpu"; done > "$dshosts"
   [ "${DRY_RUN:-0}" = 1 ] && dshosts=HOSTFILE.generated
   # The runner joins the trainer flags into one remote shell line, wrapping those with a space in "..."
-  # (escaping only "), so each flag goes in already quoted for that line.
+  # (escaping only "), so each flag goes in already quoted for that line. --force_multi: that line and pdsh for one
+  # node too (without it the runner starts one node's ranks here, with the flags as argv, quotes and all). pdsh then replaces %h, %u, %n and %%
+  # in that line (the runner's own --node_rank=%n, and our env.%h below), so each % of a flag goes in as %%.
   ds_args=()
   for a in "$@"; do
     if [[ $a == *" "* ]]; then dq quoted "$a"
     elif [[ -n $a && $a =~ $ds_plain ]]; then quoted=$a
     else sq quoted "$a"; fi
-    ds_args+=("$quoted")
+    ds_args+=("${quoted//%/%%}")
   done
   # secrets: into a 0600 file on each node over ssh's stdin, sourced there before the launch; its last line
   # removes it, so it is gone before training starts. One file per node (pdsh makes %h the node's name):
@@ -186,7 +189,7 @@ if $single && [[ $launcher == deepspeed ]]; then
   set +e
   (cd "$repo" && for name in "${hidden[@]}"; do unset "$name"; done &&
     DS_ENV_FILE=$ds_env PDSH_SSH_ARGS_APPEND="${SSH_ARGS:-}" \
-    run deepspeed --hostfile "$dshosts" --launcher pdsh --no_ssh_check --num_nodes "$nnodes" --num_gpus "$ngpu" \
+    run deepspeed --hostfile "$dshosts" --launcher pdsh --force_multi --no_ssh_check --num_nodes "$nnodes" --num_gpus "$ngpu" \
       --master_addr "$master" --master_port "$port" "${venv[@]}" run_trainer.py "${ds_args[@]}") 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   set -e

@@ -49,7 +49,7 @@ def hostfile(tmp_path):
 
 def test_single_run_calls_the_deepspeed_runner_with_per_node_counts(hostfile):
     (cmd,) = dry([hostfile, 8, 2, "True", "--head_width", "32", "--run_name", "a b"])
-    assert cmd.startswith("deepspeed --hostfile HOSTFILE.generated --launcher pdsh --no_ssh_check --num_nodes 2 "
+    assert cmd.startswith("deepspeed --hostfile HOSTFILE.generated --launcher pdsh --force_multi --no_ssh_check --num_nodes 2 "
                           "--num_gpus 8 --master_addr node-a --master_port ")
     assert cmd.endswith("run_trainer.py --head_width 32 --run_name a\\ b")  # flags pass through, quoted
     port = int(cmd.split("--master_port ")[1].split()[0])
@@ -98,7 +98,7 @@ HOSTFILE_ERRORS = {
 def test_a_crlf_hostfile_is_read_like_an_lf_one(tmp_path):
     (tmp_path / "hf").write_bytes(b"# windows\r\nnode-a slots=8\r\nnode-b slots=8\r\n")
     assert dry([tmp_path / "hf", 8, 2, "True"])[0].startswith(
-        "deepspeed --hostfile HOSTFILE.generated --launcher pdsh --no_ssh_check --num_nodes 2 --num_gpus 8 "
+        "deepspeed --hostfile HOSTFILE.generated --launcher pdsh --force_multi --no_ssh_check --num_nodes 2 --num_gpus 8 "
         "--master_addr node-a --master_port ")
 
 
@@ -200,10 +200,15 @@ class Watch(threading.Thread):
         self.join()
 
 
+# pdsh replaces %n, %h, %u and %% in the remote command (a lone % at the end reads past it)
+PERCENT = "%n%h%u%%x%"
+
+
 def hostile_env(tmp_path):
-    """A secret, and forwarded values that run commands if a shell on a node ever evaluates them."""
+    """A secret, and forwarded values that run commands if a shell on a node ever evaluates them (or pdsh changes)."""
     return {"WANDB_API_KEY": SECRET, "WANDB_NOTES": f"a b $(touch {tmp_path}/pwned-env) `touch {tmp_path}/pwned-bq`",
-            "WANDB_TAGS": f"$(touch${{IFS}}{tmp_path}/pwned-nospace)\"'\\"}
+            "WANDB_TAGS": f"$(touch${{IFS}}{tmp_path}/pwned-nospace)\"'\\", "WANDB_RUN_GROUP": PERCENT,
+            "WANDB_JOB_TYPE": f"a {PERCENT} b"}
 
 
 def assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0", "1")):
@@ -218,9 +223,12 @@ def assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0", "1"))
 
 
 def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
-    # the output folder and a forwarded value would each run `touch` on every node if a shell there evaluated them
-    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\""
-    args = trainer_args(out, corpus, data_dir, *FLAGS)
+    # the output folder and a forwarded value would each run `touch` on every node if a shell there evaluated them,
+    # and their %n, %h, %u, %% would change if pdsh's substitution reached them
+    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\"{PERCENT}"
+    data = tmp_path / f"data{PERCENT}"  # a flag the pdsh runner passes unquoted
+    data.symlink_to(data_dir)
+    args = trainer_args(out, corpus, data, *FLAGS)
     with Watch(tmp_path) as watch:
         res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"],
                      {**host_env(hosts), **hostile_env(tmp_path)})
@@ -235,8 +243,17 @@ def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, d
     assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)  # the folder, literally
 
 
+def test_one_node_runs_there_over_pdsh_with_flags_as_typed(hosts, tmp_path):
+    # NUM_NODES=1: on the hostfile's node (not here) and through the same quoting; the trainer names what it got
+    missing = tmp_path / f"no 'such' corpus{PERCENT}"
+    res = launch([hosts.hostfile(tmp_path / "hf"), 1, 1, "True", "--dataset", missing, "--max_steps", "1"],
+                 host_env(hosts), timeout=60)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"10.77.0.1: error: no such file or folder: {missing}: " in res.stdout, res.stdout[-3000:]
+
+
 def test_torchrun_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
-    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\""
+    out = tmp_path / f"out $(touch {tmp_path}/pwned-arg)'\"{PERCENT}"
     args = trainer_args(out, corpus, data_dir, "--max_steps", "4")
     with Watch(tmp_path) as watch:
         res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"],
@@ -254,14 +271,17 @@ def test_torchrun_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, 
 def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_dir):
     env = {**host_env(hosts), **hostile_env(tmp_path), "SWEEP_DIR": str(tmp_path / "sweep"), "SWEEP_WIDTHS": "8,16",
            "SWEEP_LRS": "2e-3", "SWEEP_PARAMETRIZATIONS": "mup,sp"}
+    data = tmp_path / f"data{PERCENT}"
+    data.symlink_to(data_dir)
     with Watch(tmp_path) as watch:
         res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *SWEEP_SHARED, "--max_steps", "5", "--base_head_width",
-                      "8", "--dataset", corpus, "--data_dir", data_dir], env)
+                      "8", "--dataset", corpus, "--data_dir", data], env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert not list(tmp_path.glob("pwned*")) and SECRET not in res.stdout + res.stderr
     assert not [c for c in watch.cmdlines if SECRET in c]
     trainers = [e for c, e in watch.sweep_env if "run_trainer.py" in c]
     assert trainers and all(all(e.get(k) == v for k, v in hostile_env(tmp_path).items()) for e in trainers)
+    assert all(f" --data_dir {data} " in c for c, e in watch.sweep_env if "run_trainer.py" in c)  # % and all
     rows = [json.loads(l) for l in open(tmp_path / "sweep" / "results.jsonl")]
     assert len(rows) == 4 and all(r["steps"] == 5 for r in rows)
     ran_on = {line.split(" on ")[1].split(":")[0] for line in res.stdout.splitlines() if ": done" in line}
