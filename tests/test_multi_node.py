@@ -188,10 +188,12 @@ class Watch(threading.Thread):
                             self.sweep_env.append((cmdline, env))
                 except OSError:  # gone, or a kernel thread
                     pass
-            self.secret_files.append((ranks, glob.glob("/tmp/mupgpt-secrets.*/*")))  # the hosts share this /tmp
+            files = [f for f in glob.glob("/tmp/mupgpt-secrets.*/*") if os.path.dirname(f) not in self.before]
+            self.secret_files.append((ranks, files))  # the hosts share this /tmp
             time.sleep(0.05)
 
     def __enter__(self):
+        self.before = set(glob.glob("/tmp/mupgpt-secrets.*"))  # another launch's (a concurrent test run) are not ours
         self.start()
         return self
 
@@ -215,7 +217,7 @@ def assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0", "1"))
     assert not list(tmp_path.glob("pwned*")), "a forwarded value or trainer flag ran as a command on a node"
     assert SECRET not in res.stdout + res.stderr
     assert watch.cmdlines and not [c for c in watch.cmdlines if SECRET in c]
-    assert not glob.glob("/tmp/mupgpt-secrets.*"), "the secret file was left on a node"
+    assert not set(glob.glob("/tmp/mupgpt-secrets.*")) - watch.before, "the secret file was left on a node"
     env = hostile_env(tmp_path)
     assert sorted(watch.trainer_env) == list(ranks), watch.trainer_env.keys()  # every rank seen (one per host)
     for rank_env in watch.trainer_env.values():  # every value arrives exactly as set
