@@ -320,7 +320,7 @@ def prepare(dataset, tokenizer, out_dir, num_proc=None, documents=None):
     if num_proc is not None and num_proc < 1:
         raise UsageError(f"--num_proc must be at least 1, not {num_proc}: or leave it out")
     (train, val), source = documents or load_documents(dataset)
-    tmp = f"{out_dir}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = f"{out_dir}.tmp-{_owner()}-{secrets.token_hex(4)}"
     os.makedirs(tmp)
     try:
         procs = num_proc if num_proc else (min(8, os.cpu_count() or 1) if len(train) > 10000 else None)
@@ -331,7 +331,7 @@ def prepare(dataset, tokenizer, out_dir, num_proc=None, documents=None):
                 "train_documents": len(train), "val_documents": len(val), "source": source}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
-        old = f"{out_dir}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        old = f"{out_dir}.old-{_owner()}-{secrets.token_hex(4)}"
         try:
             os.rename(out_dir, old)
         except FileNotFoundError:
@@ -387,18 +387,41 @@ def preparing(out_dir):
         yield waited
 
 
+def _owner():
+    """host-pid: what a later preparation checks before it removes a folder this one leaves."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _dead_here(folder, prefix):
+    """Whether `folder` (PREFIX + HOST-PID-HEX) was made on this host by a process that has ended. A lock may
+    be this host's alone (some network filesystems), so another host's folders are never judged."""
+    parts = folder[len(prefix):].rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        pass
+    return False
+
+
 def clear_stale(out_dir):
-    """With out_dir.lock held no other process prepares out_dir, so its .tmp-* and .old-* folders are a
-    killed preparation's: remove them (an .old-* is the previous copy, put back if it was not replaced)."""
-    for tmp in glob.glob(glob.escape(out_dir) + ".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"note: removed {tmp}, left by a preparation that was killed", flush=True)
-    for old in sorted(glob.glob(glob.escape(out_dir) + ".old-*"), key=os.path.getmtime):
-        if not os.path.exists(out_dir) and os.path.exists(os.path.join(old, "meta.json")):
-            os.rename(old, out_dir)
-            print(f"note: put back {out_dir} from {old}, moved aside by a preparation that was killed", flush=True)
+    """With out_dir.lock held, a .tmp-* or .old-* folder of out_dir made on this host by an ended process is a
+    killed preparation's: remove it (an .old-* is the previous copy, put back if it was not replaced)."""
+    tmp, old = out_dir + ".tmp-", out_dir + ".old-"
+    for folder in glob.glob(glob.escape(tmp) + "*"):
+        if _dead_here(folder, tmp):
+            shutil.rmtree(folder, ignore_errors=True)
+            print(f"note: removed {folder}, left by a preparation that was killed", flush=True)
+    olds = [f for f in glob.glob(glob.escape(old) + "*") if _dead_here(f, old)]
+    for folder in sorted(olds, key=os.path.getmtime):
+        if not os.path.exists(out_dir) and os.path.exists(os.path.join(folder, "meta.json")):
+            os.rename(folder, out_dir)
+            print(f"note: put back {out_dir} from {folder}, moved aside by a preparation that was killed", flush=True)
         else:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclass

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -230,9 +231,10 @@ def test_a_corrupted_meta_json_stops_the_trainer_with_one_line(tmp_path, corpus,
 
 
 def test_a_killed_preparations_folders_are_cleared_by_the_next_one(tmp_path):
-    """A preparation killed mid-way leaves <folder>.tmp-<pid>-<hex> (half-written) and, killed between its
-    two renames, <folder>.old-* (the previous copy, moved aside): the next one, holding the lock, removes
-    the first and puts the second back."""
+    """A preparation killed mid-way leaves <folder>.tmp-<host>-<pid>-<hex> (half-written) and, killed between
+    its two renames, <folder>.old-* (the previous copy, moved aside): the next one, holding the lock, removes
+    the first and puts the second back. A live process's folders, and another host's (a lock may be this
+    host's alone), stay."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(12):
@@ -242,15 +244,21 @@ def test_a_killed_preparations_folders_are_cleared_by_the_next_one(tmp_path):
             "--data_dir", str(out)]
     assert subprocess.run(args, capture_output=True, text=True).returncode == 0
     final = out / f"{dataset_slug(str(src))}-bytes"
-    os.rename(final, str(final) + ".old-4242-beef")  # killed between moving the old copy aside and the new in
-    (out / (final.name + ".tmp-4242-cafe")).mkdir()
-    (out / (final.name + ".tmp-4242-cafe") / "train.bin").write_bytes(b"\0" * 100)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = f"{socket.gethostname()}-{int(ended.stdout)}"
+    os.rename(final, f"{final}.old-{dead}-beef")  # killed between moving the old copy aside and the new in
+    (out / f"{final.name}.tmp-{dead}-cafe").mkdir()
+    (out / f"{final.name}.tmp-{dead}-cafe" / "train.bin").write_bytes(b"\0" * 100)
+    kept = [f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-0a0a",  # this process: alive
+            f"{final.name}.tmp-other-host-{ended.stdout.strip()}-0b0b"]
+    for name in kept:
+        (out / name).mkdir()
     from mupgpt.data import preparing
     with preparing(str(final)):
         pass
-    assert sorted(p.name for p in out.iterdir()) == sorted([final.name, final.name + ".lock"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([final.name, final.name + ".lock", *kept])
     assert open_prepared(str(final), ByteTokenizer(), source_of(str(src)))  # the old copy, whole
-    (out / (final.name + ".tmp-1-x")).mkdir()
+    (out / f"{final.name}.tmp-{dead}-x").mkdir()
     res = subprocess.run(args, capture_output=True, text=True)
-    assert res.returncode == 0 and f"removed {out / (final.name + '.tmp-1-x')}" in res.stdout, res.stderr
-    assert sorted(p.name for p in out.iterdir()) == sorted([final.name, final.name + ".lock"])
+    assert res.returncode == 0 and f"removed {out / f'{final.name}.tmp-{dead}-x'}" in res.stdout, res.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([final.name, final.name + ".lock", *kept])
