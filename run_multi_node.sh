@@ -159,9 +159,10 @@ if $single && [[ $launcher == deepspeed ]]; then
   for h in "${hosts[@]}"; do echo "$h slots=$ngpu"; done > "$dshosts"
   [ "${DRY_RUN:-0}" = 1 ] && dshosts=HOSTFILE.generated
   # The runner joins the trainer flags into one remote shell line, wrapping those with a space in "..."
-  # (escaping only "), so each flag goes in already quoted for that line. --force_multi: that line and pdsh for one
-  # node too (without it the runner starts one node's ranks here, with the flags as argv, quotes and all). pdsh then replaces %h, %u, %n and %%
-  # in that line (the runner's own --node_rank=%n, and our env.%h below), so each % of a flag goes in as %%.
+  # (escaping only "), so each flag goes in already quoted for that line. --force_multi: that line and pdsh
+  # for one node too (without it the runner starts one node's ranks here, with the flags as argv, quotes and
+  # all). pdsh replaces %h, %u, %n and %% in that line (the runner's own --node_rank=%n, and our env.%h
+  # below), so each % of a flag goes in as %%.
   ds_args=()
   for a in "$@"; do
     if [[ $a == *" "* ]]; then dq quoted "$a"
