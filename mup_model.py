@@ -355,6 +355,10 @@ class GPT(nn.Module):
             x = x + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.h:
             x = block(x)
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """Final norm and readout: the logits, or with targets the mean cross-entropy (in fp32)."""
         logits = self.lm_head(self.ln_f(x)) * self.logit_scale
         if targets is None:
             return logits

@@ -72,10 +72,13 @@ class Engine:
         model.to(self.device)
         if cfg.gradient_checkpointing:
             checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        self.forward_model = self.compiled(model) if cfg.compile else model
         self.optimizer = adamw(groups, cfg, fused=self.fused_adamw)
         self.scheduler = lr_scheduler(self.optimizer, cfg, total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+
+    def compiled(self, model):
+        return torch.compile(model)
 
     @property
     def rank(self):

@@ -99,6 +99,16 @@ class FSDPEngine(Engine):
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             self.scaler = ShardedGradScaler(self.device.type)
 
+    def compiled(self, model):
+        """Each block on its own and the head (final norm, readout, loss), as torchtitan compiles under FSDP2:
+        compiling the whole model, dynamo gives up on GPT.forward at FSDP2's hooks inside its loop over the
+        blocks and runs it eagerly around the compiled blocks, the loss included. On an H200 (GPT-2 124M,
+        bench/RESULTS.md) the compiled head cut the GPU's busy time per step from 43.0 to 32.6 ms."""
+        for block in model.h:
+            block.compile()  # in place: parameter names stay bare
+        model.head = torch.compile(model.head)
+        return model
+
     def no_sync(self, last):
         self.model.set_requires_gradient_sync(last)
         return super().no_sync(last)
