@@ -9,6 +9,7 @@
 #   python3 scripts/prepare_data.py --dataset /tmp/shakes_src --tokenizer bytes --data_dir data
 # There the run finds them by the same path (an empty /tmp/shakes_src is made below).
 #   JOBS="single_compile zero3_deepcompile" BUDGET=480 bash bench/gpu_profile.sh
+#   SHAPE=1.3b JOBS="single_compile zero3_deepcompile fsdp_compile" bash bench/gpu_profile.sh   # 24 x 2048, micro batch 8
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_profile}; L=/tmp/prof; rm -rf $L /tmp/runs; mkdir -p "$OUT" $L /tmp/shakes_src  # data/ holds its byte tokens
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=9.0
@@ -48,6 +49,9 @@ python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'cuda', t
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >> $L/env.txt
 cat $L/env.txt
 EXTRA=${EXTRA:-}
+if [ "${SHAPE:-124m}" = 1.3b ]; then  # GPT-3 XL's shape (issue #15's 1.3B comparisons): 24 x 2048, 16 heads of 128
+    g+=(--n_layer 24 --n_head 16 --head_width 128 --base_head_width 128 --per_device_train_batch_size 8)
+fi
 deadline=$((SECONDS + ${BUDGET:-500}))  # leave time to pack the results before the call's limit
 for job in ${JOBS:-single_compile zero1_eager zero3_eager zero3_deepcompile zero2_eager llama_compile fsdp_compile single_eager}; do
     [ $SECONDS -ge $deadline ] && { echo "skipped $job: out of time" | tee -a $L/summary.txt; continue; }
@@ -59,6 +63,11 @@ for job in ${JOBS:-single_compile zero1_eager zero3_eager zero3_deepcompile zero
     zero2_eager)       one $job 80 plain -- --backend deepspeed --zero_stage 2 ;;
     zero3_eager)       one $job 90 plain -- --backend deepspeed --zero_stage 3 ;;
     zero3_eager_cprof) one $job 90 cprofile -- --backend deepspeed --zero_stage 3 ;;
+    # DeepCompile with evaluations between steps, a checkpoint and a resume (compare dc_resume's steps 21-30 with dc_full's)
+    dc_full)           one $job 300 plain -- --backend deepspeed --zero_stage 3 --compile --max_steps 30 --eval_interval 10 --save true --save_interval 20 ;;
+    dc_resume)         one $job 300 plain -- --backend deepspeed --zero_stage 3 --compile --max_steps 30 --eval_interval 10 --save true --resume /tmp/runs/dc_full/checkpoints/step_00000020 ;;
+    fsdp_compile_prof) one $job 120 plain -- --backend fsdp --compile --print_profile_results ;;
+    fsdp_compile_cprof) one $job 90 cprofile -- --backend fsdp --compile ;;
     zero3_deepcompile) one $job 200 plain -- --backend deepspeed --zero_stage 3 --compile ;;
     fsdp_compile)      one $job 150 plain -- --backend fsdp --compile ;;
     llama_compile)     one $job 150 plain -- --backend single --arch llama --compile ;;
