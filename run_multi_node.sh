@@ -47,6 +47,11 @@ launcher=${LAUNCHER:-deepspeed}
 repo=$(cd "$(dirname "$0")" && pwd)
 python=$(python3 -c 'import sys; print(sys.executable)')  # the real interpreter, not a shim
 read -r -a ssh_args <<< "${SSH_ARGS:-}"
+if $single && [[ $launcher == deepspeed ]]; then  # its runner writes `cd CHECKOUT; PYTHON -u ...` unquoted for pdsh
+  for path in "$repo" "$python"; do
+    [[ $path =~ ^[A-Za-z0-9_@+=:,./-]*$ ]] || die "the path '$path' has a character (a space, %, a quote ...) that the deepspeed runner passes unquoted to the nodes: use a plain path, or LAUNCHER=torchrun"
+  done
+fi
 
 # --- hosts: from the hostfile (validated) or from SLURM ---------------------------------------
 hosts=()

@@ -131,6 +131,20 @@ def test_argument_errors_are_one_line_and_exit_2(args, message):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
 
 
+@pytest.mark.parametrize("folder", ["check out", "100%"])
+def test_a_checkout_path_the_deepspeed_runner_cannot_pass_is_refused(tmp_path, hostfile, folder):
+    """DeepSpeed's pdsh runner writes `cd <checkout>;` unquoted into the remote line (and pdsh reads % there)."""
+    (tmp_path / folder).mkdir()
+    script = shutil.copy(SCRIPT, tmp_path / folder)
+    res = subprocess.run([script, hostfile, "8", "2", "True"], env={**os.environ, "DRY_RUN": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert f"the path '{tmp_path / folder}' has a character" in res.stderr and "LAUNCHER=torchrun" in res.stderr
+    torchrun = subprocess.run([script, hostfile, "8", "2", "True"], env={**os.environ, "DRY_RUN": "1", "LAUNCHER": "torchrun"},
+                              capture_output=True, text=True, timeout=120)
+    assert torchrun.returncode == 0, torchrun.stderr
+
+
 @pytest.mark.skipif(not shutil.which("ssh"), reason="needs the ssh client: apt-get install openssh-client")
 def test_unreachable_nodes_are_named_before_anything_starts(tmp_path):
     (tmp_path / "hf").write_text("127.0.0.2 slots=4\n127.0.0.3 slots=4\n")  # loopback, no sshd there
