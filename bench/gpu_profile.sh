@@ -8,13 +8,14 @@
 # in priority order, each under `timeout -k`; a job that cannot finish before the deadline is skipped
 # and listed, and everything is packed into $OUT before the call's limit.
 #
-#   bash bench/gpu_profile.sh          # PART=1, 7 min: single (compiled, eager), ZeRO-3 eager (profiled at 1.3B),
-#                                      #   FSDP2 --compile (profiled at 1.3B) at 1.3B, then 124M; zero3_noleaf
+#   bash bench/gpu_profile.sh          # PART=1, 7 min: single --compile, ZeRO-3 eager, FSDP2 --compile at 1.3B (the
+#                                      #   last two profiled), the same and single eager at 124M; zero3_noleaf
 #   PART=2 bash bench/gpu_profile.sh   # 9 min: DeepCompile at 124M and its whole run (eval, accumulation, checkpoint, resume, export)
-#   PART=3 bash bench/gpu_profile.sh   # 7 min: DeepCompile at 1.3B, ZeRO-1 at both, zero3_leaf, ZeRO-3 granularity threshold
+#   PART=3 bash bench/gpu_profile.sh   # 7 min: DeepCompile and single eager at 1.3B, ZeRO-1 at both, zero3_leaf, zero3_gran
 # (all of it does not fit one call: DeepCompile alone compiles for ~3 minutes per run at 124M on an H100).
-# The parts' ratios to single compiled need that baseline from the same machine kind: PART=2/3 leave it
-# blank on the device; `python3 bench/gpu_summary.py part1_dir part2_dir ...` joins the calls afterwards.
+# A part's ratios and loss differences need single compiled / single eager at the same shape: where a part
+# has none (1.3B single eager is in part 3, to keep part 1 inside 7 minutes) they are blank on the device;
+# `python3 bench/gpu_summary.py part1_dir part2_dir ...` joins the calls afterwards (same device only).
 #   JOBS="single_compile@124m zero3_deepcompile@1.3b" BUDGET=480 bash bench/gpu_profile.sh
 #   TINY=1 bash bench/gpu_profile.sh          # CPU: the mechanics with a tiny model, every job as `--backend single`
 #
@@ -138,10 +139,10 @@ cat $L/env.txt
 printf 'name\tjob\tshape\trc\twall_s\tenv\tflags\n' > $L/jobs.tsv
 
 case $PART in
-1) default="single_compile@1.3b zero3_eager_prof@1.3b fsdp_compile_prof@1.3b single_eager@1.3b
+1) default="single_compile@1.3b zero3_eager_prof@1.3b fsdp_compile_prof@1.3b
             single_compile@124m single_eager@124m zero3_eager@124m fsdp_compile@124m zero3_noleaf@1.3b zero3_noleaf@124m" ;;
 2) default="zero3_deepcompile@124m dc_full@dc dc_resume@dc" ;;
-3) default="zero3_deepcompile@1.3b zero1_eager@1.3b zero1_eager@124m zero3_leaf@1.3b zero3_leaf@124m
+3) default="zero3_deepcompile@1.3b single_eager@1.3b zero1_eager@1.3b zero1_eager@124m zero3_leaf@1.3b zero3_leaf@124m
             zero3_gran@1.3b zero3_gran@124m" ;;
 *) echo "PART must be 1, 2 or 3" >&2; exit 2 ;;
 esac
