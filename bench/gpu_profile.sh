@@ -38,7 +38,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_profile}; L=/tmp/prof; R=/tmp/runs
 rm -rf $L $R; mkdir -p "$OUT" $L $R /tmp/shakes_src
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-HERE=$(cd "$(dirname "$0")" && pwd)
+HERE=$(cd "$(dirname "$0")" && pwd); cd "$HERE/.."  # run_trainer.py, ds_configs/ and data/ are read from the root
 TINY=${TINY:-0}
 PART=${PART:-1}
 STEPS=${STEPS:-40}
@@ -147,7 +147,9 @@ case $PART in
 *) echo "PART must be 1, 2 or 3" >&2; exit 2 ;;
 esac
 plan=0; for spec in ${JOBS:-$default}; do
-    shape=${SHAPE:-124m}; [[ $spec == *@* ]] && shape=${spec#*@}; read need cap < <(est ${spec%@*} $shape); plan=$((plan + need))
+    shape=${SHAPE:-124m}; [[ $spec == *@* ]] && shape=${spec#*@}
+    [[ $spec == zero3_*leaf@* ]] && ! leaf_honoured && [ "${FORCE_LEAF:-0}" != 1 ] && continue
+    read need cap < <(est ${spec%@*} $shape); plan=$((plan + need))
 done
 echo "plan: ${JOBS:-$default}" | tr -s ' \n' ' '; echo
 echo "  ~${plan}s estimated on an H100 (before skips) against a budget of ${BUDGET}s; jobs that do not fit are skipped and listed"
@@ -188,7 +190,7 @@ for spec in ${JOBS:-$default}; do
 done
 # pack: the summary as files of their own (readable in the reply), the rest in one archive (the device
 # tool brings back at most 8 files of 16 MiB); traces (TRACE=1) in their own archive, dropped if too big
-python3 "$HERE/gpu_summary.py" "$L" --out "$L/summary.md" --json "$L/summary.json"
+python3 "$HERE/gpu_summary.py" "$L" --out "$L/summary.md" --json "$L/summary.json" > /dev/null
 cp $L/summary.md $L/summary.json $L/jobs.tsv $L/env.txt "$OUT/"
 gzip -f $L/*.trace.json 2>/dev/null
 tar czf "$OUT/profile.tgz" -C $L --exclude='*.trace.json.gz' .
