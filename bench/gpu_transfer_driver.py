@@ -38,6 +38,31 @@ def mem_gb(width, n_layer, seq_len, micro_batch, vocab=320):
     return (16 * params + acts) / 1e9 + 0.8
 
 
+def collect_stopped(root, groups, lrs, log):
+    """sweep.py writes a group's results.jsonl only when all its runs are done; for a group stopped at the
+    hard stop (or failed), write it from the runs that did finish (their summary.json), with sweep.py's
+    own run_name and result_row, so the figure keeps every finished run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import sweep  # noqa: E402  (the project's definitions of a run's folder name and its results row)
+    total = 0
+    for g in groups:
+        par, rest = g["name"].split("_w")
+        hw, seed = (int(x) for x in rest.split("_s"))
+        folder = root / "parts" / g["name"]
+        rows = []
+        for lr in lrs[par]:
+            point = dict(parametrization=par, width=hw, depth=None, max_steps=None, train_batch_size=None, lr=lr,
+                         seed=seed)
+            run_dir = folder / "runs" / sweep.run_name(point)
+            if (run_dir / "summary.json").exists():
+                rows.append(sweep.result_row(point, run_dir))
+        with open(folder / "results.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        log(f"{g['name']}: {len(rows)} of {len(lrs[par])} runs finished before it stopped")
+        total += len(rows)
+    return total
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True)
@@ -142,8 +167,9 @@ def main():
                             "start_s": now, "runs": len(lrs[par])})
             log(f"started {name}: {len(lrs[par])} runs, {j} at a time, ~{m:.1f} GB each, estimated {need:.0f}s")
         time.sleep(0.5)
+    recovered = collect_stopped(root, [g for g in done if g["rc"] != 0], lrs, log)
     summary = {"groups_done": [{k: g[k] for k in ("name", "rc", "wall_s", "est_s", "runs", "jobs")} for g in done],
-               "skipped": skipped, "wall_s": time.time() - t0, "lrs": lrs, "head_widths": widths,
+               "skipped": skipped, "rows_recovered_from_stopped_groups": recovered, "wall_s": time.time() - t0, "lrs": lrs, "head_widths": widths,
                "extra_head_widths": args.extra_head_widths, "seeds": seeds, "trainer_flags": extra}
     (root / "driver.json").write_text(json.dumps(summary, indent=1))
     log(f"{len(done)} group(s) ran, {len(skipped)} skipped")
