@@ -11,7 +11,7 @@
 #   bash bench/gpu_profile.sh          # PART=1, 7 min: single --compile, ZeRO-3 eager, FSDP2 --compile at 1.3B (the
 #                                      #   last two profiled), the same and single eager at 124M; zero3_noleaf
 #   PART=2 bash bench/gpu_profile.sh   # 9 min: DeepCompile at 124M and its whole run (eval, accumulation, checkpoint, resume, export)
-#   PART=3 bash bench/gpu_profile.sh   # 7 min: DeepCompile and single eager at 1.3B, ZeRO-1 at both, zero3_leaf, zero3_gran
+#   PART=3 bash bench/gpu_profile.sh   # 7 min: DeepCompile and single eager at 1.3B, ZeRO-1 at both, zero3_gran
 # (all of it does not fit one call: DeepCompile alone compiles for ~3 minutes per run at 124M on an H100).
 # A part's ratios and loss differences need single compiled / single eager at the same shape: where a part
 # has none (1.3B single eager is in part 3, to keep part 1 inside 7 minutes) they are blank on the device;
@@ -21,12 +21,11 @@
 #
 # A job is NAME@SHAPE (SHAPE: 124m, 1.3b, dc; without @ the SHAPE variable, default 124m). Names:
 #   single_compile single_eager single_compile_prof fsdp_compile fsdp_compile_prof zero1_eager zero2_eager
-#   zero3_eager zero3_eager_prof zero3_deepcompile zero3_noleaf zero3_leaf zero3_gran llama_compile
+#   zero3_eager zero3_eager_prof zero3_deepcompile zero3_noleaf zero3_gran llama_compile
 #   dc_full dc_resume zero3_eager_cprof fsdp_compile_cprof
 # `_prof` jobs add --print_profile_results (steps 13-16 profiled; steps 21-40 still give the tokens/s),
-# `_cprof` ones a host-side cProfile. zero3_noleaf / zero3_leaf set MUPGPT_ZERO3_LEAF=0 / 1 and run only
-# when the trainer reads that variable (ZeRO-3 leaf-module marking; otherwise listed as skipped);
-# zero3_gran is ZeRO-3 with stage3_module_granularity_threshold=$GRAN (default 1000000). dc_full / dc_resume
+# `_cprof` ones a host-side cProfile. zero3_noleaf is the shipped ZeRO-3 config without its leaf modules;
+# zero3_gran is that with stage3_module_granularity_threshold=$GRAN (default 1000000). dc_full / dc_resume
 # (shape dc: 124M's width, $DC_LAYERS=4 layers, micro batch 8) are DeepCompile's whole run: evaluations
 # every 10 steps, gradient accumulation 2, a checkpoint at step 20, 30 steps and the final export; dc_resume
 # resumes from dc_full's step-20 checkpoint, and its steps 21-30 must match dc_full's within bf16 noise.
@@ -70,8 +69,8 @@ est() {  # job shape -> "need cap"
     single_compile@124m) echo 60 150 ;;   single_compile@1.3b) echo 100 200 ;;
     single_eager@124m)   echo 25 60 ;;    single_eager@1.3b)   echo 35 90 ;;
     fsdp_compile@124m)   echo 40 120 ;;   fsdp_compile@1.3b)   echo 60 150 ;;
-    zero3_eager@124m|zero3_noleaf@124m|zero3_leaf@124m|zero3_gran@124m) echo 35 90 ;;
-    zero3_eager@1.3b|zero3_noleaf@1.3b|zero3_leaf@1.3b|zero3_gran@1.3b) echo 60 150 ;;
+    zero3_eager@124m|zero3_noleaf@124m|zero3_gran@124m) echo 35 90 ;;
+    zero3_eager@1.3b|zero3_noleaf@1.3b|zero3_gran@1.3b) echo 60 150 ;;
     zero1_eager@124m|zero2_eager@124m) echo 28 80 ;;  zero1_eager@1.3b|zero2_eager@1.3b) echo 45 100 ;;
     zero3_deepcompile@124m) echo 190 300 ;; zero3_deepcompile@1.3b) echo 250 400 ;;
     llama_compile@*) echo 70 150 ;;
@@ -79,10 +78,14 @@ est() {  # job shape -> "need cap"
     *) echo 60 150 ;;
     esac
 }
-leaf_honoured() { grep -rqs MUPGPT_ZERO3_LEAF "$HERE/../mupgpt" "$HERE/../run_trainer.py"; }
-gran_config() {  # the shipped ZeRO-3 config with the module granularity threshold set
-    python3 -c "import json, sys; c = json.load(open('ds_configs/zero3.json'))
-c['zero_optimization']['stage3_module_granularity_threshold'] = int(sys.argv[1]); json.dump(c, open('/tmp/zero3_gran.json', 'w'), indent=1)" "${GRAN:-1000000}"
+noleaf_config() {  # the shipped ZeRO-3 config without its leaf modules (each submodule fetched on its own)
+    python3 -c "import json; c = json.load(open('$HERE/../ds_configs/zero3.json')); z = c['zero_optimization']
+z.pop('leaf_module'); json.dump(c, open('/tmp/zero3_noleaf.json', 'w'), indent=1)"
+}
+gran_config() {  # no leaf modules: DeepSpeed's module granularity threshold picks them instead
+    python3 -c "import json, sys; c = json.load(open('$HERE/../ds_configs/zero3.json')); z = c['zero_optimization']
+z.pop('leaf_module'); z['stage3_module_granularity_threshold'] = int(sys.argv[1])
+json.dump(c, open('/tmp/zero3_gran.json', 'w'), indent=1)" "${GRAN:-1000000}"
 }
 
 one() {  # job shape env [cprofile|trace|plain] -- trainer flags
@@ -133,7 +136,6 @@ except Exception as e:
     print('no deepspeed:', type(e).__name__, e)" 2>&1 | grep -v WARNING
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     echo "commit $(git -C "$HERE/.." rev-parse --short HEAD 2>/dev/null) | PART=$PART TINY=$TINY STEPS=$STEPS BUDGET=$BUDGET | $(date -u +%FT%TZ)"
-    leaf_honoured && echo "MUPGPT_ZERO3_LEAF is read by the trainer" || echo "MUPGPT_ZERO3_LEAF is not read by the trainer: zero3_noleaf/zero3_leaf skipped"
 } > $L/env.txt 2>&1
 cat $L/env.txt
 printf 'name\tjob\tshape\trc\twall_s\tenv\tflags\n' > $L/jobs.tsv
@@ -142,13 +144,12 @@ case $PART in
 1) default="single_compile@1.3b zero3_eager_prof@1.3b fsdp_compile_prof@1.3b
             single_compile@124m single_eager@124m zero3_eager@124m fsdp_compile@124m zero3_noleaf@1.3b zero3_noleaf@124m" ;;
 2) default="zero3_deepcompile@124m dc_full@dc dc_resume@dc" ;;
-3) default="zero3_deepcompile@1.3b single_eager@1.3b zero1_eager@1.3b zero1_eager@124m zero3_leaf@1.3b zero3_leaf@124m
+3) default="zero3_deepcompile@1.3b single_eager@1.3b zero1_eager@1.3b zero1_eager@124m 
             zero3_gran@1.3b zero3_gran@124m" ;;
 *) echo "PART must be 1, 2 or 3" >&2; exit 2 ;;
 esac
 plan=0; for spec in ${JOBS:-$default}; do
     shape=${SHAPE:-124m}; [[ $spec == *@* ]] && shape=${spec#*@}
-    [[ $spec == zero3_*leaf@* ]] && ! leaf_honoured && [ "${FORCE_LEAF:-0}" != 1 ] && continue
     read need cap < <(est ${spec%@*} $shape); plan=$((plan + need))
 done
 echo "plan: ${JOBS:-$default}" | tr -s ' \n' ' '; echo
@@ -156,10 +157,6 @@ echo "  ~${plan}s estimated on an H100 (before skips) against a budget of ${BUDG
 for spec in ${JOBS:-$default}; do
     job=${spec%@*}; shape=${SHAPE:-124m}; [[ $spec == *@* ]] && shape=${spec#*@}
     name=${job}_${shape//./p}
-    case $job in
-    zero3_noleaf|zero3_leaf) if ! leaf_honoured && [ "${FORCE_LEAF:-0}" != 1 ]; then
-        printf '%s\t%s\t%s\tskipped\t0\t\ttrainer does not read MUPGPT_ZERO3_LEAF\n' "$name" "$job" "$shape" >> $L/jobs.tsv; continue; fi ;;
-    esac
     if [ $SECONDS -ge $deadline ]; then
         printf '%s\t%s\t%s\tskipped\t0\t\tout of time\n' "$name" "$job" "$shape" >> $L/jobs.tsv; echo "skipped $name: out of time"; continue
     fi
@@ -172,8 +169,7 @@ for spec in ${JOBS:-$default}; do
     zero3_eager)       one $job $shape "" plain -- --backend deepspeed --zero_stage 3 ;;
     zero3_eager_prof)  one $job $shape "" trace -- --backend deepspeed --zero_stage 3 --print_profile_results ;;
     zero3_eager_cprof) one $job $shape "" cprofile -- --backend deepspeed --zero_stage 3 ;;
-    zero3_noleaf)      one $job $shape MUPGPT_ZERO3_LEAF=0 plain -- --backend deepspeed --zero_stage 3 ;;
-    zero3_leaf)        one $job $shape MUPGPT_ZERO3_LEAF=1 plain -- --backend deepspeed --zero_stage 3 ;;
+    zero3_noleaf)      noleaf_config && one $job $shape "" plain -- --backend deepspeed --zero_stage 3 --ds_config /tmp/zero3_noleaf.json ;;
     zero3_gran)        gran_config && one $job $shape "" plain -- --backend deepspeed --zero_stage 3 --ds_config /tmp/zero3_gran.json ;;
     zero3_deepcompile) one $job $shape "" plain -- --backend deepspeed --zero_stage 3 --compile ;;
     # DeepCompile's whole run: evaluations between steps, accumulation 2, a checkpoint at 20, the export at 30
