@@ -3,6 +3,7 @@
     python bench/bench.py --name cpu_small --backends single,deepspeed_zero3 --steps 40 --warmup 10 --repeats 3
     python bench/bench.py --name vs_nanogpt --backends single --reference /path/to/nanoGPT   # its train.py
     python bench/bench.py --name cpu_overhead --host_overhead      # each engine's per-step host overhead
+    python bench/bench.py --name cpu_counts --host_overhead --counts --repeats 0  # per-step counts only
 
 --host_overhead measures what an engine costs per step beyond the model's own math: a model whose math
 is tiny (12 layers, 2 heads of width 16, sequence 16, batch 1, fp32, one thread) on every engine, and
@@ -10,9 +11,13 @@ each engine's median step time minus the single backend's. That is the engine's 
 (hooks, bookkeeping, launches), the part that on a GPU shows up as ZeRO's and FSDP2's gap to the
 single backend, measurable here without one.
 
-Each measurement is a real `run_trainer.py` run (launched as a user would) logging every step; the
-first --warmup steps are dropped and the median tokens/s over the rest, then over --repeats runs, is
-reported with the logged MFU and the run's peak memory. A reference checkout's train.py (nanoGPT's
+Each measurement is a real `run_trainer.py` run (launched as a user would) logging every
+--log_interval steps (each logged row's tokens/s covers the steps since the previous one); the rows of
+the first --warmup steps are dropped and the median over the rest, then over --repeats runs, is
+reported with the logged MFU and the run's peak memory. --counts also runs each backend once under
+bench/step_counts.py and reports its host work per step: collectives by kind, ZeRO-3 fetches and
+releases, engine hooks, optimizer (sub-)steps and device-to-host read-backs, on an ordinary step and
+on a logged one. A reference checkout's train.py (nanoGPT's
 command line) runs the identical model, batch, sequence, precision and compile setting on the same
 tokens; its per-iteration times give its tokens/s. Results: bench/results/<name>.json and a Markdown table.
 """
@@ -45,11 +50,15 @@ BACKENDS = {
     "deepspeed_zero2": ([], ["--backend", "deepspeed", "--zero_stage", "2"]),
     "deepspeed_zero3_offload_cpu": ([], ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu"]),
 }
+DEEPSPEED_2 = ["deepspeed", "--num_gpus", "2", "--master_port", "29671"]
+for _name in [b for b in BACKENDS if b.startswith("deepspeed")]:
+    BACKENDS[f"{_name}_2ranks"] = (DEEPSPEED_2, BACKENDS[_name][1])
+BACKENDS["single_ddp"] = (["torchrun", "--nproc_per_node", "1"], ["--backend", "ddp"])
 
 
 # the host-overhead configuration (flags given on the command line still win)
 HOST_OVERHEAD = {"n_layer": 12, "n_head": 2, "head_width": 16, "seq_len": 16, "batch": 1, "precision": "fp32",
-                 "threads": 1, "steps": 60, "warmup": 20, "repeats": 3,
+                 "threads": 1, "steps": 120, "warmup": 60, "log_interval": 20, "repeats": 2,
                  "backends": "single,deepspeed_zero1,deepspeed_zero2,deepspeed_zero3,fsdp"}
 
 
@@ -61,17 +70,32 @@ def model_flags(args):
             "--vocab_size", str(args.vocab_size)]
 
 
-def run_ours(backend, args, out):
+def launch(backend, args, out, script):
     launcher, flags = BACKENDS[backend]
-    cmd = [*launcher, *([sys.executable] if not launcher else []), str(ROOT / "run_trainer.py"), *flags,
-           *model_flags(args), "--max_steps", str(args.steps), "--log_interval", "1", "--eval_interval", "0",
-           "--eval_iters", "1", "--lr_scheduler_type", "constant", "--output_dir", str(out), "--run_name", backend,
-           "--save", "false"]
+    cmd = [*launcher, *([sys.executable] if not launcher else []), *script, *flags,
+           *model_flags(args), "--max_steps", str(args.steps), "--log_interval", str(args.log_interval),
+           "--eval_interval", "0", "--eval_iters", "1", "--lr_scheduler_type", "constant", "--output_dir", str(out),
+           "--run_name", backend, "--save", "false"]
     if args.compile:
         cmd.append("--compile")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **args.env})
     if res.returncode != 0:
         raise RuntimeError(f"{backend} failed:\n{res.stderr[-3000:]}")
+
+
+def run_counts(backend, args, out):
+    """Rank 0's host work per step (bench/step_counts.py): the median ordinary step and the last logged one."""
+    launch(backend, args, out, [str(ROOT / "bench" / "step_counts.py"), str(out / "counts"), "--"])
+    steps = json.loads((out / "counts.rank0.json").read_text())[:-1]  # the last one holds the teardown
+    logged = [s for i, s in enumerate(steps, start=2) if i % args.log_interval == 0]
+    plain = [s for i, s in enumerate(steps, start=2) if i % args.log_interval and i > 2]
+    names = sorted({k for s in steps for k in s})
+    return {"step": {k: statistics.median(s.get(k, 0) for s in plain) for k in names},
+            "logged_step": {k: logged[-1].get(k, 0) for k in names} if logged else {}}
+
+
+def run_ours(backend, args, out):
+    launch(backend, args, out, [str(ROOT / "run_trainer.py")])
     rows = [json.loads(l) for l in open(out / backend / "metrics.jsonl")]
     rows = [r for r in rows if "tokens_per_s" in r and r["step"] > args.warmup]
     summary = json.loads((out / backend / "summary.json").read_text())
@@ -133,12 +157,14 @@ def check_args(args):
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         raise UsageError(f"--name {args.name!r} must be a plain file name (letters, digits, '.', '_', '-'): "
                          "the results go to bench/results/<name>.json")
-    for name in ("n_layer", "n_head", "head_width", "seq_len", "batch", "steps", "repeats"):
+    for name in ("n_layer", "n_head", "head_width", "seq_len", "batch", "steps", "log_interval"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, not {getattr(args, name)}")
-    for name in ("warmup", "threads", "vocab_size"):
+    for name in ("warmup", "threads", "vocab_size", "repeats"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be 0 or more, not {getattr(args, name)} (see --help for what 0 means)")
+    if args.repeats == 0 and not args.counts:
+        raise UsageError("--repeats 0 measures nothing: give --repeats 1 or more, or --counts")
     if args.warmup >= args.steps:
         raise UsageError(f"--warmup {args.warmup} drops every one of the --steps {args.steps}: "
                          f"use --steps {args.warmup + 1} or more, or a smaller --warmup")
@@ -169,6 +195,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="the trainer's --compile (and the reference's)")
     p.add_argument("--steps", type=int, default=40, help="steps per run")
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the median")
+    p.add_argument("--log_interval", type=int, default=1, help="the trainer's --log_interval: steps per timed interval")
+    p.add_argument("--counts", action="store_true", help="also count each backend's host work per step (one run)")
     p.add_argument("--repeats", type=int, default=3, help="runs per backend, interleaved across backends")
     p.add_argument("--dataset", default="stdlib", help="the trainer's --dataset (byte tokens)")
     p.add_argument("--data_dir", default="data", help="the trainer's --data_dir")
@@ -209,16 +237,26 @@ def main():
                     print(e, file=sys.stderr)
                     results["backends"][backend] = {"error": str(e)[-2000:]}
         for backend, reps in runs.items():
-            if backend == "reference" or backend in results["backends"]:
+            if backend == "reference" or backend in results["backends"] or not reps:
                 continue
             results["backends"][backend] = {k: statistics.median(r[k] for r in reps) if reps[0][k] is not None else None
                                             for k in reps[0]}
             results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
+            results["backends"][backend]["repeats_step_ms"] = [r["step_ms"] for r in reps]
         single = results["backends"].get("single", {})
         for b in results["backends"].values():
             if "step_ms" in b and "step_ms" in single:
                 b["overhead_ms"] = b["step_ms"] - single["step_ms"]
                 b["step_time_vs_single"] = b["step_ms"] / single["step_ms"]
+                b["paired_vs_single"] = [x / y for x, y in zip(b["repeats_step_ms"], single["repeats_step_ms"])]
+        if args.counts:
+            for backend in runs:
+                if backend != "reference":
+                    try:
+                        entry = results["backends"].setdefault(backend, {})
+                        entry["counts"] = run_counts(backend, args, work / f"{backend}_counts")
+                    except RuntimeError as e:
+                        print(e, file=sys.stderr)
         if args.reference and "reference" not in results["backends"]:
             reps = runs["reference"]
             ref = statistics.median(r["tokens_per_s"] for r in reps)
@@ -233,13 +271,27 @@ def main():
     out = ROOT / "bench" / "results" / f"{args.name}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if args.counts:
+        print(counts_table(results))
     print(f"-> {out}")
+
+
+def counts_table(results):
+    rows = {name: b["counts"] for name, b in results["backends"].items() if "counts" in b}
+    names = sorted({k for c in rows.values() for part in c.values() for k in part})
+    lines = ["| backend | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for backend, c in rows.items():
+        cells = [f"{c['step'].get(k, 0):g} / {c['logged_step'].get(k, 0):g}" for k in names]
+        lines.append(f"| {backend} | " + " | ".join(cells) + " |")
+    return "per step, rank 0 (ordinary step / logged step):\n" + "\n".join(lines)
 
 
 def table(results):
     lines = ["| backend | tokens/s | step ms | overhead ms (vs single) | MFU | peak host MiB/rank | peak device MiB "
              "| vs reference |", "|---|---|---|---|---|---|---|---|"]
     for name, b in results["backends"].items():
+        if "tokens_per_s" not in b and "error" not in b:
+            continue
         if "error" in b:
             lines.append(f"| {name} | failed: {b['error'].strip().splitlines()[-1][:120]} | | | | | | |")
             continue
