@@ -68,13 +68,6 @@ class StopFlag:
         self.requested = True
         print(f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step", flush=True)
 
-    def agreed(self, world, device):
-        """All ranks stop at the same step (they may get the signal at different times)."""
-        if world.world_size == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 PROFILE_WAIT = 10  # steps before the profiled ones: compile, recompiles and the allocator settle first
@@ -108,16 +101,31 @@ def step_profiler(prof, is_main):
 
 
 def evaluate(engine, batches, iters):
+    """The mean validation loss over ranks: one all-reduce and one read-back for all its batches."""
     losses = torch.stack([engine.eval_loss(*batches.val(i)) for i in range(iters)])
-    return losses.mean().item()
+    return engine.reduce_mean(losses.mean()).item()
 
 
-def all_finite(flag, world):
-    """The device-side 'every loss and grad norm since the last check was finite' flag, read once, all ranks."""
-    flag = flag.float()
+@dataclasses.dataclass
+class Synced:
+    loss: float  # this step's loss, averaged over ranks
+    grad_norm: float
+    finite: bool  # every rank's every loss and grad norm since the last sync was finite
+    stop: bool  # some rank was asked to stop
+
+
+def sync(loss, grad_norm, finite, stop_requested, world):
+    """What the loop needs from the device and the other ranks, as one all-reduce and one read-back.
+
+    Steps in between queue their work and read nothing back, so the host runs ahead of the device; ranks
+    agree on a stop only here, so they all stop at the same step whenever each got the signal."""
+    flags = torch.stack([(~finite).float(), torch.tensor(float(stop_requested), device=finite.device)])
+    stats = torch.cat([loss.detach().float().view(1), torch.as_tensor(grad_norm, device=finite.device)
+                       .float().view(1), flags])
     if world.world_size > 1:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+        torch.distributed.all_reduce(stats)  # sums: the mean loss, and how many ranks saw a non-finite value or a stop
+    loss, grad_norm, nonfinite, stop = stats.tolist()
+    return Synced(loss / world.world_size, grad_norm / world.world_size, nonfinite == 0, stop > 0)
 
 
 def train(cfg):
@@ -204,17 +212,20 @@ def _train(cfg, cleanup):
         row = None
         log_now = step % cfg.log_interval == 0 or step == total_steps or step == 1
         save_due = cfg.save and ((cfg.save_interval and step % cfg.save_interval == 0) or step == total_steps)
-        if log_now or save_due:
-            diverged = not all_finite(finite, world)
+        eval_due = (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total_steps
+        stopping = False
+        if log_now or save_due or eval_due or (world.world_size == 1 and stop.requested):
+            synced = sync(loss, grad_norm, finite, stop.requested, world)
+            diverged, stopping = not synced.finite, synced.stop
             checked_step = checked_step if diverged else step
         if log_now or diverged:
-            last_loss = loss.item()
+            last_loss = synced.loss
             dt = time.time() - t_log
             tps = (step - last_log_step) * tokens_per_step / max(dt, 1e-9)
             mfu = flops_token * tps / peak if peak else None  # no known peak (CPU): no MFU
             elapsed = time.time() - t_start
             eta = (elapsed - paused) / (step - start_step) * (total_steps - step)
-            row = {"step": step, "loss": last_loss, "lr": engine.lr(), "grad_norm": float(grad_norm),
+            row = {"step": step, "loss": last_loss, "lr": engine.lr(), "grad_norm": synced.grad_norm,
                    "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": elapsed, "eta_s": eta}
             line = (f"step {step:>6}/{total_steps} | loss {last_loss:.4f} | lr {engine.lr():.3e} | "
                     f"{tps:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
@@ -222,7 +233,7 @@ def _train(cfg, cleanup):
             t_log, last_log_step = time.time(), step
             train_mem = peak_memory(world.device)  # before any eval, checkpoint or export at this step
         t_pause = time.time()  # evaluation, logging and checkpoints are not counted as training time
-        if (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total_steps or diverged:
+        if eval_due or diverged:
             val_loss = evaluate(engine, batches, cfg.eval_iters) if not diverged else float("nan")
             best_val = min(best_val, val_loss) if math.isfinite(val_loss) else best_val
             row = row or {"step": step, "tokens": step * tokens_per_step}
@@ -230,11 +241,8 @@ def _train(cfg, cleanup):
             line = (line if "loss" in row else f"step {step:>6}/{total_steps}") + f" | val {val_loss:.4f}"
         if row:
             reporter.log(row, line)
-        stopping = diverged or stop.agreed(world, world.device) if row or world.world_size == 1 else False
-        if cfg.save and stopping and not diverged and not save_due:  # a stop request's checkpoint: check it too
-            diverged = not all_finite(finite, world)
-            checked_step = checked_step if diverged else step
-            save_due = not diverged
+        stopping = stopping or diverged
+        save_due = save_due or (cfg.save and stopping)  # a stop request's checkpoint (the sync checked the weights)
         if save_due and not diverged:  # never a checkpoint of a diverged model
             path = checkpoint.save(engine, run_dir, {"step": step, "best_val_loss": best_val, "backend": backend,
                                                           "world_size": world.world_size}, cfg.keep_checkpoints)

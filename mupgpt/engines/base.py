@@ -2,7 +2,8 @@
 
 The model (mup_model.GPT) knows nothing of parallelism; everything that wraps it (DDP, FSDP2,
 DeepSpeed, activation checkpointing, torch.compile, autocast) happens in this package. An engine offers:
-train_step(micro_batches) -> (mean loss, grad norm) as device tensors (no host sync), eval_loss,
+train_step(micro_batches) -> (this rank's mean loss, grad norm) as device tensors (no host sync, no
+collective beyond the gradients' own), eval_loss (this rank's),
 save(dir) / load(dir) of its native state, full_state_dict() for the consolidated export that
 checkpoint.export writes, and world info (rank, world_size, device, is_main).
 """
@@ -106,11 +107,14 @@ class Engine:
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         norm = self.clip()
-        self.scaler.step(self.optimizer)
+        self.step_optimizer()
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.reduce_mean(total), norm
+        return total, norm
+
+    def step_optimizer(self):
+        self.scaler.step(self.optimizer)
 
     def clip(self):
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -124,7 +128,7 @@ class Engine:
         with self.autocast():
             loss = self.forward_model(x, y)
         self.model.train()
-        return self.reduce_mean(loss.float())
+        return loss.float()
 
     def reduce_mean(self, t):
         if self.world.world_size > 1:

@@ -278,19 +278,18 @@ class DeepSpeedEngine(Engine):
             total += loss.detach().float()
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
-        return self.reduce_mean(total / len(micro_batches)), norm
+        return total / len(micro_batches), norm
 
     def eval_loss(self, x, y):
         if self.config.get("compile", {}).get("deepcompile"):
             # DeepCompile compiles a second graph for no_grad or eval mode (over a minute on an H100, and
             # cuDNN's attention then fails there): evaluate through the training graph, without backward
-            loss = self.engine(x, y).detach()
-            return self.reduce_mean(loss.float())
+            return self.engine(x, y).detach().float()
         with torch.no_grad():
             self.engine.eval()
             loss = self.engine(x, y)
             self.engine.train()
-        return self.reduce_mean(loss.float())
+        return loss.float()
 
     def save(self, path):
         self.engine.save_checkpoint(path, tag="deepspeed")
