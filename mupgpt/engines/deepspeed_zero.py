@@ -91,11 +91,13 @@ def ds_config(cfg, precision, global_batch, accum, width):
         # (ZeRO-1/2/3: 0.07%), so it is not offered
         raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
                          "or --backend ddp for mixed precision")
-    # sizes from the model: buckets (bucket_elements), keep small (norm/bias) params resident
+    # sizes from the model: buckets (bucket_elements). Small (norm/bias) parameters stay resident only
+    # without leaf modules: ZeRO-3 all-gathers each resident parameter on its own after every optimizer
+    # step, while a leaf block's small parameters come in the block's one coalesced gather
     bucket = bucket_elements(width)
     auto_sizes = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                   "stage3_prefetch_bucket_size": int(0.9 * bucket),
-                  "stage3_param_persistence_threshold": 10 * width}
+                  "stage3_param_persistence_threshold": 0 if "leaf_module" in zero else 10 * width}
     for key, value in auto_sizes.items():
         if zero.get(key) == "auto":
             zero[key] = value
@@ -116,6 +118,10 @@ def ds_config(cfg, precision, global_batch, accum, width):
         config["zero_force_ds_cpu_optimizer"] = False
         if zero.get("stage") != 3 and "offload_param" in zero:
             raise UsageError(f"{path}: offload_param needs zero_optimization.stage 3")
+    if zero["stage"] == 3 and "leaf_module" not in zero and os.environ.get("RANK", "0") == "0":
+        print(f"note: {path} has no zero_optimization.leaf_module; the shipped ZeRO-3 configs set "
+              '{"classes": ["mup_model.Block"]} (a block\'s parameters gathered and its gradients reduced at once)',
+              flush=True)
     leftover = [k for k, v in zero.items() if v == "auto"]
     if leftover:
         raise UsageError(f"{path}: no value for {leftover} ('auto' is only filled for the keys in ds_configs/)")
