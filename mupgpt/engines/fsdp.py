@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load, untrusted
@@ -80,6 +81,61 @@ class SafePlanner(dcp.DefaultLoadPlanner):
         super().load_bytes(read_item, checked)
 
 
+class LocalShardStep:
+    """The optimizer's arithmetic on each rank's local shards, its bookkeeping on the DTensors.
+
+    FSDP2's parameters are DTensors, and torch's fused AdamW dispatched on DTensors spends most of its
+    host time propagating shardings, per group and step. So a twin AdamW over the same storage (each
+    parameter's local shard and its moments' local shards) does the step, while the optimizer the
+    engine hands out keeps the DTensor parameters and state: its state_dict, the checkpoints and the
+    schedule see exactly what they see without the twin. The twin takes each group's hyperparameters
+    from it at every step."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.twin, self.pairs = optimizer, None, []
+
+    def reset(self):
+        """After the optimizer's state was replaced (a checkpoint load): share the new state."""
+        self.twin = None
+
+    def _build(self):
+        groups, self.pairs = [], []
+        for group in self.optimizer.param_groups:
+            local = [torch.nn.Parameter(p.to_local(), requires_grad=False) for p in group["params"]]
+            self.pairs += list(zip(group["params"], local))
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": local})
+        self.twin = torch.optim.AdamW(groups, fused=True)
+        for p, q in self.pairs:
+            if p in self.optimizer.state:
+                self.twin.state[q] = {k: v.to_local() if isinstance(v, DTensor) else v
+                                      for k, v in self.optimizer.state[p].items()}
+
+    @torch.no_grad()
+    def step(self):
+        if self.twin is None:
+            self._build()
+        for group, twin in zip(self.optimizer.param_groups, self.twin.param_groups):
+            twin.update({k: v for k, v in group.items() if k != "params"})
+        for p, q in self.pairs:
+            q.grad = None if p.grad is None else p.grad.to_local()
+        self.twin.step()
+        for p, q in self.pairs:
+            q.grad = None
+            if p not in self.optimizer.state and q in self.twin.state:  # the first step made the moments
+                self.optimizer.state[p] = {
+                    k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride()) if v.shape == q.shape and v.dim() else v
+                    for k, v in self.twin.state[q].items()}
+
+
+def reshard_after_forward(index, n_blocks, world):
+    """Whether a block frees its gathered parameters after forward, to gather them again in backward.
+
+    On one rank a block's shard is the whole block and a second gather saves nothing. The last block's
+    backward starts right after its forward, so it keeps them (as FSDP2 keeps the root's)."""
+    return world.world_size > 1 and index < n_blocks - 1
+
+
 class FSDPEngine(Engine):
     def __init__(self, cfg, model, world, precision, total_steps, run_dir=None):
         model.to(world.device)
@@ -87,9 +143,9 @@ class FSDPEngine(Engine):
             checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
         # fp32 master weights; compute in bf16, gradients reduced in fp32
         mp = MixedPrecisionPolicy(param_dtype=DTYPES.get(precision), reduce_dtype=torch.float32)
-        for block in model.h:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        for i, block in enumerate(model.h):
+            fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward(i, len(model.h), world))
+        fully_shard(model, mp_policy=mp)  # the root keeps its parameters gathered from forward to backward
         groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir)
         # fused AdamW takes ShardedGradScaler's found-inf in a shape it rejects (torch 2.11, H100)
         self.fused_adamw = precision != "fp16"
@@ -98,6 +154,12 @@ class FSDPEngine(Engine):
         if precision == "fp16":  # dynamic loss scaling; ranks agree on skipping a step that overflowed
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             self.scaler = ShardedGradScaler(self.device.type)
+        self.local_step = LocalShardStep(self.optimizer) if self.fused_adamw else None
+
+    def step_optimizer(self):
+        if self.local_step is None:  # fp16: the sharded scaler steps (or skips) the DTensor optimizer
+            return super().step_optimizer()
+        self.local_step.step()
 
     def compiled(self, model):
         """Each block on its own and the head (final norm, readout, loss), as torchtitan compiles under FSDP2:
@@ -149,6 +211,8 @@ class FSDPEngine(Engine):
                 raise planner.refused from None
             raise
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        if self.local_step is not None:
+            self.local_step.reset()
         sched = safe_load(os.path.join(path, "scheduler.pt"))
         self.scheduler.load_state_dict(sched["scheduler"])
         if "scaler" in sched:
