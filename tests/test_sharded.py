@@ -287,6 +287,24 @@ def test_shipped_configs_leave_bf16_steps_free_of_host_syncs(tmp_path, name):
     parsed = DeepSpeedConfig(ds_config(cfg, "bf16" if stage else "fp32", 8, 1, 64))  # ZeRO-0 runs fp32 only
     assert parsed.timers_config.enabled is False
     assert parsed.bfloat16_config.check_grad_overflow is False
+    if stage == 3:  # a block's parameters are gathered, and its gradients reduced, as one unit
+        import mup_model
+        from deepspeed.utils.z3_leaf_module import _fully_qualified_class_name
+        block = mup_model.Block(mup_model.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, head_width=8))
+        assert parsed.zero_config.leaf_module.classes == [_fully_qualified_class_name(block)]
+        assert parsed.zero_config.param_persistence_threshold == 0  # no per-parameter gathers after each step
+
+
+def test_a_zero3_config_of_ones_own_keeps_its_choices_and_says_what_the_shipped_ones_set(tmp_path, capsys):
+    from mupgpt.config import parse_args
+    from mupgpt.engines.deepspeed_zero import ds_config
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}}))
+    cfg = parse_args(["--backend", "deepspeed", "--ds_config", str(mine), "--zero_stage", "3"])
+    zero = ds_config(cfg, "fp32", 8, 1, 64)["zero_optimization"]
+    assert "leaf_module" not in zero and zero["stage3_param_persistence_threshold"] == 640
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "has no zero_optimization.leaf_module" in out and "mup_model.Block" in out
 
 
 def _has_aio():
