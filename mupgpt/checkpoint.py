@@ -265,6 +265,18 @@ def restore(engine, path, trainer_state, backend):
     if not os.path.exists(weights):
         raise UsageError(f"{path} has no model.safetensors: resume it with the backend and world size that wrote it")
     engine.load_model(load_weights(weights))
+    continue_schedule(engine.scheduler, int(trainer_state["step"]))
     if engine.world.is_main:
         print(f"note: {path} was written by {trainer_state.get('backend')} on {trainer_state.get('world_size')} rank(s); "
-              "loaded its weights, the optimizer state starts afresh", flush=True)
+              "loaded its weights, the optimizer state starts afresh and the LR schedule continues from step "
+              f"{trainer_state['step']}", flush=True)
+
+
+def continue_schedule(scheduler, step):
+    """The LR schedule is a function of the step alone: a fresh optimizer's schedule is set to the
+    checkpoint's step, so a resume on another backend or world size logs the LRs of a straight run."""
+    import warnings
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # its 'scheduler stepped before the optimizer' warning: no optimizer step here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
