@@ -24,7 +24,7 @@ from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, duration, flops_per_token, peak_flops, peak_memory
 from mupgpt.optim import schedule_kwargs
-from mupgpt.rundir import refuse_a_second_run, run_directory, run_lock
+from mupgpt.rundir import read_summary, refuse_a_branch, refuse_a_second_run, run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
 
 
@@ -141,8 +141,15 @@ def _train(cfg, cleanup):
         check_op_build_locks()  # before DeepSpeed builds or loads its ops (init_distributed does, on CPU)
     world = init_world(backend, device_type)
     cleanup.enter_context(run_lock(run_dir, world))  # before anything in the run directory is read or written
+    summary = read_summary(run_dir)
     resume_path = checkpoint.find_resume(cfg.resume, run_dir)
     trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
+    if trainer_state and cfg.resume not in ("", "auto") and os.path.realpath(cfg.resume) == os.path.realpath(resume_path) \
+            and checkpoint.in_run_dir(resume_path, run_dir):  # a step folder of this run directory, named
+        step = int(trainer_state["step"])
+        done = summary.get("steps") if summary.get("completed") and isinstance(summary.get("steps"), int) else 0
+        later = max([checkpoint.step_of(c) for c in checkpoint.checkpoints(run_dir)] + [done])
+        refuse_a_branch(run_dir, resume_path, step, later)
     if not cfg.resume:
         refuse_a_second_run(run_dir, bool(checkpoint.checkpoints(run_dir)))
 
@@ -152,6 +159,16 @@ def _train(cfg, cleanup):
         checkpoint.check_model(trainer_state, mcfg)
     tokens_per_step = G * cfg.seq_len
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train) / tokens_per_step))
+    if trainer_state and trainer_state["step"] >= total_steps:
+        if summary.get("completed") and checkpoint.in_run_dir(resume_path, run_dir):
+            # a finished run stays finished: its summary, metrics and model are left as they are
+            if world.is_main:
+                print(f"{run_dir} holds a finished run ({summary.get('steps')} steps): nothing to resume, it is left "
+                      "as it is (to train it further, give a larger --max_steps)", flush=True)
+            return {**summary, "diverged": False}
+        if trainer_state["step"] > total_steps:
+            raise UsageError(f"{resume_path} is at step {trainer_state['step']}, past this run's {total_steps} steps: "
+                             "give a larger --max_steps (or --num_train_epochs) to resume it")
 
     engine = build(backend, cfg, mcfg, world, precision, total_steps, ds_cfg, run_dir if world.is_main else None)
     n_params = count_params(engine.model)
@@ -164,6 +181,9 @@ def _train(cfg, cleanup):
         step, best_val = trainer_state["step"], trainer_state.get("best_val_loss", float("inf"))
         if world.is_main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
+            for aside in checkpoint.set_aside_later(run_dir, step) if checkpoint.in_run_dir(resume_path, run_dir) else []:
+                print(f"note: moved the skipped checkpoint aside to {aside}: this run's history goes on from step {step}",
+                      flush=True)
     if world.is_main:
         resolved = {"backend": backend, "precision": precision, "world_size": world.world_size,
                     "train_batch_size": G, "gradient_accumulation_steps": accum, "total_steps": total_steps,

@@ -38,6 +38,15 @@ def checkpoints(run_dir):
     return [path for _, path in sorted(found)]
 
 
+def step_of(folder):
+    return int(STEP_DIR.match(os.path.basename(os.path.normpath(folder))).group(1))
+
+
+def in_run_dir(folder, run_dir):
+    """Whether a checkpoint folder is one of run_dir's own."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(folder))) == os.path.realpath(os.path.join(run_dir, "checkpoints"))
+
+
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -102,6 +111,21 @@ def _checked(folder):
         print(f"note: {folder} has no {MANIFEST} (written by an older version): its files are not checked for damage",
               flush=True)
     return folder
+
+
+def set_aside_later(run_dir, step):
+    """After a resume at `step`, the run directory's checkpoints past it (damaged ones --resume auto skipped)
+    are renamed step_N.damaged: kept for a look, but out of the run's history, so keep-last-K never keeps
+    them in place of the new ones and a later --resume auto never weighs them again. Rank 0 calls this."""
+    moved = []
+    for folder in checkpoints(run_dir):
+        if step_of(folder) > step:
+            aside, k = f"{folder}.damaged", 1
+            while os.path.exists(aside):
+                aside, k = f"{folder}.damaged.{k}", k + 1
+            os.rename(folder, aside)
+            moved.append(aside)
+    return moved
 
 
 def _newest_sound(found, where):

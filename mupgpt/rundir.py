@@ -23,6 +23,26 @@ def run_directory(cfg, backend):
     return run_dir
 
 
+def read_summary(run_dir):
+    """summary.json as a dict ({} when absent or unreadable)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def refuse_a_branch(run_dir, resume_path, step, later):
+    """A resume from an earlier checkpoint of this run directory would start a second history in it:
+    keep-last-K would remove the branch's checkpoints for the old ones and --resume auto would follow the
+    old branch. A branch goes into its own run directory."""
+    if later > step:
+        raise UsageError(f"--resume {resume_path} is step {step} of {run_dir}, which already went on to step {later}: "
+                         "to branch from it, keep --resume and pass a new --run_name or --output_dir (a run "
+                         "directory holds one history)")
+
+
 def refuse_a_second_run(run_dir, has_checkpoints):
     """A new run (no --resume) in a directory that holds one: say what is there and what to do."""
     summary_path = os.path.join(run_dir, "summary.json")

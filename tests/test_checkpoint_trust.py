@@ -165,6 +165,9 @@ def test_a_damaged_checkpoint_is_skipped_and_the_resume_stays_exact(tmp_path, sa
     assert res.returncode == 0, res.stderr[-3000:]
     assert "checkpoint step_00000006 is damaged (optimizer.pt: " in res.stdout and "at step 4" in res.stdout
     assert losses(tmp_path / "r") == losses(out / "straight")
+    # the skipped one leaves the run's history (keep-last-K would keep it in place of new ones), kept for a look
+    assert f"moved the skipped checkpoint aside to {tmp_path / 'r'}/checkpoints/step_00000006.damaged" in res.stdout
+    assert (tmp_path / "r" / "checkpoints" / "step_00000006.damaged" / "optimizer.pt").exists()
 
 
 def test_a_damaged_checkpoint_named_or_all_damaged_is_one_line_and_changes_nothing(tmp_path, saved, corpus, data_dir):

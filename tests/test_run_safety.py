@@ -139,3 +139,41 @@ def test_a_live_op_build_lock_is_named_before_waiting(tmp_path, corpus, data_dir
         proc.kill()
         proc.communicate()
         os.close(fd)
+
+
+def test_resume_auto_on_a_finished_run_leaves_it_finished(tmp_path, corpus, data_dir):
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    before = {f: (d / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "config.json", "model.safetensors")}
+    for resume in ("auto", d / "checkpoints" / "step_00000004"):
+        res = run_cli([*args, "--resume", resume])
+        assert res.returncode == 0 and f"{d} holds a finished run (4 steps): nothing to resume, it is left as it is" in res.stdout, res.stderr
+        assert "Traceback" not in res.stderr
+        assert {f: (d / f).read_bytes() for f in before} == before
+    os.remove(d / "summary.json")  # a checkpoint past the run's length is refused, not a run of no steps
+    res = run_cli([*args[:-4], "--max_steps", "2", "--save_interval", "2", "--resume", "auto"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "is at step 4, past this run's 2 steps" in lines[0], res.stderr
+    assert not (d / "summary.json").exists()
+
+
+def test_a_branch_from_an_earlier_checkpoint_of_the_run_directory_is_refused(tmp_path, corpus, data_dir):
+    """Resuming step 2 of a run that went on to step 6 would start a second history in the directory:
+    keep-last-K would remove the branch's checkpoints and --resume auto follow the old one."""
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval", "2",
+                        "--keep_checkpoints", "0")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    os.remove(d / "summary.json")  # stopped, not finished: a branch is refused all the same
+    before = sorted(p.name for p in d.rglob("*"))
+    res = run_cli([*args[:-6], "--max_steps", "8", "--resume", d / "checkpoints" / "step_00000002"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0] == (f"error: --resume {d}/checkpoints/step_00000002 is step 2 of {d}, which already went on to "
+                        "step 6: to branch from it, keep --resume and pass a new --run_name or --output_dir (a run "
+                        "directory holds one history)")
+    assert sorted(p.name for p in d.rglob("*")) == before
+    res = run_cli([*trainer_args(tmp_path, corpus, data_dir, "--run_name", "branch", "--max_steps", "8"),
+                   "--resume", d / "checkpoints" / "step_00000002"])  # the branch in its own directory
+    assert res.returncode == 0 and "at step 2" in res.stdout, res.stderr[-3000:]
