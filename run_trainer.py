@@ -22,7 +22,7 @@ from mupgpt.data import Batches, load_data
 from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
-from mupgpt.metrics import Reporter, duration, flops_per_token, peak_flops, peak_memory
+from mupgpt.metrics import Reporter, disk_error, duration, flops_per_token, peak_flops, peak_memory, write_atomic
 from mupgpt.optim import schedule_kwargs
 from mupgpt.rundir import read_summary, refuse_a_branch, refuse_a_second_run, run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
@@ -122,7 +122,13 @@ def all_finite(flag, world):
 
 def train(cfg):
     with contextlib.ExitStack() as cleanup:
-        return _train(cfg, cleanup)
+        try:
+            return _train(cfg, cleanup)
+        except OSError as e:  # a full disk or a read-only place while writing the run's files: one line
+            error = disk_error(e, e.filename or cfg.output_dir)
+            if error is e:
+                raise
+            raise error from None
 
 
 def _train(cfg, cleanup):
@@ -189,8 +195,8 @@ def _train(cfg, cleanup):
                     "train_batch_size": G, "gradient_accumulation_steps": accum, "total_steps": total_steps,
                     "device": str(world.device), "n_params": n_params, "data": data.meta,
                     "model": dataclasses.asdict(mcfg), "width_mult": mcfg.width_mult, "torch": torch.__version__}
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({"args": dataclasses.asdict(cfg), "resolved": resolved}, f, indent=2)
+        write_atomic(os.path.join(run_dir, "config.json"),
+                     json.dumps({"args": dataclasses.asdict(cfg), "resolved": resolved}, indent=2).encode())
         print(f"{backend} | {world.world_size} rank(s) on {world.device} | {precision} | {n_params / 1e6:.2f}M params "
               f"| width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, base {mcfg.base_width} = "
               f"{mcfg.base_width // mcfg.base_head_width}x{mcfg.base_head_width} (m={mcfg.width_mult:g}, "
@@ -286,8 +292,7 @@ def _train(cfg, cleanup):
                "peak_device_bytes_per_rank": int(mem_t[1]),  # training steps only: max over ranks
                "backend": backend, "world_size": world.world_size}
     if world.is_main and (step >= total_steps or diverged):
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     if world.is_main and diverged:
         when = f"at step {step}" if checked_step + 1 == step else f"between steps {checked_step + 1} and {step}"
         good = checkpoint.checkpoints(run_dir)

@@ -289,3 +289,28 @@ def test_a_resume_on_another_backend_continues_the_lr_schedule(tmp_path, corpus,
     lrs = dict(zip(losses(tmp_path / "ds", "step"), losses(tmp_path / "ds", "lr")))
     want = dict(zip(losses(straight, "step"), losses(straight, "lr")))
     assert sorted(lrs) == list(range(7, 13)) and lrs == pytest.approx({s: want[s] for s in lrs})
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line_and_the_directory_starts_again(small_disk, corpus, data_dir):
+    """metrics.jsonl is appended row by row: a full disk is one line, the file ends with the last whole row,
+    and after freeing space the run directory starts again."""
+    (small_disk / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 6 * 4096))
+    args = trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "400", "--save", "false")
+    res = run_cli(args)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith(f"error: the disk is full: could not write {small_disk}/r/metrics.jsonl")
+    text = (small_disk / "r" / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and len(losses(small_disk / "r")) > 10  # whole rows only, nothing written lost
+    os.remove(small_disk / "ballast")
+    res = run_cli([*args[:-4], "--max_steps", "3", "--save", "false", "--resume", "auto"])
+    assert res.returncode == 0 and len(losses(small_disk / "r")) == 3, res.stderr[-3000:]
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_run_directory(small_disk, corpus, data_dir):
+    (small_disk / "ballast").write_bytes(b"\0" * shutil.disk_usage(small_disk).free)
+    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0] == f"error: cannot write {small_disk}/r/.lock (No space left on device): free space or give another --output_dir"
+    assert os.listdir(small_disk) == ["ballast"]

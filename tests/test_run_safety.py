@@ -177,3 +177,49 @@ def test_a_branch_from_an_earlier_checkpoint_of_the_run_directory_is_refused(tmp
     res = run_cli([*trainer_args(tmp_path, corpus, data_dir, "--run_name", "branch", "--max_steps", "8"),
                    "--resume", d / "checkpoints" / "step_00000002"])  # the branch in its own directory
     assert res.returncode == 0 and "at step 2" in res.stdout, res.stderr[-3000:]
+
+
+def test_a_torn_or_damaged_metrics_file_is_repaired_with_a_note(tmp_path, corpus, data_dir):
+    """A half line left by a full disk or a kill is dropped (one note); other unreadable lines are dropped
+    with a warning and the file as it was kept beside. The run directory always starts again."""
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    os.remove(d / "summary.json")
+    shutil.rmtree(d / "checkpoints" / "step_00000004")
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # torn
+    res = run_cli([*args, "--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"note: {d}/metrics.jsonl ended mid-record (a write cut short): dropped its torn last line" in res.stdout
+    assert [json.loads(l)["step"] for l in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
+    os.remove(d / "summary.json")
+    rows = (d / "metrics.jsonl").read_text().splitlines()
+    damaged = "\n".join([rows[0], "garbage", *rows[1:]]) + "\n"
+    (d / "metrics.jsonl").write_text(damaged)
+    res = run_cli([*args, "--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"warning: {d}/metrics.jsonl had unreadable lines (2): dropped them; the file as it was is kept as {d}/metrics.jsonl.damaged" in res.stdout
+    assert (d / "metrics.jsonl.damaged").read_text() == damaged
+    assert [json.loads(l)["step"] for l in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, corpus, data_dir, where):
+    if where == "under a file":
+        (tmp_path / "f").write_text("x")
+        out, words = tmp_path / "f" / "out", f"{tmp_path}/f is a file"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(out)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here ({res.stderr.strip()})")
+        words = f"{out} is not writable"
+    try:
+        res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
+    finally:
+        if where == "read-only":
+            subprocess.run(["umount", str(out)], check=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and words in lines[0] and "--output_dir" in lines[0], res.stderr
