@@ -280,7 +280,7 @@ def _train(cfg, cleanup):
     if world.is_main and not diverged:
         print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
     if cfg.save and not diverged:
-        checkpoint.export(engine, run_dir, mcfg)
+        checkpoint.export(engine, run_dir, mcfg, step, total_steps)
     mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64,
                          device=world.device)  # NCCL reduces device tensors only
     if world.world_size > 1:

@@ -249,14 +249,16 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
-def export(engine, run_dir, model_cfg):
+def export(engine, run_dir, model_cfg, step=None, total_steps=None):
     """The run's final model.safetensors + model_config.json (all ranks call this; rank 0 writes). Written
     beside and renamed into place: a full disk leaves no half file, says so in one line and names the
-    last checkpoint, which holds the same weights."""
+    last checkpoint, which holds the same weights. The weights' metadata records the step they are from
+    and the run's length, so a model of a stopped run is never taken for a finished one."""
     state = engine.full_state_dict()  # a collective under the sharded backends
     if not engine.world.is_main:
         return
-    files = {"model.safetensors": lambda f: save_file(state, f),
+    meta = {"step": str(step), "total_steps": str(total_steps)} if step is not None else None
+    files = {"model.safetensors": lambda f: save_file(state, f, metadata=meta),
              "model_config.json": lambda f: _write_json(f, dataclasses.asdict(model_cfg))}
     tmps = {name: os.path.join(run_dir, f".{name}.tmp") for name in files}
     try:

@@ -181,6 +181,20 @@ def parse_args(argv=None):
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs):
+    """json's object hook: a key given twice in one object is refused, as TOML does."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def read_config_file(path, parser=None):
     """A TOML (.toml) or JSON (.json) file of flag values -> {dest: value}. Keys are the flag names without
     dashes (aliases such as lr and width too); tables only group keys and their names are ignored."""
@@ -200,11 +214,16 @@ def read_config_file(path, parser=None):
         if kind == ".toml":
             data = tomllib.loads(text)
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_repeated_keys)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path} is not valid TOML: {e}") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except _RepeatedKey as e:
+        key = e.args[0]
+        at = [n for n, line in enumerate(text.splitlines(), 1) if re.search(rf'"{re.escape(key)}"\s*:', line)]
+        where = f" (lines {', '.join(map(str, at))})" if len(at) > 1 else ""
+        raise UsageError(f"{path}: key {key!r} is given twice{where}: keep one") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an object of flag names and values")
 

@@ -25,7 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from mup_model import attention_scale, output_scale, residual_scale  # noqa: E402
 from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
-from sample import load_model  # noqa: E402
+from sample import load_model, trained_steps, unfinished_note  # noqa: E402
 
 TOKENIZERS = {  # what the ids mean, for people and tools reading config.json
     "gpt2": (50256, "GPT-2 BPE (tiktoken 'gpt2', the same ids as the transformers 'gpt2' tokenizer)"),
@@ -120,11 +120,15 @@ def export(run_dir, out_dir):
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"{run_dir}'s model_config.json (or config.json) is not mupgpt's ({e}): "
                          "give a finished run's directory") from None
+    note = unfinished_note(run_dir)
+    if note:
+        print(note, flush=True)
     state, fields = EXPORTERS[arch](model)
     eot, meaning = TOKENIZERS.get(tokenizer, (run_eot(run_dir), f"tiktoken '{tokenizer}'"))
     fields.update(bos_token_id=eot, eos_token_id=eot, mupgpt={
         "tokenizer": tokenizer, "tokenizer_ids": meaning, "source_run": os.path.abspath(run_dir),
         "model_config": dict(vars(model.cfg)),
+        "trained_steps": dict(zip(("step", "total_steps"), trained_steps(run_dir) or ())) or None,
         "note": "muP, depth and attention multipliers are folded into the weights; vocab_size is the "
                 "padded one the model was trained with"})
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from mup_model import GPT, GPTConfig  # noqa: E402
@@ -73,6 +74,33 @@ def load_model(run_dir, device="cpu"):
     return model.to(device).eval(), tokenizer
 
 
+def trained_steps(run_dir):
+    """(the step model.safetensors is from, the run's steps), or None where the run does not record them."""
+    try:
+        with safe_open(os.path.join(run_dir, "model.safetensors"), "pt") as f:
+            meta = f.metadata() or {}
+        return int(meta["step"]), int(meta["total_steps"])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        pass
+    try:  # written before the weights recorded their step: a finished run has a summary saying so
+        with open(os.path.join(run_dir, "config.json")) as f:
+            total = int(json.load(f)["resolved"]["total_steps"])
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        return int(summary["steps"]), total
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def unfinished_note(run_dir):
+    """One line when the model is from a run that stopped before its last step, else None."""
+    steps = trained_steps(run_dir)
+    if steps and steps[0] < steps[1]:
+        return (f"note: {run_dir} stopped at step {steps[0]} of {steps[1]}: this model is that step's, not a finished "
+                "run's (resume the run with --resume auto to finish it)")
+    return None
+
+
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature, top_k):
     """Sample max_new_tokens tokens; temperature 0 is greedy (the most likely token each step)."""
@@ -121,6 +149,9 @@ def main():
     args = p.parse_args()
     check_args(args)
     model, tok_name = load_model(args.run_dir, args.device)
+    note = unfinished_note(args.run_dir)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     tok = get_tokenizer(tok_name)
     try:
         torch.manual_seed(args.seed)
