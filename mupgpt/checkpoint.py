@@ -85,7 +85,12 @@ def verify(folder):
             manifest = json.load(f)
         files, manifest_step = manifest["files"], int(manifest["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise Damaged(MANIFEST, f"unreadable ({e})") from None
+        raise Damaged(MANIFEST, f"unreadable ({e.__class__.__name__}: {e})") from None
+    # every entry {"size": int, "sha256": str}: any other shape is damage or another version's format
+    if not isinstance(files, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)
+            for info in files.values()):
+        raise Damaged(MANIFEST, "not in this version's format (each file needs a size and a sha256)")
     if manifest_step != step:
         raise Damaged(MANIFEST, f"says step {manifest_step}, trainer.json says {step}")
     for rel in folder_files(folder):

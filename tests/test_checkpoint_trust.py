@@ -1,5 +1,6 @@
 """A checkpoint is untrusted input: planted code never runs, damage is found before anything changes,
 a full disk or an interrupted save leaves no .tmp behind and keeps the previous checkpoint."""
+import json
 import os
 import shutil
 import subprocess
@@ -132,6 +133,11 @@ DAMAGE = {
     "missing rng state": ("rng_rank0.pt", lambda p: p.unlink(), "missing"),
     "edited step": ("trainer.json", lambda p: p.write_text(p.read_text().replace('"step": 6', '"step": 10')), "says step 10"),
     "added file": ("extra.pt", lambda p: p.write_bytes(b"x"), "not in the manifest"),
+    "manifest in another format": ("manifest.json", lambda p: p.write_text(json.dumps(
+        {"step": 6, "files": {f: "0" * 64 for f in json.loads(p.read_text())["files"]}})), "not in this version's format"),
+    "manifest files a list": ("manifest.json", lambda p: p.write_text('{"step": 6, "files": []}'), "this version's format"),
+    "manifest a list": ("manifest.json", lambda p: p.write_text("[]"), "unreadable"),
+    "manifest cut short": ("manifest.json", lambda p: p.write_text(p.read_text()[:50]), "unreadable"),
 }
 
 
