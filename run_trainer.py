@@ -176,7 +176,14 @@ def _train(cfg, cleanup):
             raise UsageError(f"{resume_path} is at step {trainer_state['step']}, past this run's {total_steps} steps: "
                              "give a larger --max_steps (or --num_train_epochs) to resume it")
 
-    engine = build(backend, cfg, mcfg, world, precision, total_steps, ds_cfg, run_dir if world.is_main else None)
+    try:
+        engine = build(backend, cfg, mcfg, world, precision, total_steps, ds_cfg, run_dir if world.is_main else None)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # the model's own memory, on host or device
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(e):
+            raise
+        raise UsageError(f"the model (--n_layer {cfg.n_layer}, --n_head {cfg.n_head} x --head_width {cfg.head_width}, "
+                         f"{world.device.type}) does not fit in memory ({str(e).splitlines()[0][:160]}): lower --n_layer "
+                         "or --head_width, or shard it (--backend fsdp or deepspeed --zero_stage 3)") from None
     n_params = count_params(engine.model)
     batches = Batches(data, cfg.seq_len, G, cfg.per_device_train_batch_size, world.rank, world.world_size,
                       cfg.seed, world.device)
