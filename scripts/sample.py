@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from mup_model import GPT, GPTConfig  # noqa: E402
 from mupgpt.data import get_tokenizer  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
 
 
 def read_json(path, what):
@@ -36,6 +36,8 @@ def read_json(path, what):
 
 def load_model(run_dir, device="cpu"):
     """A run directory (or any folder with model.safetensors + model_config.json) -> GPT, tokenizer name."""
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is not a directory: give a finished run's directory")
     weights, cfg_file = os.path.join(run_dir, "model.safetensors"), os.path.join(run_dir, "model_config.json")
     if not (os.path.exists(weights) and os.path.exists(cfg_file)):
         raise UsageError(f"{run_dir} has no model.safetensors + model_config.json: give a finished run's directory")
@@ -138,7 +140,7 @@ def check_args(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a finished run's directory (model.safetensors + model_config.json)")
     p.add_argument("--prompt", default="\n", help="text to continue (empty: start from the end-of-text token)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate")

@@ -148,3 +148,30 @@ def test_a_stopped_run_is_exported_with_a_note_naming_its_step(tmp_path, corpus,
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), tmp_path / "r", "--max_new_tokens", "2",
                           "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and note in res.stderr, res.stderr[-3000:]
+
+
+def test_export_bad_arguments_and_unwritable_out_dirs_are_one_line(tmp_path, monkeypatch, capsys):
+    def export_cli(*args):
+        return export_inproc(monkeypatch, capsys, *args)
+
+    write_run(tmp_path / "run", cfg_with(n_layer=1, base_n_layer=1))
+    (tmp_path / "f").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(ro)], capture_output=True).returncode == 0
+    try:
+        cases = [((), "the following arguments are required: run_dir, out_dir"),
+                 ((tmp_path / "run",), "the following arguments are required: out_dir"),
+                 ((tmp_path / "run", tmp_path / "out", "--bogus"), "unrecognized arguments: --bogus"),
+                 ((tmp_path / "f", tmp_path / "out"), "is not a directory"),
+                 ((tmp_path / "run", tmp_path / "f" / "out"), f"cannot create {tmp_path / 'f' / 'out'}")]
+        if mounted:
+            cases.append(((tmp_path / "run", ro / "out"), f"cannot create {ro / 'out'} (Read-only file system"))
+        for args, words in cases:
+            res = export_cli(*args)
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], check=True)
+    assert not (tmp_path / "out").exists()
