@@ -219,7 +219,8 @@ def _train(cfg, cleanup):
     stop = StopFlag()
     t_start = t_log = time.time()
     start_step, paused = step, 0.0  # paused: evaluation, checkpoint and logging time, left out of the ETA
-    last_log_step, last_loss, val_loss, diverged = step, float("nan"), None, False
+    # a resume at the run's last step (killed before its summary) reports the losses logged before it
+    last_log_step, last_loss, val_loss, diverged = step, reporter.last.get("loss", float("nan")), reporter.last.get("val_loss"), False
     # every loss and grad norm since the last check was finite; read back only on log and save steps.
     # fp16 loss scaling overflows the grad norm on purpose (that step is skipped), and DeepSpeed's ZeRO-0
     # reports no grad norm (NaN here): there only the loss counts

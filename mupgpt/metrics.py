@@ -76,6 +76,7 @@ class Reporter:
 
     def __init__(self, run_dir, cfg, is_main, resume_step):
         self.is_main, self.run = is_main, None
+        self.last = {}  # the latest loss and val_loss kept from before the resume step
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if is_main and os.path.exists(self.path):
             self._truncate_after(resume_step)  # rows past the checkpoint are redone (all of them from step 0)
@@ -100,6 +101,7 @@ class Reporter:
                 continue
             if keep:
                 rows.append(line + b"\n")
+                self.last.update({k: row[k] for k in ("loss", "val_loss") if k in row})
         torn = bad == [len(lines)]  # only the last line, with no newline after it
         if bad and not torn:
             shutil.copyfile(self.path, self.path + ".damaged")

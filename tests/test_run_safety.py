@@ -223,3 +223,19 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, corpus, data
             subprocess.run(["umount", str(out)], check=True)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and words in lines[0] and "--output_dir" in lines[0], res.stderr
+
+
+def test_a_resume_at_the_last_step_writes_the_summary_with_its_losses(tmp_path, corpus, data_dir):
+    """Killed after the last checkpoint but before summary.json: the resume runs no step and the summary
+    holds the losses logged before, not NaN."""
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2",
+                        "--eval_interval", "2")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    want = json.loads((d / "summary.json").read_text())
+    os.remove(d / "summary.json")
+    res = run_cli([*args, "--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((d / "summary.json").read_text())
+    assert got["completed"] and got["steps"] == 4
+    assert (got["final_train_loss"], got["final_val_loss"]) == (want["final_train_loss"], want["final_val_loss"])
