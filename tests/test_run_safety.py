@@ -80,8 +80,9 @@ def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus, data_di
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     assert first.returncode == 0
-    # released at exit: the next run in the directory goes ahead
-    assert run_cli([*args, "--max_steps", "2"]).returncode == 0
+    # released at exit: the next run in the directory goes ahead (on from the stop's checkpoint)
+    stopped = int(sorted(os.listdir(tmp_path / "r" / "checkpoints"))[-1][len("step_"):])
+    assert run_cli([*args, "--max_steps", str(stopped + 2)]).returncode == 0
 
 
 def test_a_restart_from_step_0_starts_metrics_afresh(tmp_path, corpus, data_dir):
