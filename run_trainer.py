@@ -306,7 +306,9 @@ def _train(cfg, cleanup):
         good = checkpoint.checkpoints(run_dir)
         if good and checked_step + 1 == step and good[-1].endswith(f"step_{checked_step:08d}"):
             good = good[:-1]  # the weights it holds gave the non-finite loss at this step
-        where = (f"last good checkpoint: {good[-1]} (resume from it with a lower --learning_rate)" if good else
+        branch = good and good[-1] != checkpoint.checkpoints(run_dir)[-1]  # a later one exists: a branch, its own directory
+        where = (f"last good checkpoint: {good[-1]} (resume from it with a lower --learning_rate"
+                 f"{' and a new --run_name' if branch else ''})" if good else
                  "no checkpoint was saved before it (start again with a lower --learning_rate)")
         print(f"error: the loss became non-finite {when}; {where}", file=sys.stderr, flush=True)
     reporter.finish(summary)

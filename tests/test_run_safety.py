@@ -59,6 +59,8 @@ def test_divergence_keeps_the_good_checkpoints_and_exits_1(tmp_path, corpus, dat
     assert os.path.isdir(named) and os.path.basename(named) in ckpts
     bad_step = int(last.split("at step ")[1].split(";")[0])
     assert int(os.path.basename(named)[5:]) < bad_step - 1  # its weights gave a finite loss
+    # a later checkpoint is kept in the directory: resuming the named one there is a branch, so its own --run_name
+    assert ("with a lower --learning_rate and a new --run_name" in last) == (os.path.basename(named) != ckpts[-1])
 
 
 def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus, data_dir):
