@@ -284,13 +284,18 @@ def test_a_full_disk_at_the_final_export_is_one_line_and_names_the_checkpoint(sm
     assert checkpoint.verify(str(run_dir / "checkpoints" / "step_00000002"))
 
 
-def test_a_resume_on_another_backend_continues_the_lr_schedule(tmp_path, corpus, data_dir):
-    """The schedule is a function of the step: resumed under DeepSpeed ZeRO-1 from a single-process
-    checkpoint (fresh optimizer state), every logged LR is the straight run's."""
+@pytest.mark.parametrize("backend", ["deepspeed", "ddp"])
+def test_a_resume_on_another_backend_continues_the_lr_schedule(tmp_path, corpus, data_dir, backend):
+    """The schedule is a function of the step: resumed under DeepSpeed ZeRO-1 (one process) or DDP on two
+    ranks from a single-process checkpoint (fresh optimizer state), every logged LR is the straight run's."""
     sched = ["--max_steps", "12", "--num_warmup_steps", "4", "--lr_scheduler_type", "linear", "--save_interval", "6"]
     straight = train(tmp_path, corpus, data_dir, "straight", *sched)
-    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "ds", *sched, "--backend", "deepspeed",
-                               "--zero_stage", "1", "--resume", straight / "checkpoints" / "step_00000006"))
+    how = {"deepspeed": ((sys.executable,), ["--backend", "deepspeed", "--zero_stage", "1"]),
+           "ddp": ((sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29663"),
+                   ["--backend", "ddp"])}
+    launcher, flags = how[backend]
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "ds", *sched, *flags,
+                               "--resume", straight / "checkpoints" / "step_00000006"), launcher=launcher)
     assert res.returncode == 0 and "the LR schedule continues from step 6" in res.stdout, res.stderr[-3000:]
     lrs = dict(zip(losses(tmp_path / "ds", "step"), losses(tmp_path / "ds", "lr")))
     want = dict(zip(losses(straight, "step"), losses(straight, "lr")))
