@@ -177,7 +177,9 @@ def read_trainer_state(path):
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             state = json.load(f)
-        int(state["step"])
+        state["step"] = int(state["step"])
+        if not isinstance(state.get("model_config", {}), dict):
+            raise TypeError("model_config is not an object")
         return state
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is not a complete checkpoint (trainer.json missing or corrupt): "

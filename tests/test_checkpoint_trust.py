@@ -213,6 +213,27 @@ def test_a_checkpoint_without_a_manifest_resumes_with_a_note(tmp_path, saved, co
     assert losses(tmp_path / "r") == losses(out / "straight")
 
 
+def test_an_unchecked_trainer_json_of_another_shape_is_one_line(tmp_path, saved, corpus, data_dir):
+    """Without a manifest nothing checks trainer.json's contents: a step written as a string resumes, a
+    model_config that is not an object is one line."""
+    _, run_dir = saved
+    shutil.copytree(run_dir, tmp_path / "r")
+    folder = tmp_path / "r" / "checkpoints" / "step_00000006"
+    os.remove(folder / "manifest.json")
+    state = json.loads((folder / "trainer.json").read_text())
+    (folder / "trainer.json").write_text(json.dumps({**state, "step": "6"}))
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", str(folder))
+    res = run_cli(args)
+    assert res.returncode == 0 and "at step 6" in res.stdout, res.stderr[-3000:]
+    shutil.rmtree(tmp_path / "r")
+    shutil.copytree(run_dir, tmp_path / "r")
+    os.remove(folder / "manifest.json")
+    (folder / "trainer.json").write_text(json.dumps({**state, "model_config": [1, 2]}))
+    res = run_cli(args)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "is not a complete checkpoint (trainer.json" in lines[0], res.stderr
+
+
 def test_stale_tmp_folders_go_at_the_next_save_and_an_interrupted_save_removes_its_own(tmp_path, corpus, data_dir):
     from mupgpt.world import World
     run_dir = tmp_path / "r"
