@@ -75,7 +75,7 @@ def refuse_a_second_run(run_dir, has_checkpoints):
 
 
 # what a start writes before training: a start that fails before more leaves no run directory behind
-START_FILES = {".lock", "opt_config.json", "config.json"}
+START_FILES = {".lock", "opt_config.json", "config.json", "ds_config.json"}
 
 
 @contextlib.contextmanager

@@ -242,3 +242,19 @@ def test_a_resume_at_the_last_step_writes_the_summary_with_its_losses(tmp_path, 
     got = json.loads((d / "summary.json").read_text())
     assert got["completed"] and got["steps"] == 4
     assert (got["final_train_loss"], got["final_val_loss"]) == (want["final_train_loss"], want["final_val_loss"])
+
+
+def test_a_start_refused_after_the_engine_is_built_leaves_no_run_directory(tmp_path, corpus, data_dir):
+    """A checkpoint without consolidated weights, resumed on another backend, is refused once the engine
+    (which writes opt_config.json) exists: the new run directory goes with the refusal."""
+    from mupgpt import checkpoint
+    args = trainer_args(tmp_path, corpus, data_dir, "--max_steps", "2")
+    assert run_cli([*args, "--run_name", "src"]).returncode == 0
+    folder = tmp_path / "src" / "checkpoints" / "step_00000002"
+    os.remove(folder / "model.safetensors")
+    os.remove(folder / "manifest.json")
+    checkpoint.write_manifest(str(folder), 2)
+    res = run_cli([*args, "--run_name", "new", "--backend", "deepspeed", "--zero_stage", "1", "--resume", folder])
+    lines = [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]
+    assert res.returncode == 2 and len(lines) == 1 and "has no model.safetensors" in lines[0], res.stderr[-3000:]
+    assert not (tmp_path / "new").exists()
