@@ -22,9 +22,9 @@ from mupgpt.data import Batches, load_data
 from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
-from mupgpt.metrics import Reporter, duration, flops_per_token, peak_flops, peak_memory
+from mupgpt.metrics import Reporter, disk_error, duration, flops_per_token, peak_flops, peak_memory, write_atomic
 from mupgpt.optim import schedule_kwargs
-from mupgpt.rundir import refuse_a_second_run, run_directory, run_lock
+from mupgpt.rundir import read_summary, refuse_a_branch, refuse_a_second_run, run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
 
 
@@ -130,7 +130,13 @@ def sync(loss, grad_norm, finite, stop_requested, world):
 
 def train(cfg):
     with contextlib.ExitStack() as cleanup:
-        return _train(cfg, cleanup)
+        try:
+            return _train(cfg, cleanup)
+        except OSError as e:  # a full disk or a read-only place while writing the run's files: one line
+            error = disk_error(e, e.filename or cfg.output_dir)
+            if error is e:
+                raise
+            raise error from None
 
 
 def _train(cfg, cleanup):
@@ -149,8 +155,15 @@ def _train(cfg, cleanup):
         check_op_build_locks()  # before DeepSpeed builds or loads its ops (init_distributed does, on CPU)
     world = init_world(backend, device_type)
     cleanup.enter_context(run_lock(run_dir, world))  # before anything in the run directory is read or written
+    summary = read_summary(run_dir)
     resume_path = checkpoint.find_resume(cfg.resume, run_dir)
     trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
+    if trainer_state and cfg.resume not in ("", "auto") and os.path.realpath(cfg.resume) == os.path.realpath(resume_path) \
+            and checkpoint.in_run_dir(resume_path, run_dir):  # a step folder of this run directory, named
+        step = int(trainer_state["step"])
+        done = summary.get("steps") if summary.get("completed") and isinstance(summary.get("steps"), int) else 0
+        later = max([checkpoint.step_of(c) for c in checkpoint.checkpoints(run_dir)] + [done])
+        refuse_a_branch(run_dir, resume_path, step, later)
     if not cfg.resume:
         refuse_a_second_run(run_dir, bool(checkpoint.checkpoints(run_dir)))
 
@@ -160,8 +173,25 @@ def _train(cfg, cleanup):
         checkpoint.check_model(trainer_state, mcfg)
     tokens_per_step = G * cfg.seq_len
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train) / tokens_per_step))
+    if trainer_state and trainer_state["step"] >= total_steps:
+        if summary.get("completed") and checkpoint.in_run_dir(resume_path, run_dir):
+            # a finished run stays finished: its summary, metrics and model are left as they are
+            if world.is_main:
+                print(f"{run_dir} holds a finished run ({summary.get('steps')} steps): nothing to resume, it is left "
+                      "as it is (to train it further, give a larger --max_steps)", flush=True)
+            return {**summary, "diverged": False}
+        if trainer_state["step"] > total_steps:
+            raise UsageError(f"{resume_path} is at step {trainer_state['step']}, past this run's {total_steps} steps: "
+                             "give a larger --max_steps (or --num_train_epochs) to resume it")
 
-    engine = build(backend, cfg, mcfg, world, precision, total_steps, ds_cfg, run_dir if world.is_main else None)
+    try:
+        engine = build(backend, cfg, mcfg, world, precision, total_steps, ds_cfg, run_dir if world.is_main else None)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # the model's own memory, on host or device
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(e):
+            raise
+        raise UsageError(f"the model (--n_layer {cfg.n_layer}, --n_head {cfg.n_head} x --head_width {cfg.head_width}, "
+                         f"{world.device.type}) does not fit in memory ({str(e).splitlines()[0][:160]}): lower --n_layer "
+                         "or --head_width, or shard it (--backend fsdp or deepspeed --zero_stage 3)") from None
     n_params = count_params(engine.model)
     batches = Batches(data, cfg.seq_len, G, cfg.per_device_train_batch_size, world.rank, world.world_size,
                       cfg.seed, world.device)
@@ -172,13 +202,16 @@ def _train(cfg, cleanup):
         step, best_val = trainer_state["step"], trainer_state.get("best_val_loss", float("inf"))
         if world.is_main:
             print(f"resumed from {resume_path} at step {step}", flush=True)
+            for aside in checkpoint.set_aside_later(run_dir, step) if checkpoint.in_run_dir(resume_path, run_dir) else []:
+                print(f"note: moved the skipped checkpoint aside to {aside}: this run's history goes on from step {step}",
+                      flush=True)
     if world.is_main:
         resolved = {"backend": backend, "precision": precision, "world_size": world.world_size,
                     "train_batch_size": G, "gradient_accumulation_steps": accum, "total_steps": total_steps,
                     "device": str(world.device), "n_params": n_params, "data": data.meta,
                     "model": dataclasses.asdict(mcfg), "width_mult": mcfg.width_mult, "torch": torch.__version__}
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({"args": dataclasses.asdict(cfg), "resolved": resolved}, f, indent=2)
+        write_atomic(os.path.join(run_dir, "config.json"),
+                     json.dumps({"args": dataclasses.asdict(cfg), "resolved": resolved}, indent=2).encode())
         print(f"{backend} | {world.world_size} rank(s) on {world.device} | {precision} | {n_params / 1e6:.2f}M params "
               f"| width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, base {mcfg.base_width} = "
               f"{mcfg.base_width // mcfg.base_head_width}x{mcfg.base_head_width} (m={mcfg.width_mult:g}, "
@@ -194,7 +227,8 @@ def _train(cfg, cleanup):
     stop = StopFlag()
     t_start = t_log = time.time()
     start_step, paused = step, 0.0  # paused: evaluation, checkpoint and logging time, left out of the ETA
-    last_log_step, last_loss, val_loss, diverged = step, float("nan"), None, False
+    # a resume at the run's last step (killed before its summary) reports the losses logged before it
+    last_log_step, last_loss, val_loss, diverged = step, reporter.last.get("loss", float("nan")), reporter.last.get("val_loss"), False
     # every loss and grad norm since the last check was finite; read back only on log and save steps.
     # fp16 loss scaling overflows the grad norm on purpose (that step is skipped), and DeepSpeed's ZeRO-0
     # reports no grad norm (NaN here): there only the loss counts
@@ -262,7 +296,7 @@ def _train(cfg, cleanup):
     if world.is_main and not diverged:
         print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
     if cfg.save and not diverged:
-        checkpoint.export(engine, run_dir, mcfg)
+        checkpoint.export(engine, run_dir, mcfg, step, total_steps)
     mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64,
                          device=world.device)  # NCCL reduces device tensors only
     if world.world_size > 1:
@@ -274,14 +308,15 @@ def _train(cfg, cleanup):
                "peak_device_bytes_per_rank": int(mem_t[1]),  # training steps only: max over ranks
                "backend": backend, "world_size": world.world_size}
     if world.is_main and (step >= total_steps or diverged):
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     if world.is_main and diverged:
         when = f"at step {step}" if checked_step + 1 == step else f"between steps {checked_step + 1} and {step}"
         good = checkpoint.checkpoints(run_dir)
         if good and checked_step + 1 == step and good[-1].endswith(f"step_{checked_step:08d}"):
             good = good[:-1]  # the weights it holds gave the non-finite loss at this step
-        where = (f"last good checkpoint: {good[-1]} (resume from it with a lower --learning_rate)" if good else
+        branch = good and good[-1] != checkpoint.checkpoints(run_dir)[-1]  # a later one exists: a branch, its own directory
+        where = (f"last good checkpoint: {good[-1]} (resume from it with a lower --learning_rate"
+                 f"{' and a new --run_name' if branch else ''})" if good else
                  "no checkpoint was saved before it (start again with a lower --learning_rate)")
         print(f"error: the loss became non-finite {when}; {where}", file=sys.stderr, flush=True)
     reporter.finish(summary)

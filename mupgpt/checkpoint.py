@@ -38,6 +38,15 @@ def checkpoints(run_dir):
     return [path for _, path in sorted(found)]
 
 
+def step_of(folder):
+    return int(STEP_DIR.match(os.path.basename(os.path.normpath(folder))).group(1))
+
+
+def in_run_dir(folder, run_dir):
+    """Whether a checkpoint folder is one of run_dir's own."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(folder))) == os.path.realpath(os.path.join(run_dir, "checkpoints"))
+
+
 def sha256(path):
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -76,7 +85,12 @@ def verify(folder):
             manifest = json.load(f)
         files, manifest_step = manifest["files"], int(manifest["step"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise Damaged(MANIFEST, f"unreadable ({e})") from None
+        raise Damaged(MANIFEST, f"unreadable ({e.__class__.__name__}: {e})") from None
+    # every entry {"size": int, "sha256": str}: any other shape is damage or another version's format
+    if not isinstance(files, dict) or not all(
+            isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)
+            for info in files.values()):
+        raise Damaged(MANIFEST, "not in this version's format (each file needs a size and a sha256)")
     if manifest_step != step:
         raise Damaged(MANIFEST, f"says step {manifest_step}, trainer.json says {step}")
     for rel in folder_files(folder):
@@ -102,6 +116,21 @@ def _checked(folder):
         print(f"note: {folder} has no {MANIFEST} (written by an older version): its files are not checked for damage",
               flush=True)
     return folder
+
+
+def set_aside_later(run_dir, step):
+    """After a resume at `step`, the run directory's checkpoints past it (damaged ones --resume auto skipped)
+    are renamed step_N.damaged: kept for a look, but out of the run's history, so keep-last-K never keeps
+    them in place of the new ones and a later --resume auto never weighs them again. Rank 0 calls this."""
+    moved = []
+    for folder in checkpoints(run_dir):
+        if step_of(folder) > step:
+            aside, k = f"{folder}.damaged", 1
+            while os.path.exists(aside):
+                aside, k = f"{folder}.damaged.{k}", k + 1
+            os.rename(folder, aside)
+            moved.append(aside)
+    return moved
 
 
 def _newest_sound(found, where):
@@ -148,7 +177,9 @@ def read_trainer_state(path):
     try:
         with open(os.path.join(path, "trainer.json")) as f:
             state = json.load(f)
-        int(state["step"])
+        state["step"] = int(state["step"])
+        if not isinstance(state.get("model_config", {}), dict):
+            raise TypeError("model_config is not an object")
         return state
     except (OSError, ValueError, KeyError, TypeError):
         raise UsageError(f"{path} is not a complete checkpoint (trainer.json missing or corrupt): "
@@ -225,14 +256,16 @@ def _write_json(path, obj):
         json.dump(obj, f, indent=2)
 
 
-def export(engine, run_dir, model_cfg):
+def export(engine, run_dir, model_cfg, step=None, total_steps=None):
     """The run's final model.safetensors + model_config.json (all ranks call this; rank 0 writes). Written
     beside and renamed into place: a full disk leaves no half file, says so in one line and names the
-    last checkpoint, which holds the same weights."""
+    last checkpoint, which holds the same weights. The weights' metadata records the step they are from
+    and the run's length, so a model of a stopped run is never taken for a finished one."""
     state = engine.full_state_dict()  # a collective under the sharded backends
     if not engine.world.is_main:
         return
-    files = {"model.safetensors": lambda f: save_file(state, f),
+    meta = {"step": str(step), "total_steps": str(total_steps)} if step is not None else None
+    files = {"model.safetensors": lambda f: save_file(state, f, metadata=meta),
              "model_config.json": lambda f: _write_json(f, dataclasses.asdict(model_cfg))}
     tmps = {name: os.path.join(run_dir, f".{name}.tmp") for name in files}
     try:
@@ -265,6 +298,18 @@ def restore(engine, path, trainer_state, backend):
     if not os.path.exists(weights):
         raise UsageError(f"{path} has no model.safetensors: resume it with the backend and world size that wrote it")
     engine.load_model(load_weights(weights))
+    continue_schedule(engine.scheduler, int(trainer_state["step"]))
     if engine.world.is_main:
         print(f"note: {path} was written by {trainer_state.get('backend')} on {trainer_state.get('world_size')} rank(s); "
-              "loaded its weights, the optimizer state starts afresh", flush=True)
+              "loaded its weights, the optimizer state starts afresh and the LR schedule continues from step "
+              f"{trainer_state['step']}", flush=True)
+
+
+def continue_schedule(scheduler, step):
+    """The LR schedule is a function of the step alone: a fresh optimizer's schedule is set to the
+    checkpoint's step, so a resume on another backend or world size logs the LRs of a straight run."""
+    import warnings
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():  # its 'scheduler stepped before the optimizer' warning: no optimizer step here
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()

@@ -181,6 +181,20 @@ def parse_args(argv=None):
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs):
+    """json's object hook: a key given twice in one object is refused, as TOML does."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
 def read_config_file(path, parser=None):
     """A TOML (.toml) or JSON (.json) file of flag values -> {dest: value}. Keys are the flag names without
     dashes (aliases such as lr and width too); tables only group keys and their names are ignored."""
@@ -200,11 +214,16 @@ def read_config_file(path, parser=None):
         if kind == ".toml":
             data = tomllib.loads(text)
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_no_repeated_keys)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path} is not valid TOML: {e}") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except _RepeatedKey as e:
+        key = e.args[0]
+        at = [n for n, line in enumerate(text.splitlines(), 1) if re.search(rf'"{re.escape(key)}"\s*:', line)]
+        where = f" (lines {', '.join(map(str, at))})" if len(at) > 1 else ""
+        raise UsageError(f"{path}: key {key!r} is given twice{where}: keep one") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an object of flag names and values")
 
@@ -280,6 +299,34 @@ def _host_memory():
         return None
 
 
+def model_params(n_layer, n_head, head_width, cfg):
+    """About the parameters of a model of these dimensions (the blocks' matrices and the embeddings)."""
+    width = n_head * head_width
+    kv = (cfg.n_kv_head or n_head) * head_width if cfg.arch == "llama" else width
+    hidden = cfg.mlp_hidden or (4 * width if cfg.arch == "gpt2" else 64 * math.ceil(8 * width / 3 / 64))
+    mlp = (3 if cfg.arch == "llama" else 2) * width * hidden
+    vocab = max(cfg.vocab_size, 256)
+    return n_layer * (2 * width * width + 2 * width * kv + mlp) + 2 * vocab * width
+
+
+def check_model_size(cfg, host):
+    """A model whose fp32 weights alone exceed this machine's memory (the memory of all ranks under ZeRO-3,
+    which partitions them as they are made) cannot be built: say which flag makes it so, before anything."""
+    if not host:
+        return
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) if cfg.backend == "deepspeed" and cfg.zero_stage == 3 else 1
+    params = model_params(cfg.n_layer, cfg.n_head, cfg.head_width, cfg)
+    if 4 * params <= host * ranks:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    dims = {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "head_width": cfg.head_width}
+    # the flag at fault: the one whose default value shrinks the model the most
+    fault = min(dims, key=lambda k: model_params(**{**dims, k: min(dims[k], defaults[k])}, cfg=cfg))
+    raise UsageError(f"--{fault} {dims[fault]} makes a model of {params / 1e9:,.1f}B parameters: its fp32 weights alone "
+                     f"({4 * params / 2**30:,.0f} GiB) exceed this machine's {host / 2**30:,.0f} GiB of memory: "
+                     f"lower --{fault}")
+
+
 def check_config(cfg):
     """Bad flags fail here, before any process group or file exists (parse_args and train call it)."""
     for name in ("head_width", "n_head", "n_layer", "base_head_width", "seq_len", "per_device_train_batch_size",
@@ -321,6 +368,7 @@ def check_config(cfg):
     width = cfg.n_head * cfg.head_width
     table_bytes = 16 * cfg.seq_len * width if cfg.arch == "gpt2" else 0
     host = _host_memory()
+    check_model_size(cfg, host)  # first: a huge width is the width's fault, not the position table's
     if cfg.seq_len > MAX_SEQ_LEN or (host and table_bytes > host):
         what = (f"its position table and attention would not fit (the table alone needs {table_bytes / 2**30:.1f} GiB "
                 "with its optimizer state)" if table_bytes else "its attention and activations would not fit")

@@ -1,7 +1,9 @@
 """What a run reports: log lines, metrics.jsonl, summary.json, optional wandb, MFU and peak memory."""
+import errno
 import json
 import os
 import resource
+import shutil
 import sys
 
 import torch
@@ -44,11 +46,37 @@ def peak_memory(device):
     return {"peak_host_bytes": host, "peak_device_bytes": dev}
 
 
+def disk_error(e, path):
+    """An OSError writing a run's file: a full disk (or an unwritable place) is one error line that keeps
+    what was written; anything else is raised as it is."""
+    from mupgpt.errors import UsageError
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UsageError(f"the disk is full: could not write {path}; what was written before is kept: free space "
+                          "and rerun with --resume auto")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UsageError(f"cannot write {path} ({e.strerror}): give a writable --output_dir")
+    return e
+
+
+def write_atomic(path, data):
+    """Written beside and renamed into place: a full disk or a kill leaves the old file whole."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise disk_error(e, path) from None
+
+
 class Reporter:
     """Rank 0 writes metrics.jsonl and the log lines; every logged dict also goes to wandb if on."""
 
     def __init__(self, run_dir, cfg, is_main, resume_step):
         self.is_main, self.run = is_main, None
+        self.last = {}  # the latest loss and val_loss kept from before the resume step
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if is_main and os.path.exists(self.path):
             self._truncate_after(resume_step)  # rows past the checkpoint are redone (all of them from step 0)
@@ -56,15 +84,49 @@ class Reporter:
             self.run = start_wandb(run_dir, cfg)
 
     def _truncate_after(self, step):
-        rows = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(rows)
+        """Keeps the rows up to `step`. A torn last line (a write cut short by a full disk or a kill) is
+        dropped, saying so; other unreadable lines are dropped too, and the file as it was is kept beside as
+        metrics.jsonl.damaged. A damaged file never stops the run directory from starting."""
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        rows, bad = [], []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                keep = int(row["step"]) <= step
+            except (ValueError, KeyError, TypeError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                bad.append(n)
+                continue
+            if keep:
+                rows.append(line + b"\n")
+                self.last.update({k: row[k] for k in ("loss", "val_loss") if k in row})
+        torn = bad == [len(lines)]  # only the last line, with no newline after it
+        if bad and not torn:
+            shutil.copyfile(self.path, self.path + ".damaged")
+        write_atomic(self.path, b"".join(rows))
+        if torn:
+            print(f"note: {self.path} ended mid-record (a write cut short): dropped its torn last line", flush=True)
+        elif bad:
+            print(f"warning: {self.path} had unreadable lines ({', '.join(map(str, bad[:5]))}"
+                  f"{', ...' if len(bad) > 5 else ''}): dropped them; the file as it was is kept as "
+                  f"{self.path}.damaged", flush=True)
 
     def log(self, row, line=None):
         if not self.is_main:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        data = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            os.ftruncate(fd, size)  # no torn record: the file ends with the last whole row
+            raise disk_error(e, self.path) from None
+        finally:
+            os.close(fd)
         if line:
             print(line, flush=True)
         if self.run is not None:

@@ -1,5 +1,6 @@
 """The run directory: a plain folder name inside --output_dir, held by one live run at a time."""
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -20,7 +21,37 @@ def run_directory(cfg, backend):
     run_dir = os.path.join(cfg.output_dir, name)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir} is a file, not a run directory: pass another --run_name or --output_dir")
+    # the run directory is created later (under the lock): a place it cannot be made fails here, before anything
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output_dir {cfg.output_dir}: {existing} is a file, so {run_dir} cannot be created: "
+                         "give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {cfg.output_dir}: {existing} is not writable, so {run_dir} cannot be "
+                         "written: give a writable --output_dir")
     return run_dir
+
+
+def read_summary(run_dir):
+    """summary.json as a dict ({} when absent or unreadable)."""
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def refuse_a_branch(run_dir, resume_path, step, later):
+    """A resume from an earlier checkpoint of this run directory would start a second history in it:
+    keep-last-K would remove the branch's checkpoints for the old ones and --resume auto would follow the
+    old branch. A branch goes into its own run directory."""
+    if later > step:
+        raise UsageError(f"--resume {resume_path} is step {step} of {run_dir}, which already went on to step {later}: "
+                         "to branch from it, keep --resume and pass a new --run_name or --output_dir (a run "
+                         "directory holds one history)")
 
 
 def refuse_a_second_run(run_dir, has_checkpoints):
@@ -43,16 +74,27 @@ def refuse_a_second_run(run_dir, has_checkpoints):
                          "or another --run_name")
 
 
+# what a start writes before training: a start that fails before more leaves no run directory behind
+START_FILES = {".lock", "opt_config.json", "config.json", "ds_config.json"}
+
+
 @contextlib.contextmanager
 def run_lock(run_dir, world):
     """Rank 0 holds an exclusive flock on <run_dir>/.lock for the whole run (the kernel drops it at exit).
 
-    A run refused with a UsageError before it wrote anything leaves no run directory behind."""
+    A run refused or failed before it trained leaves no run directory behind when it created it."""
     fd, held_by = None, ""
     created = not os.path.exists(run_dir)
     if world.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            _remove_start(run_dir, created)
+            raise UsageError(f"cannot create the run directory {run_dir} ({e.strerror}"
+                             f"{': ' + e.filename if e.filename and e.filename != run_dir else ''}): "
+                             + ("free space or give another --output_dir" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                                else "give a writable --output_dir")) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.ftruncate(fd, 0)
@@ -61,6 +103,12 @@ def run_lock(run_dir, world):
             held_by = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
             os.close(fd)
             fd = None
+        except OSError as e:
+            os.close(fd)
+            _remove_start(run_dir, created)
+            raise UsageError(f"cannot write {run_dir}/.lock ({e.strerror}): "
+                             + ("free space or give another --output_dir" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                                else "give a writable --output_dir")) from None
     if world.world_size > 1:
         msg = [held_by]
         torch.distributed.broadcast_object_list(msg, src=0)
@@ -69,12 +117,22 @@ def run_lock(run_dir, world):
         raise UsageError(f"{run_dir} is in use by another run ({held_by}): wait for it or pick another --run_name")
     try:
         yield
-    except UsageError:
-        # refused before the run wrote anything (e.g. --vocab_size too small): leave no empty run directory
-        if fd is not None and created and os.listdir(run_dir) == [".lock"]:
-            os.remove(os.path.join(run_dir, ".lock"))
-            os.rmdir(run_dir)
+    except BaseException:
+        # refused or failed before the run trained (a bad flag, a model too large, a full disk): leave no
+        # run directory that holds only what this start wrote
+        if fd is not None:
+            _remove_start(run_dir, created)
         raise
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _remove_start(run_dir, created):
+    try:
+        if created and os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= START_FILES:
+            for name in os.listdir(run_dir):
+                os.remove(os.path.join(run_dir, name))
+            os.rmdir(run_dir)
+    except OSError:
+        pass

@@ -9,6 +9,7 @@ the tokenizer's vocabulary are never produced by it; config.json's "mupgpt" sect
 tokenizer the ids belong to.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -24,8 +25,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from mup_model import attention_scale, output_scale, residual_scale  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
-from sample import load_model  # noqa: E402
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
+from sample import load_model, trained_steps, unfinished_note  # noqa: E402
 
 TOKENIZERS = {  # what the ids mean, for people and tools reading config.json
     "gpt2": (50256, "GPT-2 BPE (tiktoken 'gpt2', the same ids as the transformers 'gpt2' tokenizer)"),
@@ -120,17 +121,25 @@ def export(run_dir, out_dir):
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"{run_dir}'s model_config.json (or config.json) is not mupgpt's ({e}): "
                          "give a finished run's directory") from None
+    note = unfinished_note(run_dir)
+    if note:
+        print(note, flush=True)
     state, fields = EXPORTERS[arch](model)
     eot, meaning = TOKENIZERS.get(tokenizer, (run_eot(run_dir), f"tiktoken '{tokenizer}'"))
     fields.update(bos_token_id=eot, eos_token_id=eot, mupgpt={
         "tokenizer": tokenizer, "tokenizer_ids": meaning, "source_run": os.path.abspath(run_dir),
         "model_config": dict(vars(model.cfg)),
+        "trained_steps": dict(zip(("step", "total_steps"), trained_steps(run_dir) or ())) or None,
         "note": "muP, depth and attention multipliers are folded into the weights; vocab_size is the "
                 "padded one the model was trained with"})
 
     parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-", dir=parent)
+    except OSError as e:
+        raise UsageError(f"cannot create {out_dir} ({e.strerror}: {e.filename}): give an OUT_DIR in a writable "
+                         "folder") from None
     try:
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -141,14 +150,17 @@ def export(run_dir, out_dir):
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
         os.chmod(tmp, 0o777 & ~umask)
         os.replace(tmp, out_dir)  # replaces an empty OUT_DIR too
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UsageError(f"the disk is full: could not write {out_dir} (nothing was left there): free space and "
+                             "export again") from None
         raise
     return out_dir
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a finished run (model.safetensors + model_config.json)")
     p.add_argument("out_dir", help="a new (or empty) folder for config.json + model.safetensors")
     args = p.parse_args()

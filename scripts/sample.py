@@ -15,11 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from mup_model import GPT, GPTConfig  # noqa: E402
 from mupgpt.data import get_tokenizer  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
 
 
 def read_json(path, what):
@@ -35,6 +36,8 @@ def read_json(path, what):
 
 def load_model(run_dir, device="cpu"):
     """A run directory (or any folder with model.safetensors + model_config.json) -> GPT, tokenizer name."""
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is not a directory: give a finished run's directory")
     weights, cfg_file = os.path.join(run_dir, "model.safetensors"), os.path.join(run_dir, "model_config.json")
     if not (os.path.exists(weights) and os.path.exists(cfg_file)):
         raise UsageError(f"{run_dir} has no model.safetensors + model_config.json: give a finished run's directory")
@@ -71,6 +74,33 @@ def load_model(run_dir, device="cpu"):
             raise UsageError(f"{run_cfg} does not name the run's tokenizer (resolved.data.tokenizer): "
                              "restore the run's config.json, or move it away to use the byte tokenizer") from None
     return model.to(device).eval(), tokenizer
+
+
+def trained_steps(run_dir):
+    """(the step model.safetensors is from, the run's steps), or None where the run does not record them."""
+    try:
+        with safe_open(os.path.join(run_dir, "model.safetensors"), "pt") as f:
+            meta = f.metadata() or {}
+        return int(meta["step"]), int(meta["total_steps"])
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        pass
+    try:  # written before the weights recorded their step: a finished run has a summary saying so
+        with open(os.path.join(run_dir, "config.json")) as f:
+            total = int(json.load(f)["resolved"]["total_steps"])
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+        return int(summary["steps"]), total
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def unfinished_note(run_dir):
+    """One line when the model is from a run that stopped before its last step, else None."""
+    steps = trained_steps(run_dir)
+    if steps and steps[0] < steps[1]:
+        return (f"note: {run_dir} stopped at step {steps[0]} of {steps[1]}: this model is that step's, not a finished "
+                "run's (resume the run with --resume auto to finish it)")
+    return None
 
 
 @torch.no_grad()
@@ -110,7 +140,7 @@ def check_args(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a finished run's directory (model.safetensors + model_config.json)")
     p.add_argument("--prompt", default="\n", help="text to continue (empty: start from the end-of-text token)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate")
@@ -121,6 +151,9 @@ def main():
     args = p.parse_args()
     check_args(args)
     model, tok_name = load_model(args.run_dir, args.device)
+    note = unfinished_note(args.run_dir)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     tok = get_tokenizer(tok_name)
     try:
         torch.manual_seed(args.seed)

@@ -1,5 +1,6 @@
 """A checkpoint is untrusted input: planted code never runs, damage is found before anything changes,
 a full disk or an interrupted save leaves no .tmp behind and keeps the previous checkpoint."""
+import json
 import os
 import shutil
 import subprocess
@@ -132,6 +133,11 @@ DAMAGE = {
     "missing rng state": ("rng_rank0.pt", lambda p: p.unlink(), "missing"),
     "edited step": ("trainer.json", lambda p: p.write_text(p.read_text().replace('"step": 6', '"step": 10')), "says step 10"),
     "added file": ("extra.pt", lambda p: p.write_bytes(b"x"), "not in the manifest"),
+    "manifest in another format": ("manifest.json", lambda p: p.write_text(json.dumps(
+        {"step": 6, "files": {f: "0" * 64 for f in json.loads(p.read_text())["files"]}})), "not in this version's format"),
+    "manifest files a list": ("manifest.json", lambda p: p.write_text('{"step": 6, "files": []}'), "this version's format"),
+    "manifest a list": ("manifest.json", lambda p: p.write_text("[]"), "unreadable"),
+    "manifest cut short": ("manifest.json", lambda p: p.write_text(p.read_text()[:50]), "unreadable"),
 }
 
 
@@ -165,6 +171,9 @@ def test_a_damaged_checkpoint_is_skipped_and_the_resume_stays_exact(tmp_path, sa
     assert res.returncode == 0, res.stderr[-3000:]
     assert "checkpoint step_00000006 is damaged (optimizer.pt: " in res.stdout and "at step 4" in res.stdout
     assert losses(tmp_path / "r") == losses(out / "straight")
+    # the skipped one leaves the run's history (keep-last-K would keep it in place of new ones), kept for a look
+    assert f"moved the skipped checkpoint aside to {tmp_path / 'r'}/checkpoints/step_00000006.damaged" in res.stdout
+    assert (tmp_path / "r" / "checkpoints" / "step_00000006.damaged" / "optimizer.pt").exists()
 
 
 def test_a_damaged_checkpoint_named_or_all_damaged_is_one_line_and_changes_nothing(tmp_path, saved, corpus, data_dir):
@@ -202,6 +211,27 @@ def test_a_checkpoint_without_a_manifest_resumes_with_a_note(tmp_path, saved, co
     res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", "auto"))
     assert res.returncode == 0 and "has no manifest.json" in res.stdout and "at step 6" in res.stdout, res.stderr[-3000:]
     assert losses(tmp_path / "r") == losses(out / "straight")
+
+
+def test_an_unchecked_trainer_json_of_another_shape_is_one_line(tmp_path, saved, corpus, data_dir):
+    """Without a manifest nothing checks trainer.json's contents: a step written as a string resumes, a
+    model_config that is not an object is one line."""
+    _, run_dir = saved
+    shutil.copytree(run_dir, tmp_path / "r")
+    folder = tmp_path / "r" / "checkpoints" / "step_00000006"
+    os.remove(folder / "manifest.json")
+    state = json.loads((folder / "trainer.json").read_text())
+    (folder / "trainer.json").write_text(json.dumps({**state, "step": "6"}))
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", str(folder))
+    res = run_cli(args)
+    assert res.returncode == 0 and "at step 6" in res.stdout, res.stderr[-3000:]
+    shutil.rmtree(tmp_path / "r")
+    shutil.copytree(run_dir, tmp_path / "r")
+    os.remove(folder / "manifest.json")
+    (folder / "trainer.json").write_text(json.dumps({**state, "model_config": [1, 2]}))
+    res = run_cli(args)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "is not a complete checkpoint (trainer.json" in lines[0], res.stderr
 
 
 def test_stale_tmp_folders_go_at_the_next_save_and_an_interrupted_save_removes_its_own(tmp_path, corpus, data_dir):
@@ -273,3 +303,46 @@ def test_a_full_disk_at_the_final_export_is_one_line_and_names_the_checkpoint(sm
     assert f"the last checkpoint {run_dir}/checkpoints/step_00000002 holds the trained weights" in lines[0]
     assert sorted(p.name for p in run_dir.iterdir() if "model" in p.name) == []  # no half file, no .tmp
     assert checkpoint.verify(str(run_dir / "checkpoints" / "step_00000002"))
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "ddp"])
+def test_a_resume_on_another_backend_continues_the_lr_schedule(tmp_path, corpus, data_dir, backend):
+    """The schedule is a function of the step: resumed under DeepSpeed ZeRO-1 (one process) or DDP on two
+    ranks from a single-process checkpoint (fresh optimizer state), every logged LR is the straight run's."""
+    sched = ["--max_steps", "12", "--num_warmup_steps", "4", "--lr_scheduler_type", "linear", "--save_interval", "6"]
+    straight = train(tmp_path, corpus, data_dir, "straight", *sched)
+    how = {"deepspeed": ((sys.executable,), ["--backend", "deepspeed", "--zero_stage", "1"]),
+           "ddp": ((sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29663"),
+                   ["--backend", "ddp"])}
+    launcher, flags = how[backend]
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "ds", *sched, *flags,
+                               "--resume", straight / "checkpoints" / "step_00000006"), launcher=launcher)
+    assert res.returncode == 0 and "the LR schedule continues from step 6" in res.stdout, res.stderr[-3000:]
+    lrs = dict(zip(losses(tmp_path / "ds", "step"), losses(tmp_path / "ds", "lr")))
+    want = dict(zip(losses(straight, "step"), losses(straight, "lr")))
+    assert sorted(lrs) == list(range(7, 13)) and lrs == pytest.approx({s: want[s] for s in lrs})
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line_and_the_directory_starts_again(small_disk, corpus, data_dir):
+    """metrics.jsonl is appended row by row: a full disk is one line, the file ends with the last whole row,
+    and after freeing space the run directory starts again."""
+    (small_disk / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 6 * 4096))
+    args = trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "400", "--save", "false")
+    res = run_cli(args)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0].startswith(f"error: the disk is full: could not write {small_disk}/r/metrics.jsonl")
+    text = (small_disk / "r" / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and len(losses(small_disk / "r")) > 10  # whole rows only, nothing written lost
+    os.remove(small_disk / "ballast")
+    res = run_cli([*args[:-4], "--max_steps", "3", "--save", "false", "--resume", "auto"])
+    assert res.returncode == 0 and len(losses(small_disk / "r")) == 3, res.stderr[-3000:]
+
+
+def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_run_directory(small_disk, corpus, data_dir):
+    (small_disk / "ballast").write_bytes(b"\0" * shutil.disk_usage(small_disk).free)
+    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0] == f"error: cannot write {small_disk}/r/.lock (No space left on device): free space or give another --output_dir"
+    assert os.listdir(small_disk) == ["ballast"]

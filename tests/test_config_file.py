@@ -41,6 +41,7 @@ def test_json_file(tmp_path):
     ("a.toml", "lr = 1e-3\nlearning_rate = 2e-3\n", ["learning_rate", "again"]),
     ("a.json", '{"n_layer": 2,\n "seq_len": 64,,\n}', ["not valid JSON", "line 2"]),
     ("a.json", "[1, 2]", ["not an object"]),
+    ("a.json", '{"n_layer": 2,\n "seq_len": 64,\n "n_layer": 3}', ["'n_layer' is given twice (lines 1, 3)", "keep one"]),
     ("a.yaml", "n_layer: 2\n", [".toml or .json"]),
 ])
 def test_bad_files_name_the_key_and_line(tmp_path, name, text, words):

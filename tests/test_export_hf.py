@@ -125,3 +125,53 @@ def test_export_errors(tmp_path, monkeypatch, capsys):
     for res in (missing, nofiles, taken, mismatch, llama, cut):
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert sorted(os.listdir(tmp_path)) == ["empty", "run", "taken"]  # no output and no temporary left behind
+
+
+def test_a_stopped_run_is_exported_with_a_note_naming_its_step(tmp_path, corpus, data_dir):
+    """A run stopped early still writes its model: export_hf.py and sample.py say which step of how many it is."""
+    import signal
+    from conftest import losses, trainer_args
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "100000", "--save_interval", "0")
+    run = subprocess.Popen([sys.executable, str(ROOT / "run_trainer.py"), *args], cwd=ROOT, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE)
+    while not run.stdout.readline().startswith("step"):  # it has started training
+        assert run.poll() is None, "the run ended early"
+    run.send_signal(signal.SIGTERM)
+    run.communicate(timeout=120)
+    assert run.returncode == 0
+    step = losses(tmp_path / "r", "step")[-1]
+    note = f"note: {tmp_path / 'r'} stopped at step {step} of 100000: this model is that step's"
+    res = export_cli(tmp_path / "r", tmp_path / "hf")
+    assert res.returncode == 0 and note in res.stdout, res.stderr[-3000:]
+    mupgpt = json.loads((tmp_path / "hf" / "config.json").read_text())["mupgpt"]
+    assert mupgpt["trained_steps"] == {"step": step, "total_steps": 100000}
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), tmp_path / "r", "--max_new_tokens", "2",
+                          "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and note in res.stderr, res.stderr[-3000:]
+
+
+def test_export_bad_arguments_and_unwritable_out_dirs_are_one_line(tmp_path, monkeypatch, capsys):
+    def export_cli(*args):
+        return export_inproc(monkeypatch, capsys, *args)
+
+    write_run(tmp_path / "run", cfg_with(n_layer=1, base_n_layer=1))
+    (tmp_path / "f").write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(ro)], capture_output=True).returncode == 0
+    try:
+        cases = [((), "the following arguments are required: run_dir, out_dir"),
+                 ((tmp_path / "run",), "the following arguments are required: out_dir"),
+                 ((tmp_path / "run", tmp_path / "out", "--bogus"), "unrecognized arguments: --bogus"),
+                 ((tmp_path / "f", tmp_path / "out"), "is not a directory"),
+                 ((tmp_path / "run", tmp_path / "f" / "out"), f"cannot create {tmp_path / 'f' / 'out'}")]
+        if mounted:
+            cases.append(((tmp_path / "run", ro / "out"), f"cannot create {ro / 'out'} (Read-only file system"))
+        for args, words in cases:
+            res = export_cli(*args)
+            lines = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], check=True)
+    assert not (tmp_path / "out").exists()

@@ -59,6 +59,8 @@ def test_divergence_keeps_the_good_checkpoints_and_exits_1(tmp_path, corpus, dat
     assert os.path.isdir(named) and os.path.basename(named) in ckpts
     bad_step = int(last.split("at step ")[1].split(";")[0])
     assert int(os.path.basename(named)[5:]) < bad_step - 1  # its weights gave a finite loss
+    # a later checkpoint is kept in the directory: resuming the named one there is a branch, so its own --run_name
+    assert ("with a lower --learning_rate and a new --run_name" in last) == (os.path.basename(named) != ckpts[-1])
 
 
 def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus, data_dir):
@@ -80,8 +82,9 @@ def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus, data_di
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
     assert first.returncode == 0
-    # released at exit: the next run in the directory goes ahead
-    assert run_cli([*args, "--max_steps", "2"]).returncode == 0
+    # released at exit: the next run in the directory goes ahead (on from the stop's checkpoint)
+    stopped = int(sorted(os.listdir(tmp_path / "r" / "checkpoints"))[-1][len("step_"):])
+    assert run_cli([*args, "--max_steps", str(stopped + 2)]).returncode == 0
 
 
 def test_a_restart_from_step_0_starts_metrics_afresh(tmp_path, corpus, data_dir):
@@ -139,3 +142,119 @@ def test_a_live_op_build_lock_is_named_before_waiting(tmp_path, corpus, data_dir
         proc.kill()
         proc.communicate()
         os.close(fd)
+
+
+def test_resume_auto_on_a_finished_run_leaves_it_finished(tmp_path, corpus, data_dir):
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    before = {f: (d / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "config.json", "model.safetensors")}
+    for resume in ("auto", d / "checkpoints" / "step_00000004"):
+        res = run_cli([*args, "--resume", resume])
+        assert res.returncode == 0 and f"{d} holds a finished run (4 steps): nothing to resume, it is left as it is" in res.stdout, res.stderr
+        assert "Traceback" not in res.stderr
+        assert {f: (d / f).read_bytes() for f in before} == before
+    os.remove(d / "summary.json")  # a checkpoint past the run's length is refused, not a run of no steps
+    res = run_cli([*args[:-4], "--max_steps", "2", "--save_interval", "2", "--resume", "auto"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "is at step 4, past this run's 2 steps" in lines[0], res.stderr
+    assert not (d / "summary.json").exists()
+
+
+def test_a_branch_from_an_earlier_checkpoint_of_the_run_directory_is_refused(tmp_path, corpus, data_dir):
+    """Resuming step 2 of a run that went on to step 6 would start a second history in the directory:
+    keep-last-K would remove the branch's checkpoints and --resume auto follow the old one."""
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval", "2",
+                        "--keep_checkpoints", "0")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    os.remove(d / "summary.json")  # stopped, not finished: a branch is refused all the same
+    before = sorted(p.name for p in d.rglob("*"))
+    res = run_cli([*args[:-6], "--max_steps", "8", "--resume", d / "checkpoints" / "step_00000002"])
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    assert lines[0] == (f"error: --resume {d}/checkpoints/step_00000002 is step 2 of {d}, which already went on to "
+                        "step 6: to branch from it, keep --resume and pass a new --run_name or --output_dir (a run "
+                        "directory holds one history)")
+    assert sorted(p.name for p in d.rglob("*")) == before
+    res = run_cli([*trainer_args(tmp_path, corpus, data_dir, "--run_name", "branch", "--max_steps", "8"),
+                   "--resume", d / "checkpoints" / "step_00000002"])  # the branch in its own directory
+    assert res.returncode == 0 and "at step 2" in res.stdout, res.stderr[-3000:]
+
+
+def test_a_torn_or_damaged_metrics_file_is_repaired_with_a_note(tmp_path, corpus, data_dir):
+    """A half line left by a full disk or a kill is dropped (one note); other unreadable lines are dropped
+    with a warning and the file as it was kept beside. The run directory always starts again."""
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    os.remove(d / "summary.json")
+    shutil.rmtree(d / "checkpoints" / "step_00000004")
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # torn
+    res = run_cli([*args, "--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"note: {d}/metrics.jsonl ended mid-record (a write cut short): dropped its torn last line" in res.stdout
+    assert [json.loads(l)["step"] for l in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
+    os.remove(d / "summary.json")
+    rows = (d / "metrics.jsonl").read_text().splitlines()
+    damaged = "\n".join([rows[0], "garbage", *rows[1:]]) + "\n"
+    (d / "metrics.jsonl").write_text(damaged)
+    res = run_cli([*args, "--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"warning: {d}/metrics.jsonl had unreadable lines (2): dropped them; the file as it was is kept as {d}/metrics.jsonl.damaged" in res.stdout
+    assert (d / "metrics.jsonl.damaged").read_text() == damaged
+    assert [json.loads(l)["step"] for l in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("where", ["under a file", "read-only"])
+def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, corpus, data_dir, where):
+    if where == "under a file":
+        (tmp_path / "f").write_text("x")
+        out, words = tmp_path / "f" / "out", f"{tmp_path}/f is a file"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(out)], capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here ({res.stderr.strip()})")
+        words = f"{out} is not writable"
+    try:
+        res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
+    finally:
+        if where == "read-only":
+            subprocess.run(["umount", str(out)], check=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and words in lines[0] and "--output_dir" in lines[0], res.stderr
+
+
+def test_a_resume_at_the_last_step_writes_the_summary_with_its_losses(tmp_path, corpus, data_dir):
+    """Killed after the last checkpoint but before summary.json: the resume runs no step and the summary
+    holds the losses logged before, not NaN."""
+    args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2",
+                        "--eval_interval", "2")
+    assert run_cli(args).returncode == 0
+    d = tmp_path / "r"
+    want = json.loads((d / "summary.json").read_text())
+    os.remove(d / "summary.json")
+    res = run_cli([*args, "--resume", "auto"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((d / "summary.json").read_text())
+    assert got["completed"] and got["steps"] == 4
+    assert (got["final_train_loss"], got["final_val_loss"]) == (want["final_train_loss"], want["final_val_loss"])
+
+
+def test_a_start_refused_after_the_engine_is_built_leaves_no_run_directory(tmp_path, corpus, data_dir):
+    """A checkpoint without consolidated weights, resumed on another backend, is refused once the engine
+    (which writes opt_config.json) exists: the new run directory goes with the refusal."""
+    from mupgpt import checkpoint
+    args = trainer_args(tmp_path, corpus, data_dir, "--max_steps", "2")
+    assert run_cli([*args, "--run_name", "src"]).returncode == 0
+    folder = tmp_path / "src" / "checkpoints" / "step_00000002"
+    os.remove(folder / "model.safetensors")
+    os.remove(folder / "manifest.json")
+    checkpoint.write_manifest(str(folder), 2)
+    res = run_cli([*args, "--run_name", "new", "--backend", "deepspeed", "--zero_stage", "1", "--resume", folder])
+    lines = [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]
+    assert res.returncode == 2 and len(lines) == 1 and "has no model.safetensors" in lines[0], res.stderr[-3000:]
+    assert not (tmp_path / "new").exists()

@@ -126,9 +126,24 @@ def model_dir(tmp_path_factory):
     (["--top_k", "-1"], ["--top_k must be >= 0"]),
     (["--seed", str(2**70)], ["--seed"]),
     (["--device", "nonsense"], ["--device 'nonsense'"]),
+    (["--max_new_tokens", "x"], ["--max_new_tokens: invalid int value: 'x'", "see --help"]),
+    (["--temperature", "warm"], ["--temperature: invalid float value"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
 ])
 def test_sample_refuses_bad_flags(model_dir, script, flags, words):
     assert_one_error_line(script("sample.py", model_dir, *flags), *words)
+
+
+@pytest.mark.parametrize("where,words", [("missing", ["is not a directory"]), ("a file", ["is not a directory"]),
+                                         ("empty", ["has no model.safetensors + model_config.json"]),
+                                         ("none", ["the following arguments are required: run_dir"])])
+def test_sample_refuses_a_missing_or_empty_run_dir(tmp_path, script, where, words):
+    path = tmp_path / "x"
+    if where == "a file":
+        path.write_text("x")
+    elif where == "empty":
+        path.mkdir()
+    assert_one_error_line(script("sample.py", *([] if where == "none" else [path])), *words)
 
 
 @pytest.mark.parametrize("config,words", [

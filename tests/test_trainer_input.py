@@ -88,6 +88,10 @@ BAD_FLAGS = {
     "ds_config offload not an object": (lambda t: ds_file(t, zero_cfg(offload_param="cpu")), "must be an object"),
     "ds_config bf16 not an object": (lambda t: ds_file(t, {**zero_cfg(), "bf16": True}), "'bf16' must be an object"),
     "device cuda without a GPU": (["--device", "cuda"], "no GPU is visible"),
+    "n_layer too large to allocate": (["--n_layer", "100000000"], "--n_layer 100000000 makes a model of"),
+    "head_width too large to allocate": (["--head_width", "10000000"], "exceed this machine's"),
+    "n_head too large to allocate": (["--n_head", "10000000"], "lower --n_head"),
+    "output_dir under a file": (lambda t: ["--output_dir", str(t / "out" / "f" / "sub")], "out/f is a file, so"),
 }
 
 
@@ -139,7 +143,7 @@ def test_shipped_ds_configs_pass_the_key_checks(tmp_path):
     check_keys(json.load(open(ROOT / "ds_configs" / "zero3_offload_nvme.json")), "nvme")  # its aio check needs libaio
 
 
-SUBPROCESS = ["log_interval 0", "ddp without launcher", "ds_config unknown zero key"]
+SUBPROCESS = ["log_interval 0", "ddp without launcher", "ds_config unknown zero key", "n_layer too large to allocate"]
 
 
 @pytest.mark.parametrize("case", SUBPROCESS)
