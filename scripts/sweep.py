@@ -15,7 +15,11 @@ every run holds the same memory; at a fixed --max_steps a larger batch also sees
 
 Each grid point is `run_trainer.py` with its own run directory under <out>/runs/; a run whose
 summary.json exists is skipped, and an interrupted one resumes from its checkpoint, so a sweep can
-be re-run until done. Runs go out as slots free up: --jobs at a time here (one thread each by
+be re-run until done. Each value of an axis is given once. <out>/sweep.json records the flags the runs
+share; a later sweep of that folder with other ones is refused (another --out holds them). Two sweeps of
+one folder at once run each run once (runs/<run>.lock) and both report it finished. Ctrl-C or SIGTERM
+stops the sweep: the running runs save a checkpoint and stop, none starts after, results.jsonl holds the
+finished ones, and the same command continues. Runs go out as slots free up: --jobs at a time here (one thread each by
 default), or --slots_per_host at a time on each host of a DeepSpeed-style --hostfile over ssh (the
 repository and the folder the sweep starts in must be at the same paths on every host, the sweep folder
 on a shared filesystem).
@@ -379,6 +383,8 @@ def run_sweep(args, extra, stop):
         raise UsageError(f"--jobs {args.jobs}: give at least 1 (default: one per core)")
     if args.slots_per_host < 1:
         raise UsageError(f"--slots_per_host {args.slots_per_host}: give at least 1")
+    if not args.out.strip():
+        raise UsageError("--out is empty: give the sweep folder (runs/ and results.jsonl go there)")
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
     points = grid(args)
     refuse_swept_flags(args, extra)
