@@ -68,6 +68,25 @@ def test_plot_without_results_is_one_line_and_exit_2(tmp_path):
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "run scripts/sweep.py" in res.stderr
 
 
+@pytest.mark.parametrize("damage,message", [
+    ("nan", "line 73 has mean_train_loss nan for a run that did not diverge"),
+    ("null", "line 73 has mean_train_loss None for a run that did not diverge"),
+    ("repeat", "line 73 repeats the run of line 1"),
+])
+def test_plot_refuses_a_finished_run_without_a_loss_and_a_repeated_run(tmp_path, damage, message):
+    """Such a row would be drawn as a diverged run, or averaged in as another seed."""
+    write_results(tmp_path / "s", lambda p, w: -8.3)
+    path = tmp_path / "s" / "results.jsonl"
+    first = json.loads(path.read_text().splitlines()[0])
+    extra = {**first, "mean_train_loss": {"nan": float("nan"), "null": None, "repeat": 3.0}[damage]}
+    if damage != "repeat":
+        extra["seed"] = 1
+    path.write_text(path.read_text() + json.dumps(extra) + "\n")
+    res = subprocess.run([sys.executable, "scripts/plot_mu_scaling.py", str(tmp_path / "s")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert_one_error_line(res, message, "run scripts/sweep.py")
+
+
 def test_plot_marks_optima_at_the_grid_edge_and_labels_model_widths(tmp_path, capsys):
     # The grid is log2 lr -12..-4. muP's width 64 wants 2^-2 (beyond the high edge), SP's width 64 2^-14 (beyond
     # the low edge); the other widths' optima are inside the grid.
@@ -172,10 +191,15 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert not (tmp_path / "s").exists() and not res.stdout  # refused before anything starts or is written
 
 
-def sweep_cmd(out, corpus, data_dir, *args, steps=4, lrs="1e-3,4e-3"):
+def sweep_cmd(out, corpus, data_dir, *args, steps=4, lrs="1e-3,4e-3", extra=()):
     return [sys.executable, "scripts/sweep.py", "--out", str(out), "--widths", "8", "--lrs", lrs, "--parametrizations",
             "mup", *args, "--", *SWEEP_SHARED, "--max_steps", str(steps), "--base_head_width", "8", "--dataset",
-            str(corpus), "--data_dir", str(data_dir)]
+            str(corpus), "--data_dir", str(data_dir), *extra]
+
+
+# A long run that prints rarely (the signal lands in training, not in a print) and shows it is training (and has
+# its signal handler) by saving a checkpoint.
+LONG = ["--log_interval", "100000", "--save_interval", "10"]
 
 
 @pytest.mark.parametrize("where", ["under_a_file", "a_file", "/proc/sweep"])
@@ -227,11 +251,10 @@ def test_a_signal_stops_the_sweep_cleanly(tmp_path, corpus, data_dir, sig):
     """A real signal to a real sweep mid-run: the running run is stopped and not counted done, no run starts
     after it, results.jsonl is written, one line says how to go on, no traceback."""
     proc = subprocess.Popen(sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", lrs="1e-3,2e-3,4e-3",
-                                      steps=100000), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                                      steps=100000, extra=LONG), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not any("step" in p.read_text() for p in (tmp_path / "s" / "runs").glob("*.log")
-                                             if (tmp_path / "s" / "runs").exists()):
+    while time.time() < deadline and not list((tmp_path / "s" / "runs").glob("*/checkpoints/step_*")):
         time.sleep(0.2)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
