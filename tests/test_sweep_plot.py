@@ -246,6 +246,26 @@ def test_a_rerun_with_other_shared_flags_is_refused_not_skipped(tmp_path, corpus
     assert same.returncode == 0 and "1 already done, 1 to run" in same.stdout, same.stdout + same.stderr
 
 
+def test_a_finished_runs_row_comes_from_its_own_files_and_is_never_nan(tmp_path, corpus, data_dir):
+    """A finished run whose summary lost its losses (NaN, as a resume of a finished run wrote them) and whose
+    log ends in a torn line still gives a finite row; an unreadable summary is one line naming it."""
+    cmd = sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", lrs="1e-3", steps=3)
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600).returncode == 0
+    run = tmp_path / "s" / "runs" / "mup_w8_lr0.001_s0"
+    good = json.loads((tmp_path / "s" / "results.jsonl").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "final_train_loss": float("nan"),
+                                                  "final_val_loss": float("nan")}))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "1 already done, 0 to run" in again.stdout, again.stdout + again.stderr
+    assert json.loads((tmp_path / "s" / "results.jsonl").read_text()) == good
+    (run / "summary.json").write_text('{"final_train_loss": 2.')
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert_one_error_line(res, f"{run / 'summary.json'} is unreadable", "run the sweep again")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_sweep_cleanly(tmp_path, corpus, data_dir, sig):
     """A real signal to a real sweep mid-run: the running run is stopped and not counted done, no run starts
