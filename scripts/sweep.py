@@ -48,6 +48,19 @@ import threading
 import time
 from pathlib import Path
 
+
+
+def _stopped_early(signum, frame):
+    """A signal while the modules load: nothing has started, so the sweep just ends (main() replaces this)."""
+    print(f"{signal.Signals(signum).name}: the sweep stopped before any run started; run the same command again to "
+          "start it", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _stopped_early)
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
