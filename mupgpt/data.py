@@ -616,7 +616,9 @@ def changed_since(path, dataset):
             meta = json.load(f)
     except (OSError, ValueError):
         return False  # open_prepared names what is wrong with it
-    return not isinstance(meta, dict) or meta.get("fingerprint") != now
+    if not isinstance(meta, dict) or meta.get("source") != source_of(dataset):
+        return False  # another source's folder is refused by open_prepared, never prepared over
+    return meta.get("fingerprint") != now
 
 
 def window_starts(num_tokens, seq_len, batch, seed, step):
