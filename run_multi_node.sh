@@ -225,11 +225,33 @@ elif $single; then  # torchrun on every node over ssh, c10d rendezvous on the fi
 else  # sweep mode
   if [ -n "${SWEEP_FILE:-}" ]; then
     [ -f "$SWEEP_FILE" ] || die "SWEEP_FILE '$SWEEP_FILE' not found"
-    while IFS='=' read -r key value; do
-      key=${key%%#*}; key=${key//[[:space:]]/}
-      value=${value%%#*}; value=${value//[[:space:]]/}
-      [ -z "$key" ] && continue
-      [[ $key =~ ^SWEEP_(WIDTHS|LRS|PARAMETRIZATIONS|SEEDS|DEPTHS|STEPS|BATCH_SIZES|DIR)$ ]] || die "$SWEEP_FILE: unknown key '$key'"
+    # KEY=VALUE lines, the last one with or without a newline. A value is kept exactly as written, spaces and #
+    # included, but for the spaces around it and a comment (a # after a space); "..." or '...' keeps it all.
+    declare -A given=()
+    lineno=0
+    while IFS= read -r line || [ -n "$line" ]; do
+      lineno=$((lineno + 1))
+      line=${line%$'\r'}  # a file written on Windows
+      line=${line#"${line%%[![:space:]]*}"}
+      [[ -z $line || $line == \#* ]] && continue
+      [[ $line == *=* ]] || die "$SWEEP_FILE line $lineno: expected KEY=VALUE, got '$line'"
+      key=${line%%=*} value=${line#*=}
+      key=${key%"${key##*[![:space:]]}"}
+      [[ $key =~ ^SWEEP_(WIDTHS|LRS|PARAMETRIZATIONS|SEEDS|DEPTHS|STEPS|BATCH_SIZES|DIR)$ ]] ||
+        die "$SWEEP_FILE line $lineno: unknown key '$key' (SWEEP_WIDTHS, SWEEP_LRS, SWEEP_PARAMETRIZATIONS, SWEEP_SEEDS, SWEEP_DEPTHS, SWEEP_STEPS, SWEEP_BATCH_SIZES, SWEEP_DIR)"
+      [ -z "${given[$key]:-}" ] || die "$SWEEP_FILE line $lineno: $key is given twice (first on line ${given[$key]}): keep one"
+      given[$key]=$lineno
+      value=${value#"${value%%[![:space:]]*}"}
+      if [[ $value =~ ^\"([^\"]*)\"[[:space:]]*(#.*)?$ || $value =~ ^\'([^\']*)\'[[:space:]]*(#.*)?$ ]]; then
+        value=${BASH_REMATCH[1]}
+      elif [[ $value == [\"\']* ]]; then
+        die "$SWEEP_FILE line $lineno: the value of $key opens a quote it does not close (or has text after it)"
+      else
+        [[ $value == \#* ]] && value=
+        value=${value%%[[:space:]]#*}
+        value=${value%"${value##*[![:space:]]}"}
+      fi
+      [ -n "$value" ] || die "$SWEEP_FILE line $lineno: $key has no value: give one, or drop the line for the default"
       printf -v "$key" '%s' "$value"
     done < "$SWEEP_FILE"
   fi
@@ -237,9 +259,12 @@ else  # sweep mode
   for h in "${hosts[@]}"; do echo "$h slots=$ngpu"; done > "$sweephosts"
   [ "${DRY_RUN:-0}" = 1 ] && sweephosts=HOSTFILE.generated
   set +e
-  (cd "$repo" && MUPGPT_SSH_ENV=$envfile run python3 scripts/sweep.py --out "${SWEEP_DIR:-sweeps/multinode}" \
-    --widths "${SWEEP_WIDTHS:-8,16,32,64}" --lrs "${SWEEP_LRS:-0.001,0.002,0.004,0.008,0.016}" \
-    --parametrizations "${SWEEP_PARAMETRIZATIONS:-mup,sp}" --seeds "${SWEEP_SEEDS:-0}" --depths "${SWEEP_DEPTHS:-}" \
+  # The sweep runs in the folder it is launched from (as do its runs, on every node): relative paths after the
+  # arguments and SWEEP_DIR mean what they mean there, and the sweep folder is made there, not in the checkout.
+  # A variable set but empty is passed on as empty (sweep.py refuses it), not replaced by the default.
+  (MUPGPT_SSH_ENV=$envfile run python3 "$repo/scripts/sweep.py" --out "${SWEEP_DIR-sweeps/multinode}" \
+    --widths "${SWEEP_WIDTHS-8,16,32,64}" --lrs "${SWEEP_LRS-0.001,0.002,0.004,0.008,0.016}" \
+    --parametrizations "${SWEEP_PARAMETRIZATIONS-mup,sp}" --seeds "${SWEEP_SEEDS-0}" --depths "${SWEEP_DEPTHS:-}" \
     --steps "${SWEEP_STEPS:-}" --batch_sizes "${SWEEP_BATCH_SIZES:-}" \
     --hostfile "$sweephosts" --slots_per_host "$ngpu" -- "$@")
   rc=$?

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import sysconfig
 import threading
 import urllib.parse
@@ -164,7 +165,11 @@ def check_local_file(f, kind):
                 raise UsageError(f"{f} has {stats.null_count} empty (null) 'text' values in row group {g}: drop or fill them")
         return
     decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
-    with open(f, "rb") as fh:
+    try:
+        fh = open(f, "rb")
+    except OSError as e:
+        raise UsageError(f"{f} can't be read ({e.strerror}): fix it or move it out of the dataset") from None
+    with fh:
         while chunk := fh.read(1 << 20):
             if b"\0" in chunk:
                 line += chunk[:chunk.index(b"\0")].count(b"\n")
@@ -202,6 +207,75 @@ def check_local_file(f, kind):
                 raise UsageError(f"{f} {where} {n} is not an object with a 'text' string: give every record a 'text' field")
 
 
+def suffix(path):
+    return os.path.splitext(path)[1].lower()
+
+
+def local_files(dataset):
+    """-> (data files, fingerprint, other files) of a local dataset. Each file counts once, by its real path, and each
+    folder is walked once (a link back up the tree, `again -> .`, would repeat every document and put validation
+    documents into the training split). A data file that is not a regular file (a fifo would block the read for
+    ever, a broken link or a socket cannot be read) or is empty is refused, naming it. The fingerprint (names,
+    sizes, modification times) is recorded beside the prepared tokens: a changed source is prepared again."""
+    def refuse(path, what):
+        raise UsageError(f"{path} {what}: remove it from the dataset folder or fix it")
+
+    def onerror(e):
+        refuse(e.filename, f"can't be read ({e.strerror})")
+
+    if os.path.isdir(dataset):
+        names, seen_dirs = [], set()
+        for root, dirs, found in os.walk(dataset, followlinks=True, onerror=onerror):
+            real = os.path.realpath(root)
+            if real in seen_dirs:
+                dirs[:] = []
+                continue
+            seen_dirs.add(real)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden entries are not data (.git, editor files)
+            names += [os.path.join(root, f) for f in found if not f.startswith(".")]
+    else:
+        names = [dataset]
+    files, others, seen, stamp = [], [], set(), hashlib.sha1()
+    for path in sorted(names):
+        if suffix(path) not in LOCAL_SUFFIXES:
+            others.append(path)
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            refuse(path, "is a broken link")
+        except OSError as e:
+            refuse(path, f"can't be read ({e.strerror})")
+        if not stat.S_ISREG(st.st_mode):
+            refuse(path, "is not a regular file (a fifo, socket or device)")
+        if os.path.realpath(path) in seen:
+            continue
+        if st.st_size == 0:
+            refuse(path, "is empty")
+        seen.add(os.path.realpath(path))
+        files.append(path)
+        stamp.update(f"{os.path.relpath(path, dataset)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return files, stamp.hexdigest(), others
+
+
+def fingerprint(dataset):
+    """What local_files says of a local dataset now; None for the stdlib and hub datasets."""
+    if dataset == "stdlib" or not os.path.exists(dataset):
+        return None
+    try:
+        return local_files(dataset)[1]
+    except UsageError:
+        return "unreadable"
+
+
+class Documents(tuple):
+    """load_documents' ((train, val), source), with the fingerprint of the files they were read from."""
+    def __new__(cls, value, fingerprint=None):
+        self = super().__new__(cls, value)
+        self.fingerprint = fingerprint
+        return self
+
+
 def load_documents(dataset):
     """-> (train, val) datasets.Dataset with a 'text' column, and a description of the source."""
     import datasets
@@ -211,11 +285,13 @@ def load_documents(dataset):
         ds = datasets.Dataset.from_dict({"text": docs})
         return _split(ds), source_of(dataset)
     if os.path.exists(dataset):
-        files = sorted(glob.glob(os.path.join(dataset, "**", "*"), recursive=True)) if os.path.isdir(dataset) else [dataset]
-        files = [f for f in files if os.path.splitext(f)[1] in LOCAL_SUFFIXES]
+        files, stamp, others = local_files(dataset)
         if not files:
             raise UsageError(f"no .txt, .jsonl or .parquet files in {dataset}: point --dataset at text files")
-        kinds = {LOCAL_SUFFIXES[os.path.splitext(f)[1]] for f in files}
+        if others:
+            print(f"note: {dataset}: {len(others)} file(s) that are not .txt, .jsonl, .json or .parquet are not read "
+                  f"(e.g. {others[0]})", flush=True)
+        kinds = {LOCAL_SUFFIXES[suffix(f)] for f in files}
         if len(kinds) > 1:
             raise UsageError(f"{dataset} mixes file types {sorted(kinds)}: prepare one type at a time")
         kind = kinds.pop()
@@ -231,7 +307,7 @@ def load_documents(dataset):
                 datasets.enable_progress_bars()
         if "text" not in ds.column_names:
             raise UsageError(f"{dataset} has no 'text' field (columns: {ds.column_names}): name the text column 'text'")
-        return _split(ds.select_columns(["text"])), os.path.abspath(dataset)
+        return Documents((_split(ds.select_columns(["text"])), os.path.abspath(dataset)), stamp)
     if dataset.startswith(("/", ".", "~")) or os.sep in dataset and not re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", dataset):
         raise UsageError(f"no such file or folder: {dataset}: give a path to text files, 'stdlib', or a hub dataset name")
     name, config, source = _hub_name(dataset)
@@ -319,7 +395,8 @@ def prepare(dataset, tokenizer, out_dir, num_proc=None, documents=None):
     nodes of a job on a shared filesystem) never see each other's half-written files."""
     if num_proc is not None and num_proc < 1:
         raise UsageError(f"--num_proc must be at least 1, not {num_proc}: or leave it out")
-    (train, val), source = documents or load_documents(dataset)
+    documents = documents or load_documents(dataset)
+    (train, val), source = documents
     tmp = f"{out_dir}.tmp-{_owner()}-{secrets.token_hex(4)}"
     os.makedirs(tmp)
     try:
@@ -329,6 +406,8 @@ def prepare(dataset, tokenizer, out_dir, num_proc=None, documents=None):
         meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot": tokenizer.eot,
                 "dtype": np.dtype(dtype).name, "train_tokens": n_train, "val_tokens": n_val,
                 "train_documents": len(train), "val_documents": len(val), "source": source}
+        if getattr(documents, "fingerprint", None):
+            meta["fingerprint"] = documents.fingerprint
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
         old = f"{out_dir}.old-{_owner()}-{secrets.token_hex(4)}"
@@ -511,15 +590,35 @@ def load_data(dataset, tokenizer_name, data_dir, is_main=True, barrier=lambda: N
         return os.path.join(data_dir, f"{dataset_slug(dataset)}-{tok}")
     tokenizer = resolve_tokenizer(tokenizer_name, dataset_dir)
     path = dataset_dir(tokenizer.name)
-    if is_main and not os.path.exists(os.path.join(path, "meta.json")):
+    if is_main and (not os.path.exists(os.path.join(path, "meta.json")) or changed_since(path, dataset)):
         check_data_dir(data_dir)
         documents = load_documents(dataset)  # bad input is refused before anything is written
         with preparing(path):
             if not os.path.exists(os.path.join(path, "meta.json")):
                 print(f"preparing {dataset} with the {tokenizer.name} tokenizer into {path}", flush=True)
                 prepare(dataset, tokenizer, path, documents=documents)
+            elif changed_since(path, dataset):
+                print(f"{dataset} changed since it was prepared (files added, removed or modified): preparing it "
+                      f"again with the {tokenizer.name} tokenizer into {path}", flush=True)
+                prepare(dataset, tokenizer, path, documents=documents)
     barrier()
     return open_prepared(path, tokenizer, source_of(dataset)), tokenizer
+
+
+def changed_since(path, dataset):
+    """Whether a local dataset's files differ from those `path` was prepared from (a folder prepared before
+    fingerprints were recorded counts as changed: it is prepared once more)."""
+    now = fingerprint(dataset)
+    if now is None:
+        return False
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return False  # open_prepared names what is wrong with it
+    if not isinstance(meta, dict) or meta.get("source") != source_of(dataset):
+        return False  # another source's folder is refused by open_prepared, never prepared over
+    return meta.get("fingerprint") != now
 
 
 def window_starts(num_tokens, seq_len, batch, seed, step):

@@ -64,7 +64,12 @@ def _row_problem(row, metric):
         return f"has {metric} {row[metric]!r}, not a number"
     if not isinstance(row["diverged"], bool):
         return f"has diverged {row['diverged']!r}, not true or false"
+    if not row["diverged"] and not (_number(row[metric]) and math.isfinite(row[metric])):
+        return f"has {metric} {row[metric]!r} for a run that did not diverge (it would be drawn as diverged)"
     return None
+
+
+RUN_KEYS = ("parametrization", "width", "depth", "max_steps", "train_batch_size", "lr", "seed")
 
 
 def load(sweep, metric):
@@ -76,7 +81,7 @@ def load(sweep, metric):
     if not path.is_file():
         raise UsageError(f"{path} is a folder, not the sweep's results file: give the sweep's folder")
     redo = f"run scripts/sweep.py --out {sweep} with the sweep's flags again to rewrite it from the runs"
-    rows = []
+    rows, lines = [], {}
     try:
         with open(path, encoding="utf-8") as f:
             for i, line in enumerate(f, 1):
@@ -91,6 +96,10 @@ def load(sweep, metric):
                 problem = _row_problem(row, metric)
                 if problem:
                     raise UsageError(f"{path} line {i} {problem}: {redo}")
+                run = tuple(row.get(k) for k in RUN_KEYS)  # one row per run: a repeat would be averaged in
+                if run in lines:
+                    raise UsageError(f"{path} line {i} repeats the run of line {lines[run]}: {redo}")
+                lines[run] = i
                 rows.append(row)
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not UTF-8 text: {redo}") from None

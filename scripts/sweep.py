@@ -15,7 +15,11 @@ every run holds the same memory; at a fixed --max_steps a larger batch also sees
 
 Each grid point is `run_trainer.py` with its own run directory under <out>/runs/; a run whose
 summary.json exists is skipped, and an interrupted one resumes from its checkpoint, so a sweep can
-be re-run until done. Runs go out as slots free up: --jobs at a time here (one thread each by
+be re-run until done. Each value of an axis is given once. <out>/sweep.json records the flags the runs
+share; a later sweep of that folder with other ones is refused (another --out holds them). Two sweeps of
+one folder at once run each run once (runs/<run>.lock) and both report it finished. Ctrl-C or SIGTERM
+stops the sweep: the running runs save a checkpoint and stop, none starts after, results.jsonl holds the
+finished ones, and the same command continues. Runs go out as slots free up: --jobs at a time here (one thread each by
 default), or --slots_per_host at a time on each host of a DeepSpeed-style --hostfile over ssh (the
 repository and the folder the sweep starts in must be at the same paths on every host, the sweep folder
 on a shared filesystem).
@@ -27,6 +31,9 @@ Results: <out>/results.jsonl, one row per run (its grid point: max_steps and tra
 unless swept; steps: the steps it ran), read by scripts/plot_mu_scaling.py.
 """
 import argparse
+import contextlib
+import dataclasses
+import fcntl
 import itertools
 import json
 import math
@@ -34,11 +41,25 @@ import os
 import queue
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+
+
+def _stopped_early(signum, frame):
+    """A signal while the modules load: nothing has started, so the sweep just ends (main() replaces this)."""
+    print(f"{signal.Signals(signum).name}: the sweep stopped before any run started; run the same command again to "
+          "start it", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _stopped_early)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -110,10 +131,24 @@ def grid(args):
         keep = "--widths 32" if "widths" in varied else f"--{b} {sizes[b][0]}"
         raise UsageError(f"--{a} {getattr(args, a)} and --{b} {getattr(args, b)} both vary: a sweep varies one of "
                          f"width, depth, steps and batch size besides the LR: give the other one value, e.g. {keep}")
+    lrs, seeds = parse_list("lrs", args.lrs, float), parse_list("seeds", args.seeds, int)
+    for flag, values, label in (("parametrizations", params, str), *((f, sizes[f], str) for f in SIZE_AXES),
+                                ("lrs", lrs, lambda v: f"{v:g}"), ("seeds", seeds, str)):
+        refuse_repeats(flag, getattr(args, flag), [label(v) for v in values])
     axes = (params, sizes["widths"], sizes["depths"] or [None], sizes["steps"] or [None],
-            sizes["batch_sizes"] or [None], parse_list("lrs", args.lrs, float), parse_list("seeds", args.seeds, int))
+            sizes["batch_sizes"] or [None], lrs, seeds)
     return [dict(parametrization=p, width=w, depth=d, max_steps=t, train_batch_size=b, lr=lr, seed=s)
             for p, w, d, t, b, lr, s in itertools.product(*axes)]
+
+
+def refuse_repeats(flag, text, labels):
+    """A value given twice would be one run launched twice at once into one run directory (a run is named by
+    its values, learning rates to 6 significant digits), so each value goes in once."""
+    twice = sorted({v for v in labels if labels.count(v) > 1})
+    if twice:
+        raise UsageError(f"--{flag} {text!r} gives {twice[0]} more than once"
+                         f"{' (learning rates are told apart to 6 significant digits)' if flag == 'lrs' else ''}: "
+                         "give each value once")
 
 
 def refuse_swept_flags(args, extra):
@@ -150,32 +185,196 @@ def trainer_flags(point, out, extra):
     return flags + extra
 
 
+def read_json(path, what):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{path} is unreadable: {what}") from None
+
+
 def result_row(point, run_dir):
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
-    train = [r["loss"] for r in rows if "loss" in r]
+    """A finished run's row, from its own summary.json and metrics.jsonl. A torn last metrics line (a killed
+    write) is left out; a row logged again after a resume replaces the earlier one of its step."""
+    summary = read_json(run_dir / "summary.json", f"delete {run_dir} and run the sweep again to redo that run")
+    if not isinstance(summary, dict) or not all(k in summary for k in ("final_train_loss", "final_val_loss",
+                                                                       "diverged", "steps")):
+        raise UsageError(f"{run_dir / 'summary.json'} is not a run summary: delete {run_dir} and run the sweep again")
+    by_step = {}
+    try:
+        with open(run_dir / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int):
+                    by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
+    except OSError:
+        pass
+    rows = [by_step[k] for k in sorted(by_step)]
+    train = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
     tail = train[-max(1, len(train) // 4):]  # the last quarter of logged steps
     finite = all(math.isfinite(x) for x in tail)
-    return {**point, "run": run_dir.name, "final_train_loss": summary["final_train_loss"],
-            "mean_train_loss": sum(tail) / len(tail) if finite else float("nan"),
-            "val_loss": summary["final_val_loss"], "diverged": bool(summary["diverged"]) or not finite,
-            "steps": summary["steps"]}
+    final, val = summary["final_train_loss"], summary["final_val_loss"]
+    if not summary["diverged"]:  # a finished run's losses are numbers: where its summary lacks them, its log has them
+        if not isinstance(final, (int, float)) or not math.isfinite(final):
+            final = train[-1] if train else final
+        vals = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))]
+        if (not isinstance(val, (int, float)) or not math.isfinite(val)) and vals:
+            val = vals[-1]
+    mean = (sum(tail) / len(tail) if finite else float("nan")) if tail else final
+    return {**point, "run": run_dir.name, "final_train_loss": final, "mean_train_loss": mean,
+            "val_loss": val, "diverged": bool(summary["diverged"]) or not finite, "steps": summary["steps"]}
 
 
-def launch(slot, flags, log):
+# What the sweep sets per run, and what only changes how a run is watched or saved: neither defines a run's result.
+NOT_SHARED = {"head_width", "learning_rate", "parametrization", "seed", "output_dir", "run_name", "resume", "local_rank",
+              "log_interval", "save", "save_interval", "keep_checkpoints", "wandb", "debug", "print_profile_results"}
+
+
+def shared_settings(cfg, points):
+    """Every trainer setting the runs share, paths made absolute (runs start in this folder): with the grid point
+    it defines a run, so a sweep folder holds runs of one set of them."""
+    swept = {"n_layer": "depth", "max_steps": "max_steps", "train_batch_size": "train_batch_size"}
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in NOT_SHARED and not (k in swept and points[0][swept[k]] is not None)}
+    for key in ("data_dir", "ds_config", "nvme_path"):
+        if settings.get(key):
+            settings[key] = os.path.abspath(settings[key])
+    if os.path.exists(settings["dataset"]):
+        settings["dataset"] = os.path.abspath(settings["dataset"])
+    return settings
+
+
+def check_settings(out, settings):
+    """<out>/sweep.json records the shared settings of the sweep's first start; a later start with other ones would
+    skip finished runs that are not the runs it asks for (or resume them under other settings), so it is refused."""
+    path = out / "sweep.json"
+    if not path.exists():
+        tmp = out / f".sweep.json.{os.getpid()}"
+        tmp.write_text(json.dumps({"shared": settings}, indent=2) + "\n")
+        try:
+            os.link(tmp, path)  # the first of two sweeps starting at once records its settings; the other compares
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    try:
+        before = json.loads(path.read_text())["shared"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is unreadable: delete it if the runs in {out} were run with these flags, "
+                         "or give another --out") from None
+    changed = sorted(k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k))
+    if changed:
+        k = changed[0]
+        raise UsageError(f"{out} holds runs made with other shared flags ({len(changed)} differ, e.g. --{k} "
+                         f"{before.get(k)!r} there, {settings.get(k)!r} now): give another --out for these runs, "
+                         "or the flags after -- that it was run with")
+
+
+def check_out(out):
+    """Refuse a sweep folder that cannot be made or written, before anything starts."""
+    d = out
+    while not d.exists() and not d.is_symlink():
+        d = d.parent
+    if not d.is_dir():
+        raise UsageError(f"--out {out}: {d} is {'a file' if d.exists() else 'a broken link'}, not a folder: "
+                         "give a folder path")
+    try:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        probe = out / "runs" / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out {out}: can't write there ({e.strerror}): give a folder you can write to") from None
+
+
+class Stop:
+    """SIGINT (Ctrl-C) and SIGTERM stop the sweep: no run starts after, each running one gets SIGTERM (the trainer
+    saves a checkpoint and exits) and a second signal kills them. Before any run starts, the signal ends the sweep."""
+
+    def __init__(self):
+        self.event, self.signum, self.children, self.lock, self.running = threading.Event(), None, {}, threading.Lock(), False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if not self.running:
+            raise Stopped()
+        if first:
+            print(f"{signal.Signals(signum).name}: stopping the sweep; the running runs save a checkpoint "
+                  "(again: stop them at once)", flush=True)
+        self.event.set()
+        with self.lock:
+            for proc, soft in self.children.items():
+                soft(proc) if first else send(proc, signal.SIGKILL)
+
+    def start(self, cmd, soft=None, **kw):
+        """Popen in a session of its own (a terminal's Ctrl-C reaches only the sweep, which stops the child once);
+        `soft(proc)` asks it to stop (default: SIGTERM)."""
+        with self.lock:
+            if self.event.is_set():
+                return None
+            proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+            self.children[proc] = soft or (lambda proc: send(proc, signal.SIGTERM))
+            return proc
+
+    def wait(self, proc):
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.children.pop(proc, None)
+
+
+class Stopped(Exception):
+    pass
+
+
+def send(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def launch(slot, flags, log, stop, stdin_text=None):
     """A run on a slot: ('local', threads) runs here, (host, None) over ssh. Runs start in this process's
     folder, so relative paths after `--` (--config, --dataset, --data_dir) mean what they meant here,
-    where the sweep prepared the data."""
+    where the sweep prepared the data. None: stopped before it started."""
     host, threads = slot
     cmd = [sys.executable, str(ROOT / "run_trainer.py"), *flags]
     if host == "local":
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        return subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    # the forwarded variables go in on stdin, so no value (an API key) is on a command line here or there
-    remote = (f"while IFS= read -r l; do export \"$l\"; done; cd {shlex.quote(os.getcwd())} && "
-              f"{' '.join(shlex.quote(c) for c in cmd)}")
+        proc = stop.start(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        return None if proc is None else stop.wait(proc)
+    # The forwarded variables go in on stdin, up to an empty line, so no value (an API key) is on a command line
+    # here or there. ssh's stdin stays open: when it closes (the sweep stops the run, or dies), the remote trainer
+    # gets SIGTERM, as a local one would.
+    remote = (f"while IFS= read -r l && [ -n \"$l\" ]; do export \"$l\"; done; cd {shlex.quote(os.getcwd())} && "
+              f"{{ exec 3<&0; {' '.join(shlex.quote(c) for c in cmd)} </dev/null & pid=$!; "
+              "{ cat <&3 >/dev/null 2>&1; kill -TERM $pid 2>/dev/null; } >/dev/null 2>&1 & w=$!; "
+              "wait $pid; rc=$?; kill $w 2>/dev/null; exit $rc; }")
     ssh = ["ssh", "-o", "BatchMode=yes", *shlex.split(os.environ.get("SSH_ARGS", "")), host, remote]
-    return subprocess.run(ssh, input=remote_env().encode(), stdout=log, stderr=subprocess.STDOUT).returncode
+    proc = stop.start(ssh, soft=lambda proc: close(proc.stdin), stdin=subprocess.PIPE, stdout=log,
+                      stderr=subprocess.STDOUT)
+    if proc is None:
+        return None
+    try:
+        proc.stdin.write((remote_env() + "\n").encode())
+        proc.stdin.flush()
+    except (OSError, ValueError):  # ended already, or stopped (stdin closed) meanwhile
+        pass
+    return stop.wait(proc)
+
+
+def close(f):
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def remote_env():
@@ -187,22 +386,60 @@ def remote_env():
     return "".join(f"{k}={v}\n" for k, v in pairs.items())
 
 
-def run_sweep(args, extra):
+@contextlib.contextmanager
+def run_lock(path, stop):
+    """Hold runs/<run>.lock while a run is checked and launched: two sweeps of one folder (or a repeated grid
+    point) never run one run at once, and the second finds it finished. Waits, and gives up if the sweep stops."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            while not stop.event.is_set():
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.2)
+            else:
+                yield False
+                return
+        except OSError:  # a filesystem without locks: the summary check below still skips most finished runs
+            pass
+        yield True
+
+
+def write_results(out, rows):
+    """results.jsonl whole or not at all: written beside it and renamed into place."""
+    tmp = out / f".results.jsonl.{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, out / "results.jsonl")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"can't write {out / 'results.jsonl'} ({e.strerror}): make it writable and run the sweep "
+                         "again (finished runs are kept)") from None
+
+
+def run_sweep(args, extra, stop):
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: give at least 1 (default: one per core)")
     if args.slots_per_host < 1:
         raise UsageError(f"--slots_per_host {args.slots_per_host}: give at least 1")
+    if not args.out.strip():
+        raise UsageError("--out is empty: give the sweep folder (runs/ and results.jsonl go there)")
     hosts = read_hostfile(args.hostfile) if args.hostfile else None
     points = grid(args)
     refuse_swept_flags(args, extra)
-    out = Path(args.out).resolve()
+    out = Path(os.path.abspath(args.out))
     cfg = parse_args(trainer_flags(points[0], out, extra))  # checks the shared flags once, up front
     for b in sorted({p["train_batch_size"] for p in points if p["train_batch_size"]}):
         if b % cfg.per_device_train_batch_size:
             raise UsageError(f"--batch_sizes {args.batch_sizes}: {b} is not a multiple of the micro batch "
                              f"--per_device_train_batch_size {cfg.per_device_train_batch_size} (each run accumulates "
                              "micro batches up to its batch size): give multiples of it, or a smaller one after --")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    check_out(out)
+    check_settings(out, shared_settings(cfg, points))
     from mupgpt.data import load_data
     load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir)  # prepare once, not in every run at the same time
     todo = [p for p in points if not (out / "runs" / run_name(p) / "summary.json").exists()]
@@ -217,35 +454,65 @@ def run_sweep(args, extra):
     for slot in slots:
         free.put(slot)
 
+    def report(name, where, status, failure=False):
+        with lock:
+            finished.append(name)
+            if failure:
+                failed.append(name)
+            left = len(todo) - len(finished)
+            eta = (time.time() - start) / len(finished) * left  # runs so far set the pace
+            print(f"{name}{where}: {status}; {len(finished)} of {len(todo)} finished, "
+                  f"{len(failed)} failed, ETA {duration(eta) if left else 'now'}", flush=True)
+
     def work(point):
-        slot = free.get()
-        try:
-            with open(out / "runs" / f"{run_name(point)}.log", "a") as log:
-                rc = launch(slot, trainer_flags(point, out, extra), log)
-            summary = out / "runs" / run_name(point) / "summary.json"
-            diverged = rc == 1 and summary.exists() and json.loads(summary.read_text()).get("diverged")
-            status = ("done" if rc == 0 else "diverged (a result, not a failure)" if diverged
-                      else f"failed (exit {rc}, see runs/{run_name(point)}.log)")
-            with lock:
-                finished.append(run_name(point))
-                if rc != 0 and not diverged:
-                    failed.append(run_name(point))
-                left = len(todo) - len(finished)
-                eta = (time.time() - start) / len(finished) * left  # runs so far set the pace
-                print(f"{run_name(point)} on {slot[0]}: {status}; {len(finished)} of {len(todo)} finished, "
-                      f"{len(failed)} failed, ETA {duration(eta) if left else 'now'}", flush=True)
-        finally:
-            free.put(slot)
+        name = run_name(point)
+        summary = out / "runs" / name / "summary.json"
+        with run_lock(out / "runs" / f"{name}.lock", stop) as held:
+            if not held or stop.event.is_set():
+                return
+            if summary.exists():  # another sweep of this folder ran it meanwhile: its own summary is the result
+                return report(name, "", "done (by another sweep of this folder)")
+            slot = None
+            while slot is None and not stop.event.is_set():
+                try:
+                    slot = free.get(timeout=0.2)
+                except queue.Empty:
+                    pass
+            if slot is None:
+                return
+            try:
+                with open(out / "runs" / f"{name}.log", "a") as log:
+                    rc = launch(slot, trainer_flags(point, out, extra), log, stop)
+            finally:
+                free.put(slot)
+            if rc is None:
+                return
+            done = summary.exists()
+            try:
+                diverged = rc == 1 and done and json.loads(summary.read_text()).get("diverged")
+            except (OSError, ValueError, AttributeError):
+                diverged = False
+            if rc == 0 and done:
+                report(name, f" on {slot[0]}", "done")
+            elif diverged:
+                report(name, f" on {slot[0]}", "diverged (a result, not a failure)")
+            elif stop.event.is_set():
+                print(f"{name} on {slot[0]}: stopped (it resumes from its checkpoint when the sweep runs again)",
+                      flush=True)
+            else:
+                why = f"exit {rc}" if rc else "it ended without a summary.json"
+                report(name, f" on {slot[0]}", f"failed ({why}, see runs/{name}.log)", failure=True)
 
     threads = [threading.Thread(target=work, args=(p,)) for p in todo]
+    stop.running = True
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        while t.is_alive():
+            t.join(0.2)
     rows = [result_row(p, out / "runs" / run_name(p)) for p in points
             if (out / "runs" / run_name(p) / "summary.json").exists()]
-    with open(out / "results.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_results(out, rows)
     print(f"{len(rows)} of {len(points)} runs finished -> {out / 'results.jsonl'}", flush=True)
     return rows, failed
 
@@ -271,8 +538,18 @@ def build_parser():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    _, failed = run_sweep(args, extra)
+    stop = Stop()
+    try:
+        args = build_parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+        _, failed = run_sweep(args, extra, stop)
+    except Stopped:
+        print(f"{signal.Signals(stop.signum).name}: the sweep stopped before any run started; run the same command "
+              "again to start it", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
+    if stop.signum:
+        print(f"{signal.Signals(stop.signum).name}: the sweep stopped; results.jsonl holds the finished runs; run the "
+              "same command again to continue (stopped runs resume from their checkpoints)", file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

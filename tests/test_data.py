@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, trainer_args
+from conftest import ROOT, assert_one_error_line, run_cli, trainer_args
 from mupgpt.data import (Batches, ByteTokenizer, dataset_slug, get_tokenizer, load_data, open_prepared, prepare,
                          source_of, stdlib_documents, window_starts)
 from mupgpt.errors import UsageError
@@ -262,3 +262,91 @@ def test_a_killed_preparations_folders_are_cleared_by_the_next_one(tmp_path):
     res = subprocess.run(args, capture_output=True, text=True)
     assert res.returncode == 0 and f"removed {out / f'{final.name}.tmp-{dead}-x'}" in res.stdout, res.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted([final.name, final.name + ".lock", *kept])
+
+
+def small_corpus(path, n=12):
+    path.mkdir()
+    for i in range(n):
+        (path / f"doc{i:02d}.txt").write_text(f"document {i}: " + "some words here. " * 40 + "\n")
+    return path
+
+
+def test_a_changed_source_folder_is_prepared_again(tmp_path):
+    """The prepared folder is named by the dataset's path; its files' names, sizes and times are recorded beside
+    the tokens, so adding, changing or removing a file gives the tokens of the files as they are now."""
+    src, d = small_corpus(tmp_path / "texts"), tmp_path / "d"
+    first, _ = load_data(str(src), "bytes", str(d))
+    (src / "doc99.txt").write_text("a new document, " * 50 + "\n")
+    added, _ = load_data(str(src), "bytes", str(d))
+    assert added.meta["train_documents"] + added.meta["val_documents"] == 13
+    (src / "doc03.txt").write_text((src / "doc03.txt").read_text().replace("some", "SOME"))
+    edited, _ = load_data(str(src), "bytes", str(d))  # an edit that keeps the size
+    assert b"SOME" in bytes(np.concatenate([edited.train, edited.val]).astype(np.uint8))
+    (src / "doc99.txt").unlink()
+    removed, _ = load_data(str(src), "bytes", str(d))
+    assert removed.meta["train_documents"] + removed.meta["val_documents"] == 12
+    fresh = prepare(str(src), ByteTokenizer(), str(tmp_path / "fresh"))
+    assert removed.meta["train_tokens"] == fresh["train_tokens"] and first.meta["train_tokens"] == fresh["train_tokens"]
+    assert sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock")) == [f"{dataset_slug(str(src))}-bytes"]
+    again, _ = load_data(str(src), "bytes", str(d))  # unchanged: the same prepared files, not a new copy
+    assert again.meta == removed.meta and os.path.samefile(again.path, removed.path)
+
+
+def test_a_link_loop_in_a_dataset_folder_counts_each_file_once(tmp_path):
+    src = small_corpus(tmp_path / "texts")
+    (src / "again").symlink_to(".")
+    (src / "sub").mkdir()
+    (src / "sub" / "same.txt").symlink_to(src / "doc00.txt")  # one file under two names: once
+    data, _ = load_data(str(src), "bytes", str(tmp_path / "d"))
+    assert data.meta["train_documents"] == 11 and data.meta["val_documents"] == 1
+    alone = prepare(str(src), ByteTokenizer(), str(tmp_path / "p"))
+    assert alone["train_tokens"] == data.meta["train_tokens"]
+
+
+def odd_entry(src, kind):
+    if kind == "fifo":
+        os.mkfifo(src / "pipe.txt")
+    elif kind == "socket":
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(src / "sock.txt"))
+        return s
+    elif kind == "broken_link":
+        (src / "gone.txt").symlink_to(src / "nowhere")
+    elif kind == "empty":
+        (src / "empty.txt").write_text("")
+    elif kind == "unreadable_folder":
+        (src / "deep.txt").mkdir()  # a folder named like a text file holding a fifo
+        os.mkfifo(src / "deep.txt" / "x.txt")
+
+
+ODD = {"fifo": "pipe.txt is not a regular file", "socket": "sock.txt is not a regular file",
+       "broken_link": "gone.txt is a broken link", "empty": "empty.txt is empty",
+       "unreadable_folder": "x.txt is not a regular file"}
+
+
+@pytest.mark.parametrize("kind", ODD)
+def test_odd_entries_in_a_dataset_folder_are_one_line_and_exit_2(tmp_path, script, kind):
+    """What the checks did not look at: a fifo (reading it blocked for ever), a socket, a broken link, an empty
+    file. The trainer and prepare_data.py refuse them, naming the file, before anything is written."""
+    src = small_corpus(tmp_path / "texts")
+    keep = odd_entry(src, kind)
+    res = script("scripts/prepare_data.py", "--dataset", src, "--tokenizer", "bytes", "--data_dir", tmp_path / "d")
+    assert_one_error_line(res, ODD[kind], "remove it from the dataset folder")
+    if kind in ("fifo", "empty"):
+        res = run_cli(["--dataset", src, "--data_dir", tmp_path / "d", "--output_dir", tmp_path / "o",
+                       "--tokenizer", "bytes", "--max_steps", "1"], timeout=120)
+        assert_one_error_line(res, ODD[kind])
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+    del keep
+
+
+@pytest.mark.parametrize("name", ["UPPER.TXT", ".hidden.txt"])
+def test_which_files_of_a_folder_are_read(tmp_path, name, capsys):
+    """Data files are picked by suffix in any case; hidden files (.git, editor files) and other types are not read,
+    and a note says how many others there are."""
+    src = small_corpus(tmp_path / "texts")
+    (src / name).write_text("one more document " * 30)
+    (src / "README.md").write_text("# not data\n")
+    data, _ = load_data(str(src), "bytes", str(tmp_path / "d"))
+    assert data.meta["train_documents"] + data.meta["val_documents"] == (13 if name == "UPPER.TXT" else 12)
+    assert "1 file(s) that are not .txt, .jsonl, .json or .parquet are not read" in capsys.readouterr().out

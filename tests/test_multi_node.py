@@ -22,8 +22,8 @@ from netns_hosts import Hosts, unavailable
 SCRIPT = str(ROOT / "run_multi_node.sh")
 
 
-def launch(args, env=None, timeout=600):
-    proc = subprocess.Popen([SCRIPT, *map(str, args)], cwd=ROOT, env={**os.environ, **(env or {})},
+def launch(args, env=None, timeout=600, cwd=ROOT):
+    proc = subprocess.Popen([SCRIPT, *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -34,8 +34,8 @@ def launch(args, env=None, timeout=600):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def dry(args, **env):
-    res = launch(args, {"DRY_RUN": "1", **env})
+def dry(args, cwd=ROOT, **env):
+    res = launch(args, {"DRY_RUN": "1", **env}, cwd=cwd)
     assert res.returncode == 0, res.stderr
     return [line.rstrip() for line in res.stdout.strip().splitlines()]
 
@@ -69,10 +69,34 @@ def test_torchrun_path_starts_one_rendezvous_per_node(hostfile):
 def test_sweep_mode_hands_the_grid_and_nodes_to_sweep_py(hostfile, tmp_path):
     (tmp_path / "grid").write_text("SWEEP_WIDTHS=32\nSWEEP_LRS=1e-3,2e-3  # two\nSWEEP_STEPS=100,400\n")
     (cmd,) = dry([hostfile, 2, 2, "false", "--seq_len", "64"], SWEEP_FILE=str(tmp_path / "grid"), SWEEP_SEEDS="0,1")
-    assert cmd.startswith("python3 scripts/sweep.py --out sweeps/multinode --widths 32 --lrs 1e-3\\,2e-3 "
+    assert cmd.startswith(f"python3 {ROOT}/scripts/sweep.py --out sweeps/multinode --widths 32 --lrs 1e-3\\,2e-3 "
                           "--parametrizations mup\\,sp --seeds 0\\,1 ")
     assert "--steps 100\\,400 --batch_sizes '' " in cmd  # a length sweep across the nodes
     assert "--hostfile HOSTFILE.generated --slots_per_host 2 -- --seq_len 64" in cmd
+
+
+@pytest.mark.parametrize("sep,end", [("\n", "\n"), ("\r\n", ""), ("\n", "")])
+def test_a_sweep_file_keeps_every_value_exactly_the_last_line_too(hostfile, tmp_path, sep, end):
+    """A value keeps its spaces and #, only the spaces around it and a comment (# after a space) go; the last line
+    counts without a final newline; a line that is not KEY=VALUE, an empty value, a key given twice: one line."""
+    lines = ["# the grid", "SWEEP_WIDTHS = 32 ", "SWEEP_DIR=my sweeps/run#3   # where", "SWEEP_PARAMETRIZATIONS='mup'  # q",
+             "SWEEP_LRS=1e-3,2e-3"]
+    (tmp_path / "grid").write_bytes((sep.join(lines) + end).encode())
+    (cmd,) = dry([hostfile, 2, 2, "false"], SWEEP_FILE=str(tmp_path / "grid"))
+    assert "--out my\\ sweeps/run#3 --widths 32 --lrs 1e-3\\,2e-3 --parametrizations mup " in cmd, cmd
+    for text, message in [("SWEEP_LRS\n", "line 1: expected KEY=VALUE, got 'SWEEP_LRS'"),
+                          ("SWEEP_WIDTHS=8\nSWEEP_LRS=  # none\n", "line 2: SWEEP_LRS has no value"),
+                          ("SWEEP_LRS=1e-3\nSWEEP_LRS=2e-3", "line 2: SWEEP_LRS is given twice (first on line 1)"),
+                          ("SWEEP_DIR=\"a b\n", "line 1: the value of SWEEP_DIR opens a quote it does not close"),
+                          ("SWEEP_LR=1e-3\n", "line 1: unknown key 'SWEEP_LR'")]:
+        (tmp_path / "bad").write_text(text)
+        res = launch([hostfile, 2, 2, "false"], {"DRY_RUN": "1", "SWEEP_FILE": str(tmp_path / "bad")})
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+
+
+def test_an_empty_sweep_variable_is_passed_on_not_replaced_by_the_default(hostfile):
+    (cmd,) = dry([hostfile, 1, 1, "false"], SWEEP_DIR="", SWEEP_LRS="")
+    assert " --out '' " in cmd and " --lrs '' " in cmd  # sweep.py refuses both in one line
 
 
 def test_secrets_are_forwarded_but_never_printed(hostfile):
@@ -285,13 +309,17 @@ def test_torchrun_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, 
 
 
 def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_dir):
-    env = {**host_env(hosts), **hostile_env(tmp_path), "SWEEP_DIR": str(tmp_path / "sweep"), "SWEEP_WIDTHS": "8,16",
+    """Launched from a folder of the user's with a relative --dataset and SWEEP_DIR: both mean that folder's, on
+    every host, and the sweep folder is made there, not in the checkout."""
+    env = {**host_env(hosts), **hostile_env(tmp_path), "SWEEP_DIR": "sweep", "SWEEP_WIDTHS": "8,16",
            "SWEEP_LRS": "2e-3", "SWEEP_PARAMETRIZATIONS": "mup,sp"}
     data = tmp_path / f"data{PERCENT}"
     data.symlink_to(data_dir)
+    (tmp_path / "mytexts").symlink_to(corpus)
     with Watch(tmp_path) as watch:
         res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *SWEEP_SHARED, "--max_steps", "5", "--base_head_width",
-                      "8", "--dataset", corpus, "--data_dir", data], env)
+                      "8", "--dataset", "./mytexts", "--data_dir", data], env, cwd=tmp_path)
+    assert not (ROOT / "sweep").exists()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert not list(tmp_path.glob("pwned*")) and SECRET not in res.stdout + res.stderr
     assert not [c for c in watch.cmdlines if SECRET in c]
@@ -302,6 +330,30 @@ def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_
     assert len(rows) == 4 and all(r["steps"] == 5 for r in rows)
     ran_on = {line.split(" on ")[1].split(":")[0] for line in res.stdout.splitlines() if ": done" in line}
     assert ran_on == set(hosts.addresses)
+
+
+def test_stopping_a_sweep_stops_its_runs_on_the_nodes(hosts, tmp_path, corpus, data_dir):
+    """SIGTERM to the launcher's sweep: each run on a node gets SIGTERM there (through ssh's closed stdin), saves
+    a checkpoint and stops; nothing is left running on the nodes."""
+    env = {**host_env(hosts), "SWEEP_DIR": str(tmp_path / "sweep"), "SWEEP_WIDTHS": "8", "SWEEP_LRS": "1e-3,2e-3",
+           "SWEEP_PARAMETRIZATIONS": "mup"}
+    proc = subprocess.Popen([SCRIPT, hosts.hostfile(tmp_path / "hf"), "1", "2", "False", *SWEEP_SHARED, "--max_steps",
+                             "100000", "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir),
+                             "--log_interval", "100000", "--save_interval", "10"],  # quiet: the signal lands in training
+                            cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    logs = tmp_path / "sweep" / "runs"
+    deadline = time.time() + 300
+    while time.time() < deadline and len({p.parent.parent for p in logs.glob("*/checkpoints/step_*")}) < 2:
+        time.sleep(0.5)
+    sweep = [p for p in map(int, subprocess.run(["pgrep", "-f", "scripts/sweep.py --out " + str(tmp_path)],
+                                                capture_output=True, text=True).stdout.split())]
+    assert len(sweep) == 1
+    os.kill(sweep[0], signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "run the same command again to continue" in err, out + err
+    assert all("stopped at step" in p.read_text() for p in logs.glob("*.log")), [p.read_text()[-500:] for p in logs.glob("*.log")]
+    assert not subprocess.run(["pgrep", "-f", f"--output_dir {tmp_path}"], capture_output=True).stdout
 
 
 def test_a_dead_node_stops_the_launcher_promptly_and_the_run_resumes(hosts, tmp_path, corpus, data_dir):

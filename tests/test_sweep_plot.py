@@ -1,12 +1,14 @@
 """Sweeps run the real trainer, skip finished runs; the transfer plot finds the optimum it should."""
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ROOT, SWEEP_SHARED
+from conftest import ROOT, SWEEP_SHARED, assert_one_error_line
 
 
 def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir):
@@ -64,6 +66,25 @@ def test_plot_without_results_is_one_line_and_exit_2(tmp_path):
     res = subprocess.run([sys.executable, "scripts/plot_mu_scaling.py", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "run scripts/sweep.py" in res.stderr
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("nan", "line 73 has mean_train_loss nan for a run that did not diverge"),
+    ("null", "line 73 has mean_train_loss None for a run that did not diverge"),
+    ("repeat", "line 73 repeats the run of line 1"),
+])
+def test_plot_refuses_a_finished_run_without_a_loss_and_a_repeated_run(tmp_path, damage, message):
+    """Such a row would be drawn as a diverged run, or averaged in as another seed."""
+    write_results(tmp_path / "s", lambda p, w: -8.3)
+    path = tmp_path / "s" / "results.jsonl"
+    first = json.loads(path.read_text().splitlines()[0])
+    extra = {**first, "mean_train_loss": {"nan": float("nan"), "null": None, "repeat": 3.0}[damage]}
+    if damage != "repeat":
+        extra["seed"] = 1
+    path.write_text(path.read_text() + json.dumps(extra) + "\n")
+    res = subprocess.run([sys.executable, "scripts/plot_mu_scaling.py", str(tmp_path / "s")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert_one_error_line(res, message, "run scripts/sweep.py")
 
 
 def test_plot_marks_optima_at_the_grid_edge_and_labels_model_widths(tmp_path, capsys):
@@ -151,6 +172,11 @@ def test_plot_of_a_depth_sweep_labels_depths_and_gives_the_model_width(tmp_path)
     (["--widths", "8", "--", "--lr", "1e-2"], "--learning_rate is given after -- and the sweep sets it"),
     (["--widths", "8", "--batch_sizes", "8,12", "--", "--per_device_train_batch_size", "8"],
      "--batch_sizes 8,12: 12 is not a multiple of the micro batch --per_device_train_batch_size 8"),
+    (["--widths", "8", "--lrs", "0.001,0.001"], "--lrs '0.001,0.001' gives 0.001 more than once"),
+    (["--widths", "8", "--lrs", "1e-3,0.001"], "gives 0.001 more than once (learning rates are told apart"),
+    (["--widths", "8,16,8"], "--widths '8,16,8' gives 8 more than once: give each value once"),
+    (["--widths", "8", "--parametrizations", "mup,sp,mup"], "gives mup more than once"),
+    (["--widths", "8", "--seeds", "0,1,0"], "--seeds '0,1,0' gives 0 more than once"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "HF").write_text("node-a slots=1\n")
@@ -163,6 +189,104 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
     assert not (tmp_path / "s").exists() and not res.stdout  # refused before anything starts or is written
+
+
+def sweep_cmd(out, corpus, data_dir, *args, steps=4, lrs="1e-3,4e-3", extra=()):
+    return [sys.executable, "scripts/sweep.py", "--out", str(out), "--widths", "8", "--lrs", lrs, "--parametrizations",
+            "mup", *args, "--", *SWEEP_SHARED, "--max_steps", str(steps), "--base_head_width", "8", "--dataset",
+            str(corpus), "--data_dir", str(data_dir), *extra]
+
+
+# A long run that prints rarely (the signal lands in training, not in a print) and shows it is training (and has
+# its signal handler) by saving a checkpoint.
+LONG = ["--log_interval", "100000", "--save_interval", "10"]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file", "/proc/sweep"])
+def test_a_sweep_folder_that_cannot_be_made_or_written_is_one_line_and_exit_2(tmp_path, corpus, data_dir, where):
+    (tmp_path / "f").write_text("a file\n")
+    out = {"under_a_file": tmp_path / "f" / "s", "a_file": tmp_path / "f"}.get(where, where)
+    res = subprocess.run(sweep_cmd(out, corpus, data_dir, "--jobs", "1"), cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert_one_error_line(res, f"--out {out}")
+    assert (tmp_path / "f").read_text() == "a file\n"
+
+
+def test_two_sweeps_of_one_folder_at_once_run_each_run_once_and_both_succeed(tmp_path, corpus, data_dir):
+    """Two sweeps over one --out at the same time: a run the other sweep finished is read from its own summary,
+    never launched again, never reported failed, never a NaN row."""
+    cmd = sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", steps=6)
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(o.count(": done; ") for o, _ in outs) == 2 and all("0 failed" in o for o, _ in outs)
+    assert sum(o.count("done (by another sweep of this folder)") for o, _ in outs) in (0, 1, 2)
+    rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
+    assert sorted(r["lr"] for r in rows) == [1e-3, 4e-3]
+    assert all(r["steps"] == 6 and not r["diverged"] and math.isfinite(r["mean_train_loss"])
+               and math.isfinite(r["final_train_loss"]) for r in rows)
+    for run in ("mup_w8_lr0.001_s0", "mup_w8_lr0.004_s0"):  # each trained once: steps 1..6, once each
+        steps = [json.loads(l)["step"] for l in open(tmp_path / "s" / "runs" / run / "metrics.jsonl")]
+        assert [s for s in steps if s] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_rerun_with_other_shared_flags_is_refused_not_skipped(tmp_path, corpus, data_dir):
+    first = subprocess.run(sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", lrs="1e-3", steps=2), cwd=ROOT,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = (tmp_path / "s" / "results.jsonl").read_text()
+    for changed in (["--max_steps", "3"], ["--n_layer", "2"], ["--seq_len", "16"]):
+        cmd = sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", lrs="1e-3", steps=2)
+        res = subprocess.run(cmd + changed, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert_one_error_line(res, "holds runs made with other shared flags", f"--{changed[0][2:]}", "another --out")
+        assert "already done" not in res.stdout
+    assert (tmp_path / "s" / "results.jsonl").read_text() == before
+    same = subprocess.run(sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", lrs="1e-3,4e-3", steps=2),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # more LRs, same flags: new runs
+    assert same.returncode == 0 and "1 already done, 1 to run" in same.stdout, same.stdout + same.stderr
+
+
+def test_a_finished_runs_row_comes_from_its_own_files_and_is_never_nan(tmp_path, corpus, data_dir):
+    """A finished run whose summary lost its losses (NaN, as a resume of a finished run wrote them) and whose
+    log ends in a torn line still gives a finite row; an unreadable summary is one line naming it."""
+    cmd = sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", lrs="1e-3", steps=3)
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600).returncode == 0
+    run = tmp_path / "s" / "runs" / "mup_w8_lr0.001_s0"
+    good = json.loads((tmp_path / "s" / "results.jsonl").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "final_train_loss": float("nan"),
+                                                  "final_val_loss": float("nan")}))
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "1 already done, 0 to run" in again.stdout, again.stdout + again.stderr
+    assert json.loads((tmp_path / "s" / "results.jsonl").read_text()) == good
+    (run / "summary.json").write_text('{"final_train_loss": 2.')
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert_one_error_line(res, f"{run / 'summary.json'} is unreadable", "run the sweep again")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_sweep_cleanly(tmp_path, corpus, data_dir, sig):
+    """A real signal to a real sweep mid-run: the running run is stopped and not counted done, no run starts
+    after it, results.jsonl is written, one line says how to go on, no traceback."""
+    proc = subprocess.Popen(sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", lrs="1e-3,2e-3,4e-3",
+                                      steps=100000, extra=LONG), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "s" / "runs").glob("*/checkpoints/step_*")):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out + err
+    assert "Traceback" not in out + err and ": done;" not in out and "failed (" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "run the same command again to continue" in lines[0], err
+    logs = list((tmp_path / "s" / "runs").glob("*.log"))
+    assert len(logs) == 1 and "stopped at step" in logs[0].read_text()  # the trainer saved and stopped; none after
+    assert not list((tmp_path / "s" / "runs").glob("*/summary.json"))
+    assert (tmp_path / "s" / "results.jsonl").read_text() == ""
+    assert not subprocess.run(["pgrep", "-f", str(tmp_path / "s")], capture_output=True).stdout  # no run left over
 
 
 def test_a_diverged_run_is_a_result_of_the_sweep_not_a_failure(tmp_path, corpus, data_dir):
