@@ -58,16 +58,21 @@ class StopFlag:
     """SIGTERM or Ctrl-C asks for a checkpoint and a clean exit; a second Ctrl-C stops at once."""
 
     def __init__(self):
-        self.requested = False
+        self.requested, self.signal, self.announced = False, None, False
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
+        # no printing here: a signal that lands while the loop prints would re-enter stdout's writer
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        print(f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step", flush=True)
+        self.requested, self.signal = True, signal.Signals(signum).name
 
+    def announce(self):
+        """Says once, from the loop, that a signal asked for a stop."""
+        if self.requested and not self.announced:
+            self.announced = True
+            print(f"signal {self.signal}: saving a checkpoint and stopping after this step", flush=True)
 
 
 PROFILE_WAIT = 10  # steps before the profiled ones: compile, recompiles and the allocator settle first
@@ -238,6 +243,7 @@ def _train(cfg, cleanup):
     while step < total_steps:
         loss, grad_norm = engine.train_step(batches.train(step))
         step += 1
+        stop.announce()
         finite &= torch.isfinite(loss)
         if check_norm:
             finite &= torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
