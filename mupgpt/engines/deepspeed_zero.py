@@ -105,12 +105,12 @@ def ds_config(cfg, precision, global_batch, accum, width):
         deepcompile(config, zero, path, resolve_device(cfg), cfg.gradient_checkpointing)
     for part in ("offload_param", "offload_optimizer"):
         device = zero.get(part, {}).get("device", "none")
-        if device == "nvme":
-            check_aio()
+        if device == "nvme":  # the user's own input is checked before the machine's libaio
             nvme = zero[part].get("nvme_path", "auto")
             nvme = cfg.nvme_path if nvme == "auto" else nvme
             if not nvme or not os.path.isdir(nvme):
                 raise UsageError(f"NVMe offload needs an existing folder: pass --nvme_path DIR (got {nvme!r})")
+            check_aio()
             zero[part]["nvme_path"] = nvme
         elif device not in ("none", "cpu"):
             raise UsageError(f"{part}.device {device!r} is not available here: use cpu or nvme (or none)")
