@@ -158,6 +158,26 @@ done < <(compgen -e)
 [ ${#forwarded[@]} -eq 0 ] || echo "forwarding to every rank: ${forwarded[*]}" >&2
 
 # --- single run ------------------------------------------------------------------------------
+# Each node runs the trainer in the checkout, so a relative path typed here is made absolute against this
+# folder: it means on every node what it means where the user typed it. A --dataset value is a path only
+# where it names something here (otherwise it is a hub name or stdlib).
+if $single; then
+  args=() prev=
+  for a in "$@"; do
+    flag=$prev value=$a
+    if [[ $a == --*=* ]]; then flag=${a%%=*} value=${a#*=}; fi
+    case $flag in
+      --output_dir|--data_dir|--config|--ds_config|--nvme_path|--resume|--dataset)
+        if [[ -n $value && $value != /* && $value != auto ]] && { [[ $flag != --dataset ]] || [ -e "$value" ]; }; then
+          value=$PWD/${value#./}
+          [[ $a == --*=* ]] && a=$flag=$value || a=$value
+        fi ;;
+    esac
+    args+=("$a")
+    [[ $a == --* && $a != *=* ]] && prev=$a || prev=
+  done
+  set -- "${args[@]}"
+fi
 if $single && [[ $launcher == deepspeed ]]; then
   command -v pdsh >/dev/null || [ "${DRY_RUN:-0}" = 1 ] || die "pdsh is not installed: apt-get install pdsh, or LAUNCHER=torchrun"
   dshosts=$workdir/hostfile

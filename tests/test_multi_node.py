@@ -386,3 +386,17 @@ def test_a_dead_node_stops_the_launcher_promptly_and_the_run_resumes(hosts, tmp_
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert f"resumed from {tmp_path / 'r' / 'checkpoints' / last} at step {step}" in res.stdout
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["steps"] == step + 3
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_relative_path_in_a_single_run_means_the_launch_folder(tmp_path, hostfile, launcher):
+    """The nodes run the trainer in the checkout: a relative path typed in the launch folder is made absolute
+    there. A --dataset that names nothing here (stdlib, a hub name) stays as typed."""
+    (tmp_path / "mytexts").mkdir()
+    lines = "\n".join(dry([hostfile, 8, 2, "True", "--dataset", "./mytexts", "--output_dir", "out", "--data_dir=d",
+                           "--resume", "auto", "--config", "c.toml"], cwd=tmp_path, LAUNCHER=launcher))
+    for path in (tmp_path / "mytexts", tmp_path / "out", tmp_path / "d", tmp_path / "c.toml"):
+        assert str(path) in lines, lines
+    assert "--resume auto" in lines.replace("'", ""), lines
+    hub = "\n".join(dry([hostfile, 8, 2, "True", "--dataset", "org/corpus"], cwd=tmp_path, LAUNCHER=launcher))
+    assert f"{tmp_path}/org/corpus" not in hub and "org/corpus" in hub, hub
