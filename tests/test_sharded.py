@@ -112,12 +112,14 @@ def test_native_checkpoint_resumes_exactly(runs, name, corpus, data_dir):
     assert losses(run_dir) == straight
 
 
-def test_zero3_export_loads_into_one_process_with_the_same_eval_loss(runs, data_dir):
+def test_zero3_export_loads_into_one_process_with_the_same_eval_loss(runs, corpus, data_dir):
+    from mupgpt.data import dataset_slug
     run_dir = runs("zero3")
     cfg = parse_args(trainer_args(runs.out, "x", data_dir, *COMMON))
     model = GPT(model_config(cfg, 257))
     model.load_state_dict(load_file(run_dir / "model.safetensors"))
-    batches = Batches(open_prepared(str(next(data_dir.iterdir()))), cfg.seq_len, 8, 8, 0, 1, cfg.seed,
+    prepared = data_dir / f"{dataset_slug(str(corpus))}-bytes"  # the folder holds other files beside it
+    batches = Batches(open_prepared(str(prepared)), cfg.seq_len, 8, 8, 0, 1, cfg.seed,
                       torch.device("cpu"))
     with torch.no_grad():
         val = torch.stack([model(*batches.val(i)) for i in range(cfg.eval_iters)]).mean().item()
