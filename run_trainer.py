@@ -144,9 +144,26 @@ def train(cfg):
             raise error from None
 
 
-def _train(cfg, cleanup):
+@dataclasses.dataclass
+class Run:
+    """A run once its flags are checked, its process group is up and its directory is locked."""
+    cfg: object
+    backend: str
+    run_dir: str
+    precision: str
+    world: object
+    global_batch: int
+    accum: int
+    ds_cfg: dict
+    summary: dict  # the directory's summary.json, if any
+    resume_path: str
+    trainer_state: dict
+
+
+def start(cfg, cleanup):
+    """Every flag is checked before any process group or file exists; then the world and the lock."""
     check_config(cfg)
-    model_config(cfg, 0)  # the width and schedule flags fail here too, before any process group or file exists
+    model_config(cfg, 0)  # the width flags
     schedule_kwargs(cfg, cfg.max_steps or None)
     backend = resolve_backend(cfg)
     run_dir = run_directory(cfg, backend)
@@ -160,172 +177,287 @@ def _train(cfg, cleanup):
         check_op_build_locks()  # before DeepSpeed builds or loads its ops (init_distributed does, on CPU)
     world = init_world(backend, device_type)
     cleanup.enter_context(run_lock(run_dir, world))  # before anything in the run directory is read or written
-    summary = read_summary(run_dir)
     resume_path = checkpoint.find_resume(cfg.resume, run_dir)
     trainer_state = checkpoint.read_trainer_state(resume_path) if resume_path else None
-    if trainer_state and cfg.resume not in ("", "auto") and os.path.realpath(cfg.resume) == os.path.realpath(resume_path) \
-            and checkpoint.in_run_dir(resume_path, run_dir):  # a step folder of this run directory, named
-        step = int(trainer_state["step"])
+    return Run(cfg, backend, run_dir, precision, world, G, accum, ds_cfg, read_summary(run_dir), resume_path,
+               trainer_state)
+
+
+def refuse_another_history(run):
+    """A run directory holds one history: no second run in it, and no branch from one of its earlier steps."""
+    cfg, run_dir, state = run.cfg, run.run_dir, run.trainer_state
+    named = cfg.resume not in ("", "auto") and os.path.realpath(cfg.resume) == os.path.realpath(run.resume_path or "")
+    if state and named and checkpoint.in_run_dir(run.resume_path, run_dir):
+        summary = run.summary
         done = summary.get("steps") if summary.get("completed") and isinstance(summary.get("steps"), int) else 0
         later = max([checkpoint.step_of(c) for c in checkpoint.checkpoints(run_dir)] + [done])
-        refuse_a_branch(run_dir, resume_path, step, later)
+        refuse_a_branch(run_dir, run.resume_path, int(state["step"]), later)
     if not cfg.resume:
         refuse_a_second_run(run_dir, bool(checkpoint.checkpoints(run_dir)))
 
-    data, tokenizer = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.barrier)
-    mcfg = model_config(cfg, data.vocab_size)
-    if trainer_state:  # before the engine writes anything (opt_config.json)
-        checkpoint.check_model(trainer_state, mcfg)
-    tokens_per_step = G * cfg.seq_len
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train) / tokens_per_step))
-    if trainer_state and trainer_state["step"] >= total_steps:
-        if summary.get("completed") and checkpoint.in_run_dir(resume_path, run_dir):
-            # a finished run stays finished: its summary, metrics and model are left as they are
-            if world.is_main:
-                print(f"{run_dir} holds a finished run ({summary.get('steps')} steps): nothing to resume, it is left "
-                      "as it is (to train it further, give a larger --max_steps)", flush=True)
-            return {**summary, "diverged": False}
-        if trainer_state["step"] > total_steps:
-            raise UsageError(f"{resume_path} is at step {trainer_state['step']}, past this run's {total_steps} steps: "
-                             "give a larger --max_steps (or --num_train_epochs) to resume it")
 
+def finished_already(run, total_steps):
+    """Whether the checkpoint to resume is this run's end: a finished run stays as it is. One past the
+    run's length is refused."""
+    state = run.trainer_state
+    if not state or state["step"] < total_steps:
+        return False
+    if run.summary.get("completed") and checkpoint.in_run_dir(run.resume_path, run.run_dir):
+        if run.world.is_main:
+            print(f"{run.run_dir} holds a finished run ({run.summary.get('steps')} steps): nothing to resume, it is "
+                  "left as it is (to train it further, give a larger --max_steps)", flush=True)
+        return True
+    if state["step"] > total_steps:
+        raise UsageError(f"{run.resume_path} is at step {state['step']}, past this run's {total_steps} steps: "
+                         "give a larger --max_steps (or --num_train_epochs) to resume it")
+    return False
+
+
+def build_engine(run, mcfg, total_steps):
+    """The model, wrapped for its backend; a model too large for the memory is one line naming the flags."""
+    cfg, world = run.cfg, run.world
     try:
-        engine = build(backend, cfg, mcfg, world, precision, total_steps, ds_cfg, run_dir if world.is_main else None)
+        return build(run.backend, cfg, mcfg, world, run.precision, total_steps, run.ds_cfg,
+                     run.run_dir if world.is_main else None)
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # the model's own memory, on host or device
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(e):
             raise
         raise UsageError(f"the model (--n_layer {cfg.n_layer}, --n_head {cfg.n_head} x --head_width {cfg.head_width}, "
                          f"{world.device.type}) does not fit in memory ({str(e).splitlines()[0][:160]}): lower --n_layer "
                          "or --head_width, or shard it (--backend fsdp or deepspeed --zero_stage 3)") from None
+
+
+def restore(run, engine):
+    """(step, best validation loss) to start from: the checkpoint's, or a fresh start's."""
+    if not run.resume_path:
+        return 0, float("inf")
+    state = run.trainer_state
+    checkpoint.restore(engine, run.resume_path, state, run.backend)
+    step = state["step"]
+    if run.world.is_main:
+        print(f"resumed from {run.resume_path} at step {step}", flush=True)
+        if checkpoint.in_run_dir(run.resume_path, run.run_dir):
+            for aside in checkpoint.set_aside_later(run.run_dir, step):
+                print(f"note: moved the skipped checkpoint aside to {aside}: this run's history goes on from step "
+                      f"{step}", flush=True)
+    return step, state.get("best_val_loss", float("inf"))
+
+
+def announce(run, engine, data, mcfg, total_steps):
+    """config.json (the flags and what they resolved to) and the run's first line."""
+    cfg, world = run.cfg, run.world
     n_params = count_params(engine.model)
-    batches = Batches(data, cfg.seq_len, G, cfg.per_device_train_batch_size, world.rank, world.world_size,
-                      cfg.seed, world.device)
+    resolved = {"backend": run.backend, "precision": run.precision, "world_size": world.world_size,
+                "train_batch_size": run.global_batch, "gradient_accumulation_steps": run.accum,
+                "total_steps": total_steps, "device": str(world.device), "n_params": n_params, "data": data.meta,
+                "model": dataclasses.asdict(mcfg), "width_mult": mcfg.width_mult, "torch": torch.__version__}
+    write_atomic(os.path.join(run.run_dir, "config.json"),
+                 json.dumps({"args": dataclasses.asdict(cfg), "resolved": resolved}, indent=2).encode())
+    print(f"{run.backend} | {world.world_size} rank(s) on {world.device} | {run.precision} | {n_params / 1e6:.2f}M "
+          f"params | width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, base {mcfg.base_width} = "
+          f"{mcfg.base_width // mcfg.base_head_width}x{mcfg.base_head_width} (m={mcfg.width_mult:g}, "
+          f"{cfg.parametrization}) | batch {run.global_batch}x{cfg.seq_len} (accum {run.accum}) | {total_steps} steps "
+          f"| run dir {run.run_dir}", flush=True)
 
-    step, best_val = 0, float("inf")
-    if resume_path:
-        checkpoint.restore(engine, resume_path, trainer_state, backend)
-        step, best_val = trainer_state["step"], trainer_state.get("best_val_loss", float("inf"))
-        if world.is_main:
-            print(f"resumed from {resume_path} at step {step}", flush=True)
-            for aside in checkpoint.set_aside_later(run_dir, step) if checkpoint.in_run_dir(resume_path, run_dir) else []:
-                print(f"note: moved the skipped checkpoint aside to {aside}: this run's history goes on from step {step}",
-                      flush=True)
+
+class StepClock:
+    """Training time only: evaluation, logging and checkpoints are paused out of tokens/s and the ETA."""
+
+    def __init__(self, step):
+        self.t_start = self.t_log = time.time()
+        self.start_step = self.last_log_step = step
+        self.paused = 0.0
+
+    def interval(self, step, tokens_per_step):
+        """(tokens/s since the last logged step, seconds since the start), at a logged step."""
+        tps = (step - self.last_log_step) * tokens_per_step / max(time.time() - self.t_log, 1e-9)
+        self.t_log, self.last_log_step = time.time(), step
+        return tps, time.time() - self.t_start
+
+    def eta(self, step, total_steps):
+        elapsed = time.time() - self.t_start
+        return (elapsed - self.paused) / (step - self.start_step) * (total_steps - step)
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = time.time()
+        yield
+        pause = time.time() - t
+        self.t_log += pause  # the interval's start moves with it (not reset: its steps still count)
+        self.paused += pause
+
+
+class Health:
+    """Whether every loss and grad norm since the last check was finite, kept on the device and read back
+    only at a sync. fp16 loss scaling overflows the grad norm on purpose (that step is skipped), and
+    DeepSpeed's ZeRO-0 reports no grad norm (NaN here): there only the loss counts."""
+
+    def __init__(self, run, step):
+        self.finite = torch.ones((), dtype=torch.bool, device=run.world.device)
+        self.check_norm = run.precision != "fp16" and not (run.ds_cfg and run.ds_cfg["zero_optimization"]["stage"] == 0)
+        self.checked_step, self.diverged = step, False
+
+    def add(self, loss, grad_norm):
+        self.finite &= torch.isfinite(loss)
+        if self.check_norm:
+            self.finite &= torch.isfinite(torch.as_tensor(grad_norm, device=self.finite.device))
+
+    def checked(self, synced, step):
+        self.diverged = not synced.finite
+        self.checked_step = self.checked_step if self.diverged else step
+
+    def where(self, step):
+        return (f"at step {step}" if self.checked_step + 1 == step else
+                f"between steps {self.checked_step + 1} and {step}")
+
+
+class Trainer:
+    """The loop: train a step; then log, evaluate and save when due, and stop when the ranks agree to.
+    The ranks agree on a stop only at a sync (a logged, evaluated or saved step), so they stop together."""
+
+    def __init__(self, run, engine, batches, mcfg, total_steps, step, best_val):
+        self.run, self.cfg, self.world, self.engine, self.batches = run, run.cfg, run.world, engine, batches
+        self.total_steps, self.step, self.best_val = total_steps, step, best_val
+        self.tokens_per_step = run.global_batch * run.cfg.seq_len
+        self.flops_token, self.peak = flops_per_token(mcfg), peak_flops(self.world.device) * self.world.world_size
+        self.reporter = Reporter(run.run_dir, run.cfg, self.world.is_main, step)
+        # a resume at the run's last step (killed before its summary) reports the losses logged before it
+        self.last_loss = self.reporter.last.get("loss", float("nan"))
+        self.val_loss = self.reporter.last.get("val_loss")
+        self.clock, self.health, self.stop = StepClock(step), Health(run, step), StopFlag()
+        self.train_mem = peak_memory(self.world.device)
+        self.profiler = start_profiler() if self.cfg.print_profile_results else None
+
+    def fit(self):
+        cfg, step = self.cfg, self.step
+        while self.step < self.total_steps:
+            loss, grad_norm = self.engine.train_step(self.batches.train(self.step))
+            self.step = step = self.step + 1
+            self.stop.announce()
+            self.health.add(loss, grad_norm)
+            if self.profiler is not None:
+                self.profiler = step_profiler(self.profiler, self.world.is_main)
+            log_due = step % cfg.log_interval == 0 or step == self.total_steps or step == 1
+            save_due = cfg.save and ((cfg.save_interval and step % cfg.save_interval == 0) or step == self.total_steps)
+            eval_due = (cfg.eval_interval and step % cfg.eval_interval == 0) or step == self.total_steps
+            synced = None
+            if log_due or save_due or eval_due or (self.world.world_size == 1 and self.stop.requested):
+                synced = sync(loss, grad_norm, self.health.finite, self.stop.requested, self.world)
+                self.health.checked(synced, step)
+            diverged = self.health.diverged
+            row, line = self.log_row(synced) if log_due or diverged else ({}, "")
+            with self.clock.pause():
+                if eval_due or diverged:
+                    row, line = self.evaluated(row, line)
+                if row:
+                    self.reporter.log(row, line)
+                stopping = diverged or (synced is not None and synced.stop)
+                if (save_due or (cfg.save and stopping)) and not diverged:  # never a checkpoint of a diverged model
+                    self.save(stopping)
+            if stopping:
+                break
+        self.end_profiler()
+
+    def log_row(self, synced):
+        step, total = self.step, self.total_steps
+        self.last_loss = synced.loss
+        tps, elapsed = self.clock.interval(step, self.tokens_per_step)
+        eta = self.clock.eta(step, total)
+        mfu = self.flops_token * tps / self.peak if self.peak else None  # no known peak (CPU): no MFU
+        lr = self.engine.lr()
+        row = {"step": step, "loss": synced.loss, "lr": lr, "grad_norm": synced.grad_norm,
+               "tokens": step * self.tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": elapsed, "eta_s": eta}
+        line = (f"step {step:>6}/{total} | loss {synced.loss:.4f} | lr {lr:.3e} | {tps:,.0f} tok/s"
+                + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
+                + f" | {duration(elapsed)} elapsed, ETA {duration(eta)}")
+        self.train_mem = peak_memory(self.world.device)  # before any eval, checkpoint or export at this step
+        return row, line
+
+    def evaluated(self, row, line):
+        """The row and line with the validation loss (NaN without evaluating, once diverged)."""
+        self.val_loss = float("nan") if self.health.diverged else evaluate(self.engine, self.batches, self.cfg.eval_iters)
+        if math.isfinite(self.val_loss):
+            self.best_val = min(self.best_val, self.val_loss)
+        row = row or {"step": self.step, "tokens": self.step * self.tokens_per_step}
+        row["val_loss"] = self.val_loss
+        return row, (line or f"step {self.step:>6}/{self.total_steps}") + f" | val {self.val_loss:.4f}"
+
+    def save(self, stopping):
+        run = self.run
+        path = checkpoint.save(self.engine, run.run_dir, {"step": self.step, "best_val_loss": self.best_val,
+                                                          "backend": run.backend, "world_size": self.world.world_size},
+                               self.cfg.keep_checkpoints)
+        if stopping and self.world.is_main:
+            print(f"stopped at step {self.step}; resume with --resume auto (checkpoint {path})", flush=True)
+
+    def end_profiler(self):
+        if self.profiler is None:
+            return
+        self.profiler.stop()  # the run ended before the profiled steps
+        if self.world.is_main:
+            print(f"note: no profile: --print_profile_results profiles steps {PROFILE_WAIT + 3}-{PROFILE_WAIT + 6}, "
+                  f"this run ended at step {self.step}", flush=True)
+
+    def summary(self):
+        """summary.json's fields; the peak memory is the training steps' and the max over ranks (a collective)."""
+        world, diverged = self.world, self.health.diverged
+        mem = torch.tensor([self.train_mem["peak_host_bytes"], self.train_mem["peak_device_bytes"]],
+                           dtype=torch.float64, device=world.device)  # NCCL reduces device tensors only
+        if world.world_size > 1:
+            torch.distributed.all_reduce(mem, op=torch.distributed.ReduceOp.MAX)
+        return {"final_train_loss": self.last_loss, "final_val_loss": self.val_loss,
+                "best_val_loss": self.best_val if math.isfinite(self.best_val) else None, "steps": self.step,
+                "tokens": self.step * self.tokens_per_step, "wall_s": time.time() - self.clock.t_start,
+                "diverged": diverged, "completed": self.step >= self.total_steps,
+                "peak_host_bytes_per_rank": int(mem[0]), "peak_device_bytes_per_rank": int(mem[1]),
+                "backend": self.run.backend, "world_size": world.world_size}
+
+
+def divergence_line(run_dir, health, step):
+    """Where the loss became non-finite and which checkpoint to go back to."""
+    good = checkpoint.checkpoints(run_dir)
+    if good and health.checked_step + 1 == step and good[-1].endswith(f"step_{health.checked_step:08d}"):
+        good = good[:-1]  # the weights it holds gave the non-finite loss at this step
+    branch = good and good[-1] != checkpoint.checkpoints(run_dir)[-1]  # a later one exists: a branch, its own directory
+    where = (f"last good checkpoint: {good[-1]} (resume from it with a lower --learning_rate"
+             f"{' and a new --run_name' if branch else ''})" if good else
+             "no checkpoint was saved before it (start again with a lower --learning_rate)")
+    return f"error: the loss became non-finite {health.where(step)}; {where}"
+
+
+def _train(cfg, cleanup):
+    run = start(cfg, cleanup)
+    refuse_another_history(run)
+    world = run.world
+    data, _ = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.barrier)
+    mcfg = model_config(cfg, data.vocab_size)
+    if run.trainer_state:  # before the engine writes anything (opt_config.json)
+        checkpoint.check_model(run.trainer_state, mcfg)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * len(data.train)
+                                                    / (run.global_batch * cfg.seq_len)))
+    if finished_already(run, total_steps):
+        return {**run.summary, "diverged": False}
+    engine = build_engine(run, mcfg, total_steps)
+    batches = Batches(data, cfg.seq_len, run.global_batch, cfg.per_device_train_batch_size, world.rank,
+                      world.world_size, cfg.seed, world.device)
+    step, best_val = restore(run, engine)
     if world.is_main:
-        resolved = {"backend": backend, "precision": precision, "world_size": world.world_size,
-                    "train_batch_size": G, "gradient_accumulation_steps": accum, "total_steps": total_steps,
-                    "device": str(world.device), "n_params": n_params, "data": data.meta,
-                    "model": dataclasses.asdict(mcfg), "width_mult": mcfg.width_mult, "torch": torch.__version__}
-        write_atomic(os.path.join(run_dir, "config.json"),
-                     json.dumps({"args": dataclasses.asdict(cfg), "resolved": resolved}, indent=2).encode())
-        print(f"{backend} | {world.world_size} rank(s) on {world.device} | {precision} | {n_params / 1e6:.2f}M params "
-              f"| width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, base {mcfg.base_width} = "
-              f"{mcfg.base_width // mcfg.base_head_width}x{mcfg.base_head_width} (m={mcfg.width_mult:g}, "
-              f"{cfg.parametrization}) | batch {G}x{cfg.seq_len} "
-              f"(accum {accum}) | {total_steps} steps | run dir {run_dir}", flush=True)
-
+        announce(run, engine, data, mcfg, total_steps)
     if cfg.debug:
         torch.autograd.set_detect_anomaly(True)
-    profiler = start_profiler() if cfg.print_profile_results else None
-    reporter = Reporter(run_dir, cfg, world.is_main, step)
-    flops_token = flops_per_token(mcfg)
-    peak = peak_flops(world.device) * world.world_size
-    stop = StopFlag()
-    t_start = t_log = time.time()
-    start_step, paused = step, 0.0  # paused: evaluation, checkpoint and logging time, left out of the ETA
-    # a resume at the run's last step (killed before its summary) reports the losses logged before it
-    last_log_step, last_loss, val_loss, diverged = step, reporter.last.get("loss", float("nan")), reporter.last.get("val_loss"), False
-    # every loss and grad norm since the last check was finite; read back only on log and save steps.
-    # fp16 loss scaling overflows the grad norm on purpose (that step is skipped), and DeepSpeed's ZeRO-0
-    # reports no grad norm (NaN here): there only the loss counts
-    finite, checked_step = torch.ones((), dtype=torch.bool, device=world.device), step
-    check_norm = precision != "fp16" and not (ds_cfg and ds_cfg["zero_optimization"]["stage"] == 0)
-    train_mem = peak_memory(world.device)
-    while step < total_steps:
-        loss, grad_norm = engine.train_step(batches.train(step))
-        step += 1
-        stop.announce()
-        finite &= torch.isfinite(loss)
-        if check_norm:
-            finite &= torch.isfinite(torch.as_tensor(grad_norm, device=finite.device))
-        if profiler is not None:
-            profiler = step_profiler(profiler, world.is_main)
-        row = None
-        log_now = step % cfg.log_interval == 0 or step == total_steps or step == 1
-        save_due = cfg.save and ((cfg.save_interval and step % cfg.save_interval == 0) or step == total_steps)
-        eval_due = (cfg.eval_interval and step % cfg.eval_interval == 0) or step == total_steps
-        stopping = False
-        if log_now or save_due or eval_due or (world.world_size == 1 and stop.requested):
-            synced = sync(loss, grad_norm, finite, stop.requested, world)
-            diverged, stopping = not synced.finite, synced.stop
-            checked_step = checked_step if diverged else step
-        if log_now or diverged:
-            last_loss = synced.loss
-            dt = time.time() - t_log
-            tps = (step - last_log_step) * tokens_per_step / max(dt, 1e-9)
-            mfu = flops_token * tps / peak if peak else None  # no known peak (CPU): no MFU
-            elapsed = time.time() - t_start
-            eta = (elapsed - paused) / (step - start_step) * (total_steps - step)
-            row = {"step": step, "loss": last_loss, "lr": engine.lr(), "grad_norm": synced.grad_norm,
-                   "tokens": step * tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": elapsed, "eta_s": eta}
-            line = (f"step {step:>6}/{total_steps} | loss {last_loss:.4f} | lr {engine.lr():.3e} | "
-                    f"{tps:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
-                    + f" | {duration(elapsed)} elapsed, ETA {duration(eta)}")
-            t_log, last_log_step = time.time(), step
-            train_mem = peak_memory(world.device)  # before any eval, checkpoint or export at this step
-        t_pause = time.time()  # evaluation, logging and checkpoints are not counted as training time
-        if eval_due or diverged:
-            val_loss = evaluate(engine, batches, cfg.eval_iters) if not diverged else float("nan")
-            best_val = min(best_val, val_loss) if math.isfinite(val_loss) else best_val
-            row = row or {"step": step, "tokens": step * tokens_per_step}
-            row["val_loss"] = val_loss
-            line = (line if "loss" in row else f"step {step:>6}/{total_steps}") + f" | val {val_loss:.4f}"
-        if row:
-            reporter.log(row, line)
-        stopping = stopping or diverged
-        save_due = save_due or (cfg.save and stopping)  # a stop request's checkpoint (the sync checked the weights)
-        if save_due and not diverged:  # never a checkpoint of a diverged model
-            path = checkpoint.save(engine, run_dir, {"step": step, "best_val_loss": best_val, "backend": backend,
-                                                          "world_size": world.world_size}, cfg.keep_checkpoints)
-            if stopping and world.is_main:
-                print(f"stopped at step {step}; resume with --resume auto (checkpoint {path})", flush=True)
-        pause = time.time() - t_pause
-        t_log += pause  # the interval's start moves with it (not reset: its steps still count)
-        paused += pause
-        if stopping or diverged:
-            break
-
-    if profiler is not None:  # the run ended before the profiled steps
-        profiler.stop()
-        if world.is_main:
-            print(f"note: no profile: --print_profile_results profiles steps {PROFILE_WAIT + 3}-{PROFILE_WAIT + 6}, "
-                  f"this run ended at step {step}", flush=True)
+    trainer = Trainer(run, engine, batches, mcfg, total_steps, step, best_val)
+    trainer.fit()
+    diverged = trainer.health.diverged
     if world.is_main and not diverged:
-        print(f"done: {step} steps in {time.time() - t_start:.1f}s", flush=True)
+        print(f"done: {trainer.step} steps in {time.time() - trainer.clock.t_start:.1f}s", flush=True)
     if cfg.save and not diverged:
-        checkpoint.export(engine, run_dir, mcfg, step, total_steps)
-    mem_t = torch.tensor([train_mem["peak_host_bytes"], train_mem["peak_device_bytes"]], dtype=torch.float64,
-                         device=world.device)  # NCCL reduces device tensors only
-    if world.world_size > 1:
-        torch.distributed.all_reduce(mem_t, op=torch.distributed.ReduceOp.MAX)
-    summary = {"final_train_loss": last_loss, "final_val_loss": val_loss,
-               "best_val_loss": best_val if math.isfinite(best_val) else None, "steps": step,
-               "tokens": step * tokens_per_step, "wall_s": time.time() - t_start, "diverged": diverged,
-               "completed": step >= total_steps, "peak_host_bytes_per_rank": int(mem_t[0]),
-               "peak_device_bytes_per_rank": int(mem_t[1]),  # training steps only: max over ranks
-               "backend": backend, "world_size": world.world_size}
-    if world.is_main and (step >= total_steps or diverged):
-        write_atomic(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+        checkpoint.export(engine, run.run_dir, mcfg, trainer.step, total_steps)
+    summary = trainer.summary()
+    if world.is_main and (trainer.step >= total_steps or diverged):
+        write_atomic(os.path.join(run.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
     if world.is_main and diverged:
-        when = f"at step {step}" if checked_step + 1 == step else f"between steps {checked_step + 1} and {step}"
-        good = checkpoint.checkpoints(run_dir)
-        if good and checked_step + 1 == step and good[-1].endswith(f"step_{checked_step:08d}"):
-            good = good[:-1]  # the weights it holds gave the non-finite loss at this step
-        branch = good and good[-1] != checkpoint.checkpoints(run_dir)[-1]  # a later one exists: a branch, its own directory
-        where = (f"last good checkpoint: {good[-1]} (resume from it with a lower --learning_rate"
-                 f"{' and a new --run_name' if branch else ''})" if good else
-                 "no checkpoint was saved before it (start again with a lower --learning_rate)")
-        print(f"error: the loss became non-finite {when}; {where}", file=sys.stderr, flush=True)
-    reporter.finish(summary)
+        print(divergence_line(run.run_dir, trainer.health, trainer.step), file=sys.stderr, flush=True)
+    trainer.reporter.finish(summary)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
