@@ -195,9 +195,8 @@ def _no_repeated_keys(pairs):
     return dict(pairs)
 
 
-def read_config_file(path, parser=None):
-    """A TOML (.toml) or JSON (.json) file of flag values -> {dest: value}. Keys are the flag names without
-    dashes (aliases such as lr and width too); tables only group keys and their names are ignored."""
+def _load_config_text(path):
+    """The file's text and its parsed table (one line per way a file can be wrong)."""
     if not os.path.isfile(path):
         raise UsageError(f"--config {path}: {'is a folder' if os.path.isdir(path) else 'no such file'}: "
                          "give a .toml or .json file")
@@ -206,15 +205,11 @@ def read_config_file(path, parser=None):
         raise UsageError(f"--config {path}: name it .toml or .json (the suffix picks the format)")
     try:
         with open(path, "rb") as f:
-            raw = f.read()
-        text = raw.decode("utf-8")
+            text = f.read().decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--config {path} is unreadable ({type(e).__name__}): give a UTF-8 .toml or .json file") from None
     try:
-        if kind == ".toml":
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text, object_pairs_hook=_no_repeated_keys)
+        data = tomllib.loads(text) if kind == ".toml" else json.loads(text, object_pairs_hook=_no_repeated_keys)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path} is not valid TOML: {e}") from None
     except json.JSONDecodeError as e:
@@ -226,50 +221,61 @@ def read_config_file(path, parser=None):
         raise UsageError(f"{path}: key {key!r} is given twice{where}: keep one") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} holds a JSON {type(data).__name__}, not an object of flag names and values")
+    return kind, text, data
 
+
+def _flatten(table, prefix=""):
+    """(dotted name, key, value) for every value; tables only group keys."""
+    for key, value in table.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, key, value
+
+
+def _checked_value(action, full, value, where):
+    """The value for a flag, or one line saying what kind or choice it must be."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    want = fields[action.dest].type if action.dest in fields else "int"
+    want = {"bool": bool, "int": int, "float": float, "str": str}.get(want, want)
+    ok = (isinstance(value, bool) if want is bool else
+          isinstance(value, want) and not isinstance(value, bool) or
+          want is float and isinstance(value, int) and not isinstance(value, bool))
+    if not ok:
+        raise UsageError(f"{where}: {full} must be {_KINDS[want]}, not {value!r}")
+    if action.choices is not None and value not in action.choices:
+        raise UsageError(f"{where}: {full} must be one of {', '.join(map(str, action.choices))}, not {value!r}"
+                         f"{_nearest(str(value), [str(c) for c in action.choices])}")
+    return float(value) if want is float else value
+
+
+def read_config_file(path, parser=None):
+    """A TOML (.toml) or JSON (.json) file of flag values -> {dest: value}. Keys are the flag names without
+    dashes (aliases such as lr and width too); tables only group keys and their names are ignored."""
+    kind, text, data = _load_config_text(path)
     parser = parser or build_parser()
     dests = {}  # a key as written in the file ('lr', 'learning_rate') -> the flag it sets
     for a in parser._actions:
         if a.dest not in ("help", "config", "num_gpus"):
             for opt in a.option_strings:
                 dests[opt.lstrip("-")] = a
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
     def where(key):
         pattern = rf'^\s*"?{re.escape(key)}"?\s*=' if kind == ".toml" else rf'"{re.escape(key)}"\s*:'
-        for n, line in enumerate(text.splitlines(), 1):
-            if re.search(pattern, line):
-                return f"{path} line {n}"
-        return path
-
-    def flatten(table, prefix=""):
-        for key, value in table.items():
-            if isinstance(value, dict):
-                yield from flatten(value, f"{prefix}{key}.")
-            else:
-                yield prefix + key, key, value
+        n = next((n for n, line in enumerate(text.splitlines(), 1) if re.search(pattern, line)), None)
+        return f"{path} line {n}" if n else path
 
     out, seen = {}, {}
-    for full, key, value in flatten(data):
+    for full, key, value in _flatten(data):
         action = dests.get(key)
         if action is None:
             raise UsageError(f"{where(key)}: unknown key {full!r}{_nearest(key, sorted(dests))}: "
                              "keys are the trainer's flag names (see --help)")
-        dest = action.dest
-        if dest in seen:
-            raise UsageError(f"{where(key)}: {full!r} sets {dest} again (also set by {seen[dest]!r}): keep one")
-        seen[dest] = full
-        want = fields[dest].type if dest in fields else "int"
-        want = {"bool": bool, "int": int, "float": float, "str": str}.get(want, want)
-        ok = (isinstance(value, bool) if want is bool else
-              isinstance(value, want) and not isinstance(value, bool) or
-              want is float and isinstance(value, int) and not isinstance(value, bool))
-        if not ok:
-            raise UsageError(f"{where(key)}: {full} must be {_KINDS[want]}, not {value!r}")
-        if action.choices is not None and value not in action.choices:
-            raise UsageError(f"{where(key)}: {full} must be one of {', '.join(map(str, action.choices))}, not {value!r}"
-                             f"{_nearest(str(value), [str(c) for c in action.choices])}")
-        out[dest] = float(value) if want is float else value
+        if action.dest in seen:
+            raise UsageError(f"{where(key)}: {full!r} sets {action.dest} again (also set by {seen[action.dest]!r}): "
+                             "keep one")
+        seen[action.dest] = full
+        out[action.dest] = _checked_value(action, full, value, where(key))
     return out
 
 

@@ -144,26 +144,26 @@ def stdlib_documents():
     return [open(f, encoding="utf-8", errors="replace").read() for f in files]
 
 
-def check_local_file(f, kind):
-    """Refuse, naming the file, what the loaders would crash on half-way: text that is not UTF-8 (binary
-    and UTF-16 files have NUL bytes or fail to decode), a JSON line that is not an object with a 'text'
-    string, a parquet file that is not one or has no string 'text' column."""
-    if kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as e:
-            raise UsageError(f"{f} is not a readable parquet file ({type(e).__name__}): fix it or move it out of the dataset") from None
-        schema = pf.schema_arrow
-        if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
-            raise UsageError(f"{f} has no string 'text' column (columns: {schema.names}): name the text column 'text'")
-        col, md = schema.get_field_index("text"), pf.metadata
-        for g in range(md.num_row_groups):
-            stats = md.row_group(g).column(col).statistics
-            if stats is not None and stats.has_null_count and stats.null_count:
-                raise UsageError(f"{f} has {stats.null_count} empty (null) 'text' values in row group {g}: drop or fill them")
-        return
+def check_parquet(f):
+    """A readable parquet file with a string 'text' column and no nulls in it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:
+        raise UsageError(f"{f} is not a readable parquet file ({type(e).__name__}): fix it or move it out of the dataset") from None
+    schema = pf.schema_arrow
+    if "text" not in schema.names or not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+        raise UsageError(f"{f} has no string 'text' column (columns: {schema.names}): name the text column 'text'")
+    col, md = schema.get_field_index("text"), pf.metadata
+    for g in range(md.num_row_groups):
+        stats = md.row_group(g).column(col).statistics
+        if stats is not None and stats.has_null_count and stats.null_count:
+            raise UsageError(f"{f} has {stats.null_count} empty (null) 'text' values in row group {g}: drop or fill them")
+
+
+def check_utf8(f):
+    """UTF-8 text throughout (binary and UTF-16 files have NUL bytes or fail to decode), read in chunks."""
     decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
     try:
         fh = open(f, "rb")
@@ -184,8 +184,10 @@ def check_local_file(f, kind):
             decoder.decode(b"", final=True)
         except UnicodeDecodeError:
             raise UsageError(f"{f} is not UTF-8 text (it ends inside a character): convert it to UTF-8 or move it out of the dataset") from None
-    if kind != "json":
-        return
+
+
+def check_json_records(f):
+    """Every record (a JSON Lines line, or an element of one top-level array) an object with a 'text' string."""
     with open(f, encoding="utf-8") as fh:
         head = fh.read(4096).lstrip("\ufeff \t\r\n")[:1]
         fh.seek(0)
@@ -205,6 +207,15 @@ def check_local_file(f, kind):
                     raise UsageError(f"{f} line {n} is not JSON: fix or delete that line (JSON Lines: one object per line)") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise UsageError(f"{f} {where} {n} is not an object with a 'text' string: give every record a 'text' field")
+
+
+def check_local_file(f, kind):
+    """Refuse, naming the file, what the loaders would crash on half-way."""
+    if kind == "parquet":
+        return check_parquet(f)
+    check_utf8(f)
+    if kind == "json":
+        check_json_records(f)
 
 
 def suffix(path):

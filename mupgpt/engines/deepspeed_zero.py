@@ -55,10 +55,7 @@ def bucket_elements(width):
     return max(width * width, 2**20)
 
 
-def ds_config(cfg, precision, global_batch, accum, width):
-    """The effective DeepSpeed config for this run (also written to the run directory)."""
-    deepspeed_environment(resolve_device(cfg))  # checking the config imports DeepSpeed
-    path = template_path(cfg)
+def read_template(path):
     try:
         config = json.load(open(path))
     except ValueError as e:
@@ -67,33 +64,30 @@ def ds_config(cfg, precision, global_batch, accum, width):
         raise UsageError(f"{path} holds a JSON {type(config).__name__}, not an object of DeepSpeed settings: "
                          "start from one in ds_configs/")
     check_keys(config, path)
+    for key in ("optimizer", "scheduler"):
+        if key in config:
+            raise UsageError(f"{path} has an '{key}' section: remove it; the muP per-group optimizer and schedule "
+                             "come from the trainer")
+    return config
+
+
+def fill_from_flags(config, cfg, precision, global_batch, accum, path):
+    """The values the command line owns: batches, accumulation, clipping and precision."""
     _set(config, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, path, "--per_device_train_batch_size")
     _set(config, "train_batch_size", global_batch, path, "--train_batch_size")
     _set(config, "gradient_accumulation_steps", accum, path, "--train_batch_size")
     _set(config, "gradient_clipping", cfg.grad_clip, path, "--grad_clip")
     for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
-        node = config.setdefault(key, {})
-        _set(node, "enabled", on, path, "--precision")
+        _set(config.setdefault(key, {}), "enabled", on, path, "--precision")
     if precision == "fp16":
         config["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
         config["fp16"].setdefault("initial_scale_power", 16)
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise UsageError(f"{path} has an '{key}' section: remove it; the muP per-group optimizer and schedule come from the trainer")
-    zero = config.setdefault("zero_optimization", {"stage": cfg.zero_stage})
-    for part in ("offload_param", "offload_optimizer"):
-        if not isinstance(zero.get(part, {}), dict):
-            raise UsageError(f"{path}: zero_optimization.{part} must be an object like {{\"device\": \"cpu\"}}")
-    if zero.get("stage") not in (0, 1, 2, 3):
-        raise UsageError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, not {zero.get('stage')!r}")
-    if zero["stage"] == 0 and precision != "fp32":
-        # DeepSpeed's stage-0 half-precision optimizer trained 3% off fp32 in 10 steps in our tests
-        # (ZeRO-1/2/3: 0.07%), so it is not offered
-        raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
-                         "or --backend ddp for mixed precision")
-    # sizes from the model: buckets (bucket_elements). Small (norm/bias) parameters stay resident only
-    # without leaf modules: ZeRO-3 all-gathers each resident parameter on its own after every optimizer
-    # step, while a leaf block's small parameters come in the block's one coalesced gather
+
+
+def fill_sizes(zero, width):
+    """'auto' sizes from the model: buckets (bucket_elements). Small (norm/bias) parameters stay resident
+    only without leaf modules: ZeRO-3 all-gathers each resident parameter on its own after every optimizer
+    step, while a leaf block's small parameters come in the block's one coalesced gather."""
     bucket = bucket_elements(width)
     auto_sizes = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
                   "stage3_prefetch_bucket_size": int(0.9 * bucket),
@@ -101,11 +95,13 @@ def ds_config(cfg, precision, global_batch, accum, width):
     for key, value in auto_sizes.items():
         if zero.get(key) == "auto":
             zero[key] = value
-    if cfg.compile:
-        deepcompile(config, zero, path, resolve_device(cfg), cfg.gradient_checkpointing)
+
+
+def check_offload(config, zero, cfg, path):
+    """Offload devices this machine has; an NVMe folder that exists (asked of the user before libaio)."""
     for part in ("offload_param", "offload_optimizer"):
         device = zero.get(part, {}).get("device", "none")
-        if device == "nvme":  # the user's own input is checked before the machine's libaio
+        if device == "nvme":
             nvme = zero[part].get("nvme_path", "auto")
             nvme = cfg.nvme_path if nvme == "auto" else nvme
             if not nvme or not os.path.isdir(nvme):
@@ -118,6 +114,27 @@ def ds_config(cfg, precision, global_batch, accum, width):
         config["zero_force_ds_cpu_optimizer"] = False
         if zero.get("stage") != 3 and "offload_param" in zero:
             raise UsageError(f"{path}: offload_param needs zero_optimization.stage 3")
+
+
+def ds_config(cfg, precision, global_batch, accum, width):
+    """The effective DeepSpeed config for this run (also written to the run directory)."""
+    deepspeed_environment(resolve_device(cfg))  # checking the config imports DeepSpeed
+    path = template_path(cfg)
+    config = read_template(path)
+    fill_from_flags(config, cfg, precision, global_batch, accum, path)
+    zero = config.setdefault("zero_optimization", {"stage": cfg.zero_stage})
+    for part in ("offload_param", "offload_optimizer"):
+        if not isinstance(zero.get(part, {}), dict):
+            raise UsageError(f"{path}: zero_optimization.{part} must be an object like {{\"device\": \"cpu\"}}")
+    if zero.get("stage") not in (0, 1, 2, 3):
+        raise UsageError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, not {zero.get('stage')!r}")
+    if zero["stage"] == 0 and precision != "fp32":  # DeepSpeed's stage-0 half-precision optimizer drifts from fp32
+        raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
+                         "or --backend ddp for mixed precision")
+    fill_sizes(zero, width)
+    if cfg.compile:
+        deepcompile(config, zero, path, resolve_device(cfg), cfg.gradient_checkpointing)
+    check_offload(config, zero, cfg, path)
     if zero["stage"] == 3 and "leaf_module" not in zero and os.environ.get("RANK", "0") == "0":
         print(f"note: {path} has no zero_optimization.leaf_module; the shipped ZeRO-3 configs set "
               '{"classes": ["mup_model.Block"]} (a block\'s parameters gathered and its gradients reduced at once)',
