@@ -421,7 +421,9 @@ def write_results(out, rows):
                          "again (finished runs are kept)") from None
 
 
-def run_sweep(args, extra, stop):
+def prepare_sweep(args, extra):
+    """Every flag and the sweep folder checked, and the data prepared once (not by every run at the same
+    time): (grid points, sweep folder, hosts or None)."""
     if args.jobs is not None and args.jobs < 1:
         raise UsageError(f"--jobs {args.jobs}: give at least 1 (default: one per core)")
     if args.slots_per_host < 1:
@@ -441,69 +443,90 @@ def run_sweep(args, extra, stop):
     check_out(out)
     check_settings(out, shared_settings(cfg, points))
     from mupgpt.data import load_data
-    load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir)  # prepare once, not in every run at the same time
-    todo = [p for p in points if not (out / "runs" / run_name(p) / "summary.json").exists()]
+    load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir)
+    return points, out, hosts
+
+
+def slots_for(args, hosts):
+    """(host, threads per run) for every run that may go at once."""
     if hosts:
-        slots = [(h, None) for h in hosts for _ in range(args.slots_per_host)]
+        return [(h, None) for h in hosts for _ in range(args.slots_per_host)]
+    jobs = args.jobs or os.cpu_count() or 1
+    return [("local", max(1, (os.cpu_count() or 1) // jobs))] * jobs
+
+
+class Progress:
+    """One line per finished run, with the count, the failures and an ETA from the runs so far."""
+
+    def __init__(self, total):
+        self.total, self.finished, self.failed = total, [], []
+        self.lock, self.start = threading.Lock(), time.time()
+
+    def report(self, name, where, status, failure=False):
+        with self.lock:
+            self.finished.append(name)
+            if failure:
+                self.failed.append(name)
+            left = self.total - len(self.finished)
+            eta = (time.time() - self.start) / len(self.finished) * left
+            print(f"{name}{where}: {status}; {len(self.finished)} of {self.total} finished, "
+                  f"{len(self.failed)} failed, ETA {duration(eta) if left else 'now'}", flush=True)
+
+
+def report_outcome(progress, name, host, rc, summary, stop):
+    """A run that exited: done, diverged (a result), stopped by the sweep's stop, or failed."""
+    done = summary.exists()
+    try:
+        diverged = rc == 1 and done and json.loads(summary.read_text()).get("diverged")
+    except (OSError, ValueError, AttributeError):
+        diverged = False
+    if rc == 0 and done:
+        progress.report(name, f" on {host}", "done")
+    elif diverged:
+        progress.report(name, f" on {host}", "diverged (a result, not a failure)")
+    elif stop.event.is_set():
+        print(f"{name} on {host}: stopped (it resumes from its checkpoint when the sweep runs again)", flush=True)
     else:
-        jobs = args.jobs or os.cpu_count() or 1
-        slots = [("local", max(1, (os.cpu_count() or 1) // jobs))] * jobs
+        why = f"exit {rc}" if rc else "it ended without a summary.json"
+        progress.report(name, f" on {host}", f"failed ({why}, see runs/{name}.log)", failure=True)
+
+
+def run_point(point, out, extra, free, progress, stop):
+    """One run, under its lock (another sweep of this folder may hold it), in the next free slot."""
+    name = run_name(point)
+    summary = out / "runs" / name / "summary.json"
+    with run_lock(out / "runs" / f"{name}.lock", stop) as held:
+        if not held or stop.event.is_set():
+            return
+        if summary.exists():  # another sweep of this folder ran it meanwhile: its own summary is the result
+            return progress.report(name, "", "done (by another sweep of this folder)")
+        slot = None
+        while slot is None and not stop.event.is_set():
+            try:
+                slot = free.get(timeout=0.2)
+            except queue.Empty:
+                pass
+        if slot is None:
+            return
+        try:
+            with open(out / "runs" / f"{name}.log", "a") as log:
+                rc = launch(slot, trainer_flags(point, out, extra), log, stop)
+        finally:
+            free.put(slot)
+        if rc is not None:
+            report_outcome(progress, name, slot[0], rc, summary, stop)
+
+
+def run_sweep(args, extra, stop):
+    points, out, hosts = prepare_sweep(args, extra)
+    todo = [p for p in points if not (out / "runs" / run_name(p) / "summary.json").exists()]
+    slots = slots_for(args, hosts)
     print(f"{len(points)} runs in the grid, {len(points) - len(todo)} already done, {len(todo)} to run "
           f"on {len(slots)} slot(s)", flush=True)
-    free, failed, finished, lock, start = queue.Queue(), [], [], threading.Lock(), time.time()
+    free, progress = queue.Queue(), Progress(len(todo))
     for slot in slots:
         free.put(slot)
-
-    def report(name, where, status, failure=False):
-        with lock:
-            finished.append(name)
-            if failure:
-                failed.append(name)
-            left = len(todo) - len(finished)
-            eta = (time.time() - start) / len(finished) * left  # runs so far set the pace
-            print(f"{name}{where}: {status}; {len(finished)} of {len(todo)} finished, "
-                  f"{len(failed)} failed, ETA {duration(eta) if left else 'now'}", flush=True)
-
-    def work(point):
-        name = run_name(point)
-        summary = out / "runs" / name / "summary.json"
-        with run_lock(out / "runs" / f"{name}.lock", stop) as held:
-            if not held or stop.event.is_set():
-                return
-            if summary.exists():  # another sweep of this folder ran it meanwhile: its own summary is the result
-                return report(name, "", "done (by another sweep of this folder)")
-            slot = None
-            while slot is None and not stop.event.is_set():
-                try:
-                    slot = free.get(timeout=0.2)
-                except queue.Empty:
-                    pass
-            if slot is None:
-                return
-            try:
-                with open(out / "runs" / f"{name}.log", "a") as log:
-                    rc = launch(slot, trainer_flags(point, out, extra), log, stop)
-            finally:
-                free.put(slot)
-            if rc is None:
-                return
-            done = summary.exists()
-            try:
-                diverged = rc == 1 and done and json.loads(summary.read_text()).get("diverged")
-            except (OSError, ValueError, AttributeError):
-                diverged = False
-            if rc == 0 and done:
-                report(name, f" on {slot[0]}", "done")
-            elif diverged:
-                report(name, f" on {slot[0]}", "diverged (a result, not a failure)")
-            elif stop.event.is_set():
-                print(f"{name} on {slot[0]}: stopped (it resumes from its checkpoint when the sweep runs again)",
-                      flush=True)
-            else:
-                why = f"exit {rc}" if rc else "it ended without a summary.json"
-                report(name, f" on {slot[0]}", f"failed ({why}, see runs/{name}.log)", failure=True)
-
-    threads = [threading.Thread(target=work, args=(p,)) for p in todo]
+    threads = [threading.Thread(target=run_point, args=(p, out, extra, free, progress, stop)) for p in todo]
     stop.running = True
     for t in threads:
         t.start()
@@ -514,7 +537,7 @@ def run_sweep(args, extra, stop):
             if (out / "runs" / run_name(p) / "summary.json").exists()]
     write_results(out, rows)
     print(f"{len(rows)} of {len(points)} runs finished -> {out / 'results.jsonl'}", flush=True)
-    return rows, failed
+    return rows, progress.failed
 
 
 def build_parser():
