@@ -179,6 +179,53 @@ def check_args(args):
     parse_args([*model_flags(args), "--max_steps", str(args.steps)])  # the rest as the trainer checks it
 
 
+def measure(args, results, work):
+    """{backend: [one dict per repeat]}. Repeats interleave the backends (and the reference), so drift on
+    the machine over the minutes a benchmark takes falls on every side of a ratio alike; a backend that
+    fails is recorded and skipped, not the end of the others' figures."""
+    runs = {b: [] for b in args.backends.split(",")}
+    if args.reference:
+        runs["reference"] = []
+    for r in range(args.repeats):
+        for backend, reps in runs.items():
+            if backend in results["backends"]:
+                continue
+            try:
+                if backend == "reference":
+                    reps.append(run_reference(args.reference, args, work / f"ref{r}"))
+                else:
+                    reps.append(run_ours(backend, args, work / f"{backend}{r}"))
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+                results["backends"][backend] = {"error": str(e)[-2000:]}
+    return runs
+
+
+def summarise(args, results, runs):
+    """Medians over repeats, each backend against the single backend (paired by repeat) and the reference."""
+    for backend, reps in runs.items():
+        if backend == "reference" or backend in results["backends"] or not reps:
+            continue
+        results["backends"][backend] = {k: statistics.median(r[k] for r in reps) if reps[0][k] is not None else None
+                                        for k in reps[0]}
+        results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
+        results["backends"][backend]["repeats_step_ms"] = [r["step_ms"] for r in reps]
+    single = results["backends"].get("single", {})
+    for b in results["backends"].values():
+        if "step_ms" in b and "step_ms" in single:
+            b["overhead_ms"] = b["step_ms"] - single["step_ms"]
+            b["step_time_vs_single"] = b["step_ms"] / single["step_ms"]
+            b["paired_vs_single"] = [x / y for x, y in zip(b["repeats_step_ms"], single["repeats_step_ms"])]
+    if args.reference and "reference" not in results["backends"]:
+        reps = runs["reference"]
+        ref = statistics.median(r["tokens_per_s"] for r in reps)
+        results["reference"] = {"path": os.path.abspath(args.reference), "tokens_per_s": ref,
+                                "repeats_tokens_per_s": [r["tokens_per_s"] for r in reps]}
+        for b in results["backends"].values():
+            if "tokens_per_s" in b:
+                b["ratio_to_reference"] = b["tokens_per_s"] / ref
+
+
 def main():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="results go to bench/results/NAME.json")
@@ -219,52 +266,15 @@ def main():
                "environment": environment(), "backends": {}}
     work = Path(tempfile.mkdtemp(prefix="mupgpt-bench-"))
     try:
-        # repeats interleave the backends (and the reference), so drift on the machine over the
-        # minutes a benchmark takes falls on every side of a ratio alike
-        runs = {b: [] for b in args.backends.split(",")}
-        if args.reference:
-            runs["reference"] = []
-        for r in range(args.repeats):
-            for backend, reps in runs.items():
-                if backend in results["backends"]:
-                    continue  # it failed: one backend failing does not lose the others' figures
+        runs = measure(args, results, work)
+        summarise(args, results, runs)
+        if args.counts:
+            for backend in (b for b in runs if b != "reference"):
                 try:
-                    if backend == "reference":
-                        reps.append(run_reference(args.reference, args, work / f"ref{r}"))
-                    else:
-                        reps.append(run_ours(backend, args, work / f"{backend}{r}"))
+                    results["backends"].setdefault(backend, {})["counts"] = run_counts(backend, args,
+                                                                                      work / f"{backend}_counts")
                 except RuntimeError as e:
                     print(e, file=sys.stderr)
-                    results["backends"][backend] = {"error": str(e)[-2000:]}
-        for backend, reps in runs.items():
-            if backend == "reference" or backend in results["backends"] or not reps:
-                continue
-            results["backends"][backend] = {k: statistics.median(r[k] for r in reps) if reps[0][k] is not None else None
-                                            for k in reps[0]}
-            results["backends"][backend]["repeats_tokens_per_s"] = [r["tokens_per_s"] for r in reps]
-            results["backends"][backend]["repeats_step_ms"] = [r["step_ms"] for r in reps]
-        single = results["backends"].get("single", {})
-        for b in results["backends"].values():
-            if "step_ms" in b and "step_ms" in single:
-                b["overhead_ms"] = b["step_ms"] - single["step_ms"]
-                b["step_time_vs_single"] = b["step_ms"] / single["step_ms"]
-                b["paired_vs_single"] = [x / y for x, y in zip(b["repeats_step_ms"], single["repeats_step_ms"])]
-        if args.counts:
-            for backend in runs:
-                if backend != "reference":
-                    try:
-                        entry = results["backends"].setdefault(backend, {})
-                        entry["counts"] = run_counts(backend, args, work / f"{backend}_counts")
-                    except RuntimeError as e:
-                        print(e, file=sys.stderr)
-        if args.reference and "reference" not in results["backends"]:
-            reps = runs["reference"]
-            ref = statistics.median(r["tokens_per_s"] for r in reps)
-            results["reference"] = {"path": os.path.abspath(args.reference), "tokens_per_s": ref,
-                                    "repeats_tokens_per_s": [r["tokens_per_s"] for r in reps]}
-            for b in results["backends"].values():
-                if "tokens_per_s" in b:
-                    b["ratio_to_reference"] = b["tokens_per_s"] / ref
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
