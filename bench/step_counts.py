@@ -32,6 +32,7 @@ HOOKS = [
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "reduce_ready_partitions_and_remove_grads",
      "zero12.grad_per_param"),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "get_grad_norm_direct", "zero12.grad_norm"),
+    ("mupgpt.engines.fsdp", "LocalShardStep", "step", "fsdp.local_shard_step"),
     ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup", "unshard", "fsdp.unshard"),
     ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup", "reshard", "fsdp.reshard"),
     ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup", "pre_forward", "fsdp.pre_forward"),

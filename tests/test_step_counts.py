@@ -57,6 +57,8 @@ def test_torchrun_engines_read_back_only_on_logged_steps(tmp_path, corpus, data_
         assert c.get("collective.all_reduce", 0) == (1 if backend == "fsdp" else 0), c  # FSDP2's clip norm
     for c in logged(steps):
         assert c.get("read_back", 0) == 1, c  # loss, grad norm, finiteness and the stop flag together
+    if backend == "fsdp":  # AdamW steps the local shards, not the DTensors
+        assert all(c.get("fsdp.local_shard_step") == 1 for c in steps.values()), steps
     if backend == "fsdp":  # the root once; each block for forward and again for backward, but the last keeps its
         assert all(c["collective.all_gather_single"] == 1 + 2 * (N_LAYER - 1) + 1 for c in steps.values()), steps
 

@@ -92,11 +92,11 @@ class LocalShardStep:
     from it at every step."""
 
     def __init__(self, optimizer):
-        self.optimizer, self.twin, self.pairs = optimizer, None, []
+        self.optimizer, self.twin, self.pairs, self.shared = optimizer, None, [], False
 
     def reset(self):
         """After the optimizer's state was replaced (a checkpoint load): share the new state."""
-        self.twin = None
+        self.twin, self.shared = None, False
 
     def _build(self):
         groups, self.pairs = [], []
@@ -109,6 +109,17 @@ class LocalShardStep:
             if p in self.optimizer.state:
                 self.twin.state[q] = {k: v.to_local() if isinstance(v, DTensor) else v
                                       for k, v in self.optimizer.state[p].items()}
+        self.shared = all(p in self.optimizer.state for p, _ in self.pairs)
+
+    def _share_new_state(self):
+        """The moments the twin's first step made, as DTensors over the same storage in the optimizer."""
+        for p, q in self.pairs:
+            if p not in self.optimizer.state and q in self.twin.state:
+                self.optimizer.state[p] = {
+                    k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                          stride=p.stride()) if v.shape == q.shape and v.dim() else v
+                    for k, v in self.twin.state[q].items()}
+        self.shared = all(p in self.optimizer.state for p, _ in self.pairs)
 
     @torch.no_grad()
     def step(self):
@@ -119,13 +130,9 @@ class LocalShardStep:
         for p, q in self.pairs:
             q.grad = None if p.grad is None else p.grad.to_local()
         self.twin.step()
-        for p, q in self.pairs:
-            q.grad = None
-            if p not in self.optimizer.state and q in self.twin.state:  # the first step made the moments
-                self.optimizer.state[p] = {
-                    k: DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                          stride=p.stride()) if v.shape == q.shape and v.dim() else v
-                    for k, v in self.twin.state[q].items()}
+        self.twin.zero_grad(set_to_none=True)  # the gradients stay FSDP2's to free
+        if not self.shared:
+            self._share_new_state()
 
 
 def reshard_after_forward(index, n_blocks, world):
