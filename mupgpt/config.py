@@ -1,7 +1,6 @@
 """The trainer's typed config and its command line (flag names follow the seed's run_trainer.py)."""
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -9,7 +8,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from mupgpt.errors import UsageError
+from mupgpt.errors import UsageError, did_you_mean
 
 # transformers' get_scheduler types that run from the step count alone
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
@@ -245,7 +244,7 @@ def _checked_value(action, full, value, where):
         raise UsageError(f"{where}: {full} must be {_KINDS[want]}, not {value!r}")
     if action.choices is not None and value not in action.choices:
         raise UsageError(f"{where}: {full} must be one of {', '.join(map(str, action.choices))}, not {value!r}"
-                         f"{_nearest(str(value), [str(c) for c in action.choices])}")
+                         f"{did_you_mean(str(value), [str(c) for c in action.choices])}")
     return float(value) if want is float else value
 
 
@@ -269,7 +268,7 @@ def read_config_file(path, parser=None):
     for full, key, value in _flatten(data):
         action = dests.get(key)
         if action is None:
-            raise UsageError(f"{where(key)}: unknown key {full!r}{_nearest(key, sorted(dests))}: "
+            raise UsageError(f"{where(key)}: unknown key {full!r}{did_you_mean(key, sorted(dests))}: "
                              "keys are the trainer's flag names (see --help)")
         if action.dest in seen:
             raise UsageError(f"{where(key)}: {full!r} sets {action.dest} again (also set by {seen[action.dest]!r}): "
@@ -277,11 +276,6 @@ def read_config_file(path, parser=None):
         seen[action.dest] = full
         out[action.dest] = _checked_value(action, full, value, where(key))
     return out
-
-
-def _nearest(word, options):
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def check_scheduler(name):
@@ -294,7 +288,7 @@ def check_scheduler(name):
                          f"use one of {', '.join(SCHEDULERS)}")
     if name in known:
         raise UsageError(f"--lr_scheduler_type {name} is not supported by this trainer yet: use one of {', '.join(SCHEDULERS)}")
-    raise UsageError(f"--lr_scheduler_type {name!r} is not a transformers scheduler{_nearest(name, SCHEDULERS)}: "
+    raise UsageError(f"--lr_scheduler_type {name!r} is not a transformers scheduler{did_you_mean(name, SCHEDULERS)}: "
                      f"use one of {', '.join(SCHEDULERS)}")
 
 

@@ -7,7 +7,6 @@ would have seen, and a global batch is the same whatever the world size; each ra
 disjoint slice of it.
 """
 import codecs
-import difflib
 import errno
 import fcntl
 import glob
@@ -31,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from mupgpt.config import tokenizer_names
-from mupgpt.errors import UsageError
+from mupgpt.errors import UsageError, did_you_mean
 
 HUB_ALIASES = {
     "wikitext-103": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
@@ -83,8 +82,7 @@ def get_tokenizer(name):
         return ByteTokenizer()
     names = tokenizer_names()
     if name not in names:
-        close = difflib.get_close_matches(name, names, n=1)
-        raise UsageError(f"unknown tokenizer {name!r}{f' (did you mean {close[0]}?)' if close else ''}: "
+        raise UsageError(f"unknown tokenizer {name!r}{did_you_mean(name, names)}: "
                          f"use one of {', '.join(names)}")
     import tiktoken
     try:

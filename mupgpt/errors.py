@@ -1,5 +1,6 @@
 """Bad input is reported as one line that says what to do, with exit status 2 and no traceback."""
 import argparse
+import difflib
 import sys
 
 
@@ -21,3 +22,9 @@ class ArgumentParser(argparse.ArgumentParser):
     under exit_on_usage_error (argparse's default prints the usage first)."""
     def error(self, message):
         raise UsageError(f"{message} (see --help)")
+
+
+def did_you_mean(word, options):
+    """' (did you mean X?)' for the option nearest a misspelt word, or '' when none is near."""
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

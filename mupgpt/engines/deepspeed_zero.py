@@ -6,7 +6,6 @@ config that sets them differently is refused. The muP groups go to DeepSpeed as 
 optimizer's param groups and the schedule stays client-side (a LambdaLR over those groups):
 DeepSpeed's own config-file schedulers would set one LR for every group.
 """
-import difflib
 import functools
 import glob
 import json
@@ -20,7 +19,7 @@ import torch
 
 from mup_model import GPT
 from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load
-from mupgpt.errors import UsageError
+from mupgpt.errors import UsageError, did_you_mean
 from mupgpt.optim import adamw, clean_name, lr_scheduler
 from mupgpt.world import deepspeed_environment, resolve_device
 
@@ -167,11 +166,6 @@ def deepcompile(config, zero, path, device_type, checkpointing):
     node["deepcompile"] = True
 
 
-def _nearest(word, options):
-    close = difflib.get_close_matches(word, options, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 @functools.lru_cache(maxsize=1)
 def deepspeed_keys():
     """Every top-level key DeepSpeed's config code reads: DeepSpeed names them in module constants
@@ -203,7 +197,7 @@ def check_keys(config, path):
         if key in removed:
             raise UsageError(f"{path}: '{key}' is not supported by this DeepSpeed: {removed[key].split('. ')[0]}; remove it")
         if key not in SHIPPED_KEYS and key not in deepspeed_keys():  # the scan takes ~1.5 s: only for other keys
-            raise UsageError(f"{path}: unknown DeepSpeed setting '{key}'{_nearest(key, sorted(deepspeed_keys()))}")
+            raise UsageError(f"{path}: unknown DeepSpeed setting '{key}'{did_you_mean(key, sorted(deepspeed_keys()))}")
     for key in ("zero_optimization", "bf16", "fp16"):
         if not isinstance(config.get(key, {}), dict):
             raise UsageError(f"{path}: '{key}' must be an object, like {{\"enabled\": \"auto\"}} or {{\"stage\": 2}}")
@@ -227,7 +221,7 @@ def check_zero(zero, path):
             model = {"offload_param": DeepSpeedZeroOffloadParamConfig,
                      "offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig}.get(err["loc"][0], DeepSpeedZeroConfig)
             names = [f.alias or n for n, f in model.model_fields.items()] + list(model.model_fields)
-            raise UsageError(f"{path}: unknown key {where}{_nearest(str(err['loc'][-1]), names)}") from None
+            raise UsageError(f"{path}: unknown key {where}{did_you_mean(str(err['loc'][-1]), names)}") from None
         raise UsageError(f"{path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
 
 
