@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from mupgpt.errors import UsageError
-from mupgpt.optim import adamw, clean_name, lr_scheduler
+from mupgpt.optim import clean_name, lr_scheduler, optimizer
 
 
 def untrusted(path, e):
@@ -74,7 +74,7 @@ class Engine:
         if cfg.gradient_checkpointing:
             checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
         self.forward_model = self.compiled(model) if cfg.compile else model
-        self.optimizer = adamw(groups, cfg, fused=self.fused_adamw)
+        self.optimizer = optimizer(groups, cfg, fused=self.fused_adamw)
         self.scheduler = lr_scheduler(self.optimizer, cfg, total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
 

@@ -6,7 +6,7 @@ import torch
 
 from mupgpt.engines.base import Engine
 from mupgpt.errors import UsageError
-from mupgpt.optim import param_groups
+from mupgpt.optim import muon_settings, param_groups
 
 
 def build(backend, cfg, mcfg, world, precision, total_steps, ds_config=None, run_dir=None):
@@ -19,13 +19,13 @@ def build(backend, cfg, mcfg, world, precision, total_steps, ds_config=None, run
             with open(os.path.join(run_dir, "ds_config.json"), "w") as f:
                 json.dump(ds_config, f, indent=2)
         model = build_model(mcfg, ds_config)
-        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir)
+        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir, muon_settings(cfg))
         return DeepSpeedEngine(cfg, model, groups, world, precision, total_steps, ds_config)
     model = GPT(mcfg)
     if backend == "fsdp":  # FSDP2 builds its groups after sharding
         from mupgpt.engines.fsdp import FSDPEngine
         return FSDPEngine(cfg, model, world, precision, total_steps, run_dir)
-    groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir)
+    groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir, muon_settings(cfg))
     if backend == "single":
         return Engine(cfg, model, groups, world, precision, total_steps)
     if backend == "ddp":

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load, untrusted
 from mupgpt.errors import UsageError
-from mupgpt.optim import clean_name, param_groups
+from mupgpt.optim import clean_name, muon_settings, param_groups
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 METADATA_TYPES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
@@ -153,7 +153,7 @@ class FSDPEngine(Engine):
         for i, block in enumerate(model.h):
             fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward(i, len(model.h), world))
         fully_shard(model, mp_policy=mp)  # the root keeps its parameters gathered from forward to backward
-        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir)
+        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir, muon_settings(cfg))
         # fused AdamW takes ShardedGradScaler's found-inf in a shape it rejects (torch 2.11, H100)
         self.fused_adamw = precision != "fp16"
         super().__init__(cfg, model, groups, world, "fp32", total_steps)  # no autocast: FSDP casts itself
@@ -161,7 +161,8 @@ class FSDPEngine(Engine):
         if precision == "fp16":  # dynamic loss scaling; ranks agree on skipping a step that overflowed
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             self.scaler = ShardedGradScaler(self.device.type)
-        self.local_step = LocalShardStep(self.optimizer) if self.fused_adamw else None
+        # the twin is an AdamW: under Muon the optimizer itself steps the DTensors (mupgpt/muon.py)
+        self.local_step = LocalShardStep(self.optimizer) if self.fused_adamw and cfg.optimizer != "muon" else None
 
     def step_optimizer(self):
         if self.local_step is None:  # fp16: the sharded scaler steps (or skips) the DTensor optimizer
