@@ -382,8 +382,21 @@ class GPT(nn.Module):
                 cls = "muon"
             key = next((k for k in fans if f".{k}." in f".{name}"), None)
             fan_in, fan_out = fans[key] if key else (w, w)
+            if cls == "muon" and key == "c_attn":  # q's block sets the LR; muon_blocks scales k and v
+                fan_out = w
             out[name] = (cls, mup_rules(self.cfg, fan_in, fan_out, muon_scale)[cls])
         return out
+
+    def muon_blocks(self, muon_scale):
+        """name -> (rows, scales) for a matrix Muon orthogonalizes block by block: the fused q, k, v, as
+        separate projections (modded-nanogpt's and Megatron-LM's split qkv), each block's update scaled by
+        its own s(fan_out, fan_in) relative to q's. One Newton-Schulz over the fused matrix would share its
+        unit singular values among q, k and v by their gradients' sizes, and q's share shrinks with width."""
+        w, kv = self.cfg.width, self.cfg.n_kv_head * self.cfg.head_width
+        scale = MUON_SCALES[muon_scale]
+        rel = scale(kv, w) / scale(w, w)
+        return {name: ((w, kv, kv), (1.0, rel, rel)) for name, _ in self.named_parameters()
+                if name.endswith("attn.c_attn.weight")}
 
     def forward(self, idx, targets=None):
         x = self.wte(idx)

@@ -21,11 +21,21 @@ from torch.optim._muon import DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's (Keller Jordan's quintic)
 
 
-def orthogonalize(update, ns_steps, eps):
-    """torch's Newton-Schulz on the whole matrix, in the update's dtype (torch computes in bf16)."""
+def newton_schulz(matrix, ns_steps, eps, blocks):
+    """torch's Newton-Schulz in the matrix's dtype (torch computes in bf16); with blocks (rows, scales)
+    each block of rows on its own, times its scale (the fused q, k, v: mup_model.GPT.muon_blocks)."""
+    if not blocks:
+        return _zeropower_via_newtonschulz(matrix, NS_COEFFICIENTS, ns_steps, eps).to(matrix.dtype)
+    rows, scales = blocks
+    return torch.cat([_zeropower_via_newtonschulz(part, NS_COEFFICIENTS, ns_steps, eps).to(matrix.dtype) * scale
+                      for part, scale in zip(matrix.split(list(rows)), scales)])
+
+
+def orthogonalize(update, ns_steps, eps, blocks=()):
+    """The orthogonalized update; a DTensor's is computed on the whole matrix and sliced back to its shard."""
     if not isinstance(update, DTensor):
-        return _zeropower_via_newtonschulz(update, NS_COEFFICIENTS, ns_steps, eps).to(update.dtype)
-    whole = _zeropower_via_newtonschulz(update.full_tensor(), NS_COEFFICIENTS, ns_steps, eps).to(update.dtype)
+        return newton_schulz(update, ns_steps, eps, blocks)
+    whole = newton_schulz(update.full_tensor(), ns_steps, eps, blocks)
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
 
 
@@ -39,7 +49,7 @@ def muon_step(group, state):
         buf = state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
         buf.lerp_(p.grad, 1 - momentum)
         update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-        update = orthogonalize(update, group["ns_steps"], group["eps"])
+        update = orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()))
         p.mul_(1 - lr * wd)
         p.add_(update, alpha=-lr)
 

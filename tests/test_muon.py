@@ -38,13 +38,25 @@ def test_muon_rules_hold_the_update_scale_per_matrix_and_keep_adamw_groups():
             assert (cls, rule) == adamw[name], name  # embeddings, vectors, readout: AdamW's rules unchanged
             continue
         assert cls == "muon" and rule.init_std == adamw[name][1].init_std
-        fan_in, fan_out = {"c_attn": (w, w + 2 * kv), "c_gate": (w, h), "c_fc": (w, h), "attn.c_proj": (w, w),
+        fan_in, fan_out = {"c_attn": (w, w), "c_gate": (w, h), "c_fc": (w, h), "attn.c_proj": (w, w),
                            "mlp.c_proj": (h, w)}[next(k for k in ("c_attn", "c_gate", "c_fc", "attn.c_proj", "mlp.c_proj")
                                                       if k in name)]
         assert rule.lr_mult == pytest.approx(math.sqrt(fan_out / fan_in)) and rule.lr_mult * rule.wd_mult == 1
         moon = model.param_rules("moonlight")[name][1]
         assert moon.lr_mult == pytest.approx(0.2 * math.sqrt(max(fan_out, fan_in)))
         assert model.param_rules("none")[name][1].lr_mult == 1
+    # the fused q, k, v is orthogonalized as three blocks, k's and v's scaled by sqrt(kv / w) against q's
+    assert model.muon_blocks("mup") == {f"h.{i}.attn.c_attn.weight": ((w, kv, kv), (1.0, math.sqrt(kv / w), math.sqrt(kv / w)))
+                                        for i in range(cfg.n_layer)}
+
+
+def test_fused_qkv_is_orthogonalized_block_by_block():
+    from mupgpt.muon import newton_schulz
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    g[:32] *= 1e-3  # q's gradient far smaller than k's and v's, as at a zero-initialised query
+    whole, split = newton_schulz(g, 5, 1e-7, ()), newton_schulz(g, 5, 1e-7, ((32, 32, 32), (1.0, 1.0, 1.0)))
+    q_whole, q_split = torch.linalg.matrix_norm(whole[:32], 2), torch.linalg.matrix_norm(split[:32], 2)
+    assert q_split > 0.5 and q_whole < 0.1  # fused, q's block gets almost none of the orthogonal update
 
 
 def test_muon_scale_mup_is_width_free_moonlight_grows_and_depth_follows_completep():
