@@ -59,7 +59,8 @@ Muon (--optimizer muon) steps the hidden class instead of AdamW (Muon's authors'
 matrices to Muon; embeddings, vectors and the readout to AdamW with their rows above unchanged). Muon's
 update O is the momentum orthogonalized by Newton-Schulz: every singular value near 1, so its spectral
 norm is about 1 whatever the width. Its width rule is the scale s(fan_out, fan_in) the update is
-multiplied by, chosen by --muon_scale, in the hidden matrix's Muon LR: muon_lr * s * d^(a-1).
+multiplied by, chosen by --muon_scale, in the hidden matrix's Muon LR: muon_lr * s * d^(a-1). The fused
+q, k, v is orthogonalized and scaled block by block (GPT.muon_blocks).
 
 | --muon_scale | s                          | source                                                               |
 |--------------|----------------------------|----------------------------------------------------------------------|
