@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_error_line, losses, run_cli, trainer_args
+from conftest import ROOT, assert_one_error_line, losses, run_cli, trainer_args
 from mup_model import GPT, GPTConfig
 
 
@@ -132,3 +132,18 @@ def test_deepspeed_refuses_muon_in_one_line(tmp_path, corpus, data_dir):
     res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--optimizer", "muon",
                                "--max_steps", "2"))
     assert_one_error_line(res, "--optimizer muon", "fsdp")
+
+
+def test_coordinate_check_passes_muon_under_the_mup_scale_and_flags_moonlight():
+    """16..128 head width, 4 steps, 3 seeds: the mup scale keeps every activation's size; Moonlight's
+    0.2 sqrt(max(fan_out, fan_in)) grows with width and the same check says so."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import coord_check
+    result = {}
+    for scale in ("mup", "moonlight"):
+        args = coord_check.build_parser().parse_args(["--optimizer", "muon", "--muon_scale", scale])
+        result[scale], _ = coord_check.run(args)
+    assert result["mup"]["passes"], result["mup"]["violations"]
+    assert result["mup"]["optimizer"] == "muon" and result["mup"]["logits_at_step1"] == 0.0
+    assert not result["moonlight"]["passes"]
+    assert result["moonlight"]["slopes"][4]["h.1.mlp"] > 0.15
