@@ -293,7 +293,7 @@ def restore(engine, path, trainer_state, backend):
     if same:
         engine.load(path)
         return
-    from mupgpt.engines.base import load_weights
+    from mupgpt.safe_load import load_weights
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise UsageError(f"{path} has no model.safetensors: resume it with the backend and world size that wrote it")

@@ -26,7 +26,7 @@ micro = cfg.per_device_train_batch_size
 precision = cfg.precision
 ds_cfg = None
 if backend == "deepspeed":
-    from mupgpt.engines.deepspeed_zero import ds_config
+    from mupgpt.engines.deepspeed_config import ds_config
     ds_cfg = ds_config(cfg, precision, micro * int(os.environ["WORLD_SIZE"]), 1, cfg.n_head * cfg.head_width)
 world = init_world(backend, "cpu")
 engine = build(backend, cfg, model_config(cfg, 257), world, precision, 10, ds_cfg)

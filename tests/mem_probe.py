@@ -47,7 +47,7 @@ backend = resolve_backend(cfg)
 micro, world_size = cfg.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", "1"))
 ds_cfg = None
 if backend == "deepspeed":
-    from mupgpt.engines.deepspeed_zero import ds_config
+    from mupgpt.engines.deepspeed_config import ds_config
     ds_cfg = ds_config(cfg, cfg.precision, micro * world_size, 1, cfg.n_head * cfg.head_width)
 world = init_world(backend, "cpu")
 x = torch.randint(0, 257, (micro, cfg.seq_len), generator=torch.Generator().manual_seed(world.rank))

@@ -17,7 +17,7 @@ from conftest import ROOT, losses, run_cli, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.errors import UsageError
 
-from mupgpt.engines.deepspeed_zero import extensions_root
+from mupgpt.engines.op_builds import extensions_root
 from run_trainer import train
 
 

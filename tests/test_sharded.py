@@ -262,7 +262,7 @@ def test_compiled_runs_train_like_the_eager_one_process(runs, corpus, data_dir, 
 def test_compile_under_zero3_on_a_gpu_is_deepcompile():
     """--compile under ZeRO-3 turns DeepCompile on (what a GPU run gets; its op needs CUDA, so this checks
     the config only); combinations never run on a GPU are refused."""
-    from mupgpt.engines.deepspeed_zero import deepcompile
+    from mupgpt.engines.deepspeed_config import deepcompile
     config, zero = {}, {"stage": 3}
     deepcompile(config, zero, "zero3.json", "cuda", checkpointing=False)
     assert config["compile"] == {"deepcompile": True}
@@ -280,7 +280,7 @@ def test_shipped_configs_leave_bf16_steps_free_of_host_syncs(tmp_path, name):
     checks finiteness itself. Read back through DeepSpeed's own config parser."""
     from deepspeed.runtime.config import DeepSpeedConfig
     from mupgpt.config import parse_args
-    from mupgpt.engines.deepspeed_zero import ds_config
+    from mupgpt.engines.deepspeed_config import ds_config
     if "nvme" in name and not _has_aio():
         pytest.skip("NVMe offload needs libaio: apt-get install libaio-dev (.ci/run installs it)")
     stage = json.loads((ROOT / "ds_configs" / name).read_text())["zero_optimization"]["stage"]
@@ -299,7 +299,7 @@ def test_shipped_configs_leave_bf16_steps_free_of_host_syncs(tmp_path, name):
 
 def test_a_zero3_config_of_ones_own_keeps_its_choices_and_says_what_the_shipped_ones_set(tmp_path, capsys):
     from mupgpt.config import parse_args
-    from mupgpt.engines.deepspeed_zero import ds_config
+    from mupgpt.engines.deepspeed_config import ds_config
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}}))
     cfg = parse_args(["--backend", "deepspeed", "--ds_config", str(mine), "--zero_stage", "3"])
@@ -330,7 +330,7 @@ PARTIAL_PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from mupgpt.config import parse_args
-from mupgpt.engines.deepspeed_zero import ds_config
+from mupgpt.engines.deepspeed_config import ds_config
 from mupgpt.engines.factory import build
 from mupgpt.world import init_world
 from run_trainer import model_config

@@ -132,7 +132,7 @@ def test_nvme_offload_without_libaio_says_how_to_install_it(tmp_path, corpus, da
 
 
 def test_shipped_ds_configs_pass_the_key_checks(tmp_path):
-    from mupgpt.engines.deepspeed_zero import check_keys, ds_config
+    from mupgpt.engines.deepspeed_config import check_keys, ds_config
     for stage in (0, 1, 2, 3):
         cfg = parse_args(["--zero_stage", str(stage), "--precision", "fp32", "--output_dir", str(tmp_path)])
         ds_config(cfg, "fp32", 8, 1, 64)
@@ -157,6 +157,6 @@ def test_bad_flag_from_the_command_line_is_one_line_and_exit_2(tmp_path, corpus,
 
 
 def test_the_keys_taken_without_scanning_deepspeed_are_deepspeed_keys():
-    """check_keys skips its 1.5 s scan of DeepSpeed's sources for the keys we ship; each must be one it reads."""
-    from mupgpt.engines.deepspeed_zero import SHIPPED_KEYS, deepspeed_keys
+    """check_keys skips its scan of DeepSpeed's sources for the keys we ship; each must be one it reads."""
+    from mupgpt.engines.deepspeed_config import SHIPPED_KEYS, deepspeed_keys
     assert SHIPPED_KEYS <= deepspeed_keys()
