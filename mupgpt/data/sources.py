@@ -73,29 +73,43 @@ def load_documents(dataset):
         ds = datasets.Dataset.from_dict({"text": docs})
         return _split(ds), source_of(dataset)
     if os.path.exists(dataset):
-        files, stamp, others = local_files(dataset)
-        if not files:
-            raise UsageError(f"no .txt, .jsonl or .parquet files in {dataset}: point --dataset at text files")
-        if others:
-            print(f"note: {dataset}: {len(others)} file(s) that are not .txt, .jsonl, .json or .parquet are not read "
-                  f"(e.g. {others[0]})", flush=True)
-        kinds = {LOCAL_SUFFIXES[suffix(f)] for f in files}
-        if len(kinds) > 1:
-            raise UsageError(f"{dataset} mixes file types {sorted(kinds)}: prepare one type at a time")
-        kind = kinds.pop()
-        for f in files:
-            check_local_file(f, kind)
-        kw = {"sample_by": "document"} if kind == "text" else {}
-        was_off = not datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()  # reading local files is quick; keep stderr for what matters
-        try:
-            ds = datasets.load_dataset(kind, data_files=files, split="train", **kw)
-        finally:
-            if not was_off:
-                datasets.enable_progress_bars()
-        if "text" not in ds.column_names:
-            raise UsageError(f"{dataset} has no 'text' field (columns: {ds.column_names}): name the text column 'text'")
-        return Documents((_split(ds.select_columns(["text"])), os.path.abspath(dataset)), stamp)
+        return load_local(dataset)
+    return load_hub(dataset)
+
+
+def load_local(dataset):
+    """A local file or folder's documents, every file checked first; the Documents carry its fingerprint."""
+    import datasets
+
+    files, stamp, others = local_files(dataset)
+    if not files:
+        raise UsageError(f"no .txt, .jsonl or .parquet files in {dataset}: point --dataset at text files")
+    if others:
+        print(f"note: {dataset}: {len(others)} file(s) that are not .txt, .jsonl, .json or .parquet are not read "
+              f"(e.g. {others[0]})", flush=True)
+    kinds = {LOCAL_SUFFIXES[suffix(f)] for f in files}
+    if len(kinds) > 1:
+        raise UsageError(f"{dataset} mixes file types {sorted(kinds)}: prepare one type at a time")
+    kind = kinds.pop()
+    for f in files:
+        check_local_file(f, kind)
+    kw = {"sample_by": "document"} if kind == "text" else {}
+    was_off = not datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # reading local files is quick; keep stderr for what matters
+    try:
+        ds = datasets.load_dataset(kind, data_files=files, split="train", **kw)
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+    if "text" not in ds.column_names:
+        raise UsageError(f"{dataset} has no 'text' field (columns: {ds.column_names}): name the text column 'text'")
+    return Documents((_split(ds.select_columns(["text"])), os.path.abspath(dataset)), stamp)
+
+
+def load_hub(dataset):
+    """A hub dataset's documents, refused at once when the hub cannot be reached (and not offline)."""
+    import datasets
+
     hub_like = re.fullmatch(r"[\w.-]+/[\w.-]+(:[\w.-]+)?", dataset)
     if dataset.startswith(("/", ".", "~")) or os.sep in dataset and not hub_like:
         raise UsageError(f"no such file or folder: {dataset}: give a path to text files, 'stdlib', or a hub dataset "
