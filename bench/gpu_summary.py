@@ -201,7 +201,8 @@ def dc_checks(runs):
                     "resumed": bool(re.search(r"resumed from .* at step 20", log)),
                     "tokens_per_s": speed(rows)[0]}
     if full and res:
-        a, b = losses(metrics(full[-1]["folder"], full[-1]["name"])), losses(metrics(res[-1]["folder"], res[-1]["name"]))
+        a = losses(metrics(full[-1]["folder"], full[-1]["name"]))
+        b = losses(metrics(res[-1]["folder"], res[-1]["name"]))
         common = [s for s in b if s in a and s > 20]
         if common:
             out["resume_max_loss_diff_steps_21_30"] = max(abs(a[s] - b[s]) for s in common)
@@ -251,12 +252,13 @@ def markdown(runs, rows, tgt, dc):
             out.append(f"| {r['job']} | {r['shape']} | skipped | | | | | | | | | {r['note']} |")
             continue
         p = r.get("profile") or {}
-        busy = (f"{fmt(p.get('gpu_busy_ms_per_step'), '.1f', '-')} ({fmt(p.get('profiled_steps_ms_per_step'), '.1f', '-')})"
-                if p else "")
+        busy = (f"{fmt(p.get('gpu_busy_ms_per_step'), '.1f', '-')} "
+                f"({fmt(p.get('profiled_steps_ms_per_step'), '.1f', '-')})" if p else "")
         diff = (f"{r['loss_max_diff']:.4f} ({r['loss_max_diff_step']})" if "loss_max_diff" in r else "")
         ratio = fmt(r.get("vs_single_compile"), ".2f") + ("*" if r.get("baseline_from") else "")
         out.append(f"| {r['job']} | {r['shape']} | {r['rc']} | {r['wall_s']} | {fmt(r['tokens_per_s'], ',.0f')} "
-                   f"| {fmt(r['ms_per_step'], '.1f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
+                   f"| {fmt(r['ms_per_step'], '.1f')} "
+                   f"| {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
                    f"| {ratio} | {diff} | {' '.join(f'{v:.3f}' for v in r['losses'].values())} | {busy} | {r['env']} |")
     if any(r.get("baseline_from") for r in rows):
         out.append("\n\\* baseline from another call on the same device")

@@ -29,19 +29,16 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines.factory import build  # noqa: E402
-from mupgpt.world import exit_process, init_world  # noqa: E402
-from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
-from run_trainer import model_config  # noqa: E402
+from mupgpt.config import parse_args
+from mupgpt.engines.factory import build
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error
+from mupgpt.model_config import model_config
+from mupgpt.world import exit_process, init_world
 
 MAX_SLOPE = 0.15
 VOCAB = 257  # the byte tokenizer's
@@ -125,7 +122,8 @@ def verdict(slope_table, runs, from_step=2, skip=()):
     bad = [(t, m, s) for t, m, s in judged
            if s is None or judged_slope(m, s) > MAX_SLOPE or (m.endswith(GROWTH_ONLY) and s < LOGITS_FLOOR)]
     logits_step1 = max(h[0]["logits"] for hist in runs.values() for h in hist)
-    return {"passes": bool(judged) and not bad and logits_step1 == 0.0, "judged_from_step": from_step, "not_judged": list(skip),
+    return {"passes": bool(judged) and not bad and logits_step1 == 0.0, "judged_from_step": from_step,
+            "not_judged": list(skip),
             "max_abs_slope": max((judged_slope(m, s) for _, m, s in judged if s is not None), default=0.0),
             "violations": [{"step": t, "module": m, "slope": s} for t, m, s in bad], "logits_at_step1": logits_step1}
 
@@ -208,7 +206,8 @@ def run(args, world=None):
     sizes = check_args(args)
     backend = args.backend
     if backend == "auto":
-        backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single")
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if several else "single")
     runs, deltas = {}, {}
     for size in sizes:
         runs[size], deltas[size] = [], []
@@ -232,7 +231,8 @@ def run(args, world=None):
         judged = verdict(delta_table, runs, from_step, NOT_JUDGED_IN_DEPTH)
     else:
         judged = verdict(table, runs)
-    result = {"arch": args.arch, "parametrization": args.parametrization, "backend": backend, "world_size": world.world_size,
+    result = {"arch": args.arch, "parametrization": args.parametrization, "backend": backend,
+              "world_size": world.world_size,
               "vary": "depth" if args.depths else "head_width", "sizes": sizes,
               "depth_alpha": args.depth_alpha if args.depths else None, "query_zero_init": cfg.query_zero_init,
               "judged": "learned part" if args.depths else "mean |x|", **judged,
@@ -331,7 +331,8 @@ def main():
         plot(result, os.path.join(args.out, "coord.png"))
         alpha = f" (alpha {result['depth_alpha']:g})" if result["depth_alpha"] is not None else ""
         print(f"{result['parametrization']} {result['vary']} check{alpha}: {'PASSES' if result['passes'] else 'FAILS'} "
-              f"(max |slope| of {result['judged']} from step {result['judged_from_step']}: {result['max_abs_slope']:.3f}; "
+              f"(max |slope| of {result['judged']} from step {result['judged_from_step']}: "
+              f"{result['max_abs_slope']:.3f}; "
               f"logits at step 1: {result['logits_at_step1']}) "
               f"-> {args.out}/coord.json, coord.png")
 

@@ -36,16 +36,12 @@ grouped K/V, no position table) and its own activations.
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from mup_model import GPT, GPTConfig  # noqa: E402
-from mupgpt.engines.deepspeed_zero import bucket_elements  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mup_model import GPT, GPTConfig
+from mupgpt.engines.deepspeed_zero import bucket_elements
+from mupgpt.errors import UsageError, exit_on_usage_error
 
 GIB = 2**30
 MAX_LIVE = 1e9  # stage3_max_live_parameters and stage3_max_reuse_distance: DeepSpeed's defaults, ds_configs/zero3*.json
@@ -67,7 +63,8 @@ def count_params(args):
 def layer_activations(cfg):
     """Values per token one block keeps for backward (as counted with saved-tensor hooks on CPU).
     gpt2: each LayerNorm's input and output, q, k, v, the attention output and the projection's input,
-    and the MLP's hidden before and after GELU: 7h + 2kv + 2f with kv = h (17h: Korthikanti's 34 bytes in half precision).
+    and the MLP's hidden before and after GELU: 7h + 2kv + 2f with kv = h (17h: Korthikanti's 34 bytes in half
+    precision).
     llama: RMSNorm also keeps its normalised input (for the gain's gradient), k and v are n_kv_head wide,
     RoPE's rotated q and k are kept besides the unrotated projection, and SwiGLU keeps four hidden-wide
     tensors (gate, silu(gate), up, their product): 10h + 3kv + 4f (22.2h at f = 8/3 h, n_kv_head = n_head / 2)."""
@@ -131,7 +128,8 @@ def estimate(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="the model's architecture (as the trainer's)")
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"],
+                   help="the model's architecture (as the trainer's)")
     p.add_argument("--n_kv_head", type=int, default=0, help="llama: key/value heads (0: n_head)")
     p.add_argument("--mlp_hidden", type=int, default=0, help="MLP hidden size (0: the architecture's default)")
     p.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
@@ -143,11 +141,13 @@ def build_parser():
     p.add_argument("--world_size", type=int, default=1, help="ranks the states are sharded over")
     p.add_argument("--stage", type=int, default=0, help="0 (single/DDP), 1, 2, 3 (ZeRO-3 or FSDP2)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2's layout (with --stage 3) instead of DeepSpeed's")
-    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"], help="DeepSpeed offload (with --stage 3)")
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
+                   help="DeepSpeed offload (with --stage 3)")
     p.add_argument("--offload_ratio", type=float, default=1.0,
                    help="fraction of Adam's states offloaded (offload_optimizer.ratio; the rest stays on the device)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute precision")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="with activation checkpointing: each block's input plus one block's activations")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="with activation checkpointing: each block's input plus one block's activations")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 

@@ -28,7 +28,7 @@ class Payload:
 
 
 def error_lines(res):
-    return [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]  # DeepSpeed's log lines
+    return [line for line in res.stderr.strip().splitlines() if not line.startswith("[20")]  # DeepSpeed's log lines
 
 
 def train(out, corpus, data_dir, name, *extra, launcher=(sys.executable,)):
@@ -41,6 +41,7 @@ def plant(path, marker):
     """Replace a pickle file with one whose unpickling runs code; the manifest is rewritten to match,
     as an attacker who hands out the whole folder would."""
     import pickle
+
     import torch
     if path.name == ".metadata":
         path.write_bytes(pickle.dumps(Payload(str(marker))))
@@ -85,7 +86,7 @@ def test_planted_code_in_a_checkpoint_never_runs(tmp_path, trained, corpus, data
         before = (run_dir / "metrics.jsonl").read_text()
         res = resume(tmp_path, corpus, data_dir, backend)
         assert not marker.exists(), file
-        lines = [l for l in error_lines(res) if l.startswith("error: ")]
+        lines = [line for line in error_lines(res) if line.startswith("error: ")]
         assert res.returncode != 0 and len(lines) == 1 and file in lines[0] and "not tensors or plain data" in lines[0], res.stderr[-3000:]
         if backend != "fsdp":  # torchrun adds its report of the failed rank (exit 2) to any rank's error
             assert res.returncode == 2 and len(error_lines(res)) == 1, res.stderr[-3000:]
@@ -101,21 +102,20 @@ def test_fsdp_values_saved_as_bytes_load_as_plain_data_only(tmp_path, trained, c
     rewrite = f"""
 import sys, torch, torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-sys.path.insert(0, {str(ROOT / 'tests')!r})
-from test_checkpoint_trust import Payload
+from test_checkpoint_trust import Payload  # found in the working folder, tests/
 dcp_to_torch_save({str(ckpt / 'dcp')!r}, {str(tmp_path / 'full.pt')!r})
 state = torch.load({str(tmp_path / 'full.pt')!r}, weights_only=False)
 state["optimizer"]["param_groups"][0]["lr"] = Payload({str(marker)!r})
 import shutil; shutil.rmtree({str(ckpt / 'dcp')!r})
 dcp.save(state, checkpoint_id={str(ckpt / 'dcp')!r}, no_dist=True)
 """
-    res = subprocess.run([sys.executable, "-c", rewrite], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    res = subprocess.run([sys.executable, "-c", rewrite], cwd=ROOT / "tests", capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     checkpoint.write_manifest(str(ckpt), 2)
     res = resume(tmp_path, corpus, data_dir, "fsdp")
     assert not marker.exists()
-    lines = [l for l in error_lines(res) if l.startswith("error: ")]
+    lines = [line for line in error_lines(res) if line.startswith("error: ")]
     assert res.returncode != 0 and len(lines) == 1 and "param_groups" in lines[0] and "not tensors or plain data" in lines[0], res.stderr[-3000:]
 
 

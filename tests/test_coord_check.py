@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
+import coord_check
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import coord_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def test_the_check_judges_the_query_init_the_trainer_uses(single):
     q.k/d_head shrink like d^-1/2 while the trainer trained another model."""
     from mup_model import GPT
     from mupgpt.config import parse_args
-    from run_trainer import model_config
+    from mupgpt.model_config import model_config
     trainer = GPT(model_config(parse_args([]), coord_check.VOCAB)).h[0].attn.c_attn.weight
     width = trainer.shape[1]
     assert trainer[:width].abs().max() == 0 and trainer[width:].std() > 0

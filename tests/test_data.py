@@ -13,8 +13,18 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_error_line, run_cli, trainer_args
-from mupgpt.data import (Batches, ByteTokenizer, dataset_slug, get_tokenizer, load_data, open_prepared, prepare,
-                         source_of, stdlib_documents, window_starts)
+from mupgpt.data import (
+    Batches,
+    ByteTokenizer,
+    dataset_slug,
+    get_tokenizer,
+    load_data,
+    open_prepared,
+    prepare,
+    source_of,
+    stdlib_documents,
+    window_starts,
+)
 from mupgpt.errors import UsageError
 
 
@@ -107,10 +117,9 @@ def test_gpt2_tokenizer_loads_or_names_the_alternative():
 # Each process imports everything, says it is ready, and starts preparing when the test says go: so the
 # two really prepare at once whatever the machine's load (the old shared .tmp folder crashed one of them).
 AT_ONCE = """import os, runpy, sys, time
-sys.path.insert(0, sys.argv[1])
 import datasets, torch
 from mupgpt.data import ByteTokenizer, prepare
-go, what, args = sys.argv[2], sys.argv[3], sys.argv[4:]
+go, what, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 open(f"{go}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
@@ -137,7 +146,7 @@ def test_two_processes_preparing_the_same_folder_at_once_both_succeed(tmp_path, 
     else:
         args, final = ["prepare", str(src), str(out / "p")], out / "p"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(ROOT), str(go), *args], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(go), *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     while len(list(tmp_path.glob("go.ready-*"))) < 2 and all(p.poll() is None for p in procs):
         time.sleep(0.01)

@@ -7,14 +7,12 @@ import sys
 import pytest
 import torch
 
+import estimate_memory
 from conftest import ROOT, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
 from mupgpt.world import World
-from run_trainer import model_config
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import estimate_memory  # noqa: E402
 
 
 def estimate(*flags):

@@ -22,7 +22,6 @@ def export_cli(*args):
 
 def export_inproc(monkeypatch, capsys, *args):
     """The script's main as the command line runs it, in this process (a subprocess costs a torch import)."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import export_hf
     monkeypatch.setattr(sys, "argv", ["export_hf.py", *map(str, args)])
     capsys.readouterr()
@@ -130,6 +129,7 @@ def test_export_errors(tmp_path, monkeypatch, capsys):
 def test_a_stopped_run_is_exported_with_a_note_naming_its_step(tmp_path, corpus, data_dir):
     """A run stopped early still writes its model: export_hf.py and sample.py say which step of how many it is."""
     import signal
+
     from conftest import losses, trainer_args
     args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "100000", "--save_interval", "0")
     run = subprocess.Popen([sys.executable, str(ROOT / "run_trainer.py"), *args], cwd=ROOT, text=True,

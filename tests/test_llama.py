@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, losses, run_cli, trainer_args
 from mup_model import GPT, GPTConfig, param_class, rope
 from mupgpt.config import parse_args
-from run_trainer import model_config
+from mupgpt.model_config import model_config
 
 LLAMA = ["--arch", "llama", "--n_head", "4", "--n_kv_head", "2", "--head_width", "8", "--base_head_width", "8"]
 
@@ -213,7 +213,6 @@ def test_llama_gathered_init_and_first_step_equal_one_process(tmp_path, backend)
 
 
 def test_llama_coordinate_check_passes_mup_and_flags_sp():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import coord_check
     mup, _ = coord_check.run(coord_check.build_parser().parse_args(["--arch", "llama"]))
     assert mup["passes"], mup["violations"]
