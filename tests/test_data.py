@@ -141,7 +141,8 @@ def test_two_processes_preparing_the_same_folder_at_once_both_succeed(tmp_path, 
         (src / f"d{i:02d}.txt").write_text((f"document {i} says {i * 7} " * 1000)[:8000])
     out, go = tmp_path / "d", tmp_path / "go"
     if how == "script":
-        args = [str(ROOT / "scripts/prepare_data.py"), "--dataset", str(src), "--tokenizer", "bytes", "--data_dir", str(out)]
+        args = [str(ROOT / "scripts/prepare_data.py"), "--dataset", str(src), "--tokenizer", "bytes", "--data_dir",
+                str(out)]
         final = out / f"{dataset_slug(str(src))}-bytes"
     else:
         args, final = ["prepare", str(src), str(out / "p")], out / "p"
@@ -156,7 +157,8 @@ def test_two_processes_preparing_the_same_folder_at_once_both_succeed(tmp_path, 
         assert rc == 0, err[-2000:]
     data = open_prepared(str(final), ByteTokenizer(), source_of(str(src)))
     assert len(data.train) + len(data.val) == sum(len(f.read_bytes()) + 1 for f in src.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == sorted([final.name] + ([final.name + ".lock"] if how == "script" else []))
+    lock = [final.name + ".lock"] if how == "script" else []
+    assert sorted(p.name for p in out.iterdir()) == sorted([final.name] + lock)
     if how == "script":
         assert any("waiting for another process" in o for _, o, _ in results)
 
@@ -235,7 +237,8 @@ def test_a_corrupted_meta_json_stops_the_trainer_with_one_line(tmp_path, corpus,
     meta_file.write_text(json.dumps(meta))
     res = run_cli(trainer_args(tmp_path / "out", corpus, d, "--max_steps", "2"))
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "no 'val_tokens'" in lines[0], res.stderr
+    assert (res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+            and "no 'val_tokens'" in lines[0]), res.stderr
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in data_dir.iterdir())
 
 

@@ -28,7 +28,8 @@ BACKENDS = {
     "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu", "--gradient_checkpointing"]),
     # the GPU-resident part of the optimizer only exists on a GPU: here the config trains; the schedule
     # reaching that part is the next test, and its losses were checked on an H100 (bench/RESULTS.md)
-    "zero3_offload_cpu_partial": (DEEPSPEED, ["--ds_config", str(ROOT / "ds_configs" / "zero3_offload_cpu_partial.json")]),
+    "zero3_offload_cpu_partial": (DEEPSPEED, ["--ds_config",
+                                              str(ROOT / "ds_configs" / "zero3_offload_cpu_partial.json")]),
     "fsdp": (TORCHRUN, ["--backend", "fsdp", "--save_interval", "5", "--gradient_checkpointing"]),
 }
 
@@ -77,7 +78,8 @@ def test_fp16_trains_like_fp32_with_gradients_unscaled(runs, name, corpus, data_
     """fp16 keeps 11 significant bits: over 10 steps the losses and the logged (unscaled) gradient
     norms stay within two fp16 ulps (2^-9) of fp32; a loss scale left in the norms would be 65536x."""
     if name == "single":
-        res = run_cli(trainer_args(runs.out, corpus, data_dir, "--run_name", "single_fp16", *COMMON, "--precision", "fp16"))
+        res = run_cli(trainer_args(runs.out, corpus, data_dir, "--run_name", "single_fp16", *COMMON, "--precision",
+                                   "fp16"))
         assert res.returncode == 0, res.stderr[-3000:]
         run_dir = runs.out / "single_fp16"
     else:
@@ -184,7 +186,8 @@ def test_mup_init_and_group_hyperparameters_survive_every_backend(tmp_path, name
 
 
 DS_BAD = {
-    "config contradicts the flags": ({"train_micro_batch_size_per_gpu": 3}, [], "set it with --per_device_train_batch_size"),
+    "config contradicts the flags": ({"train_micro_batch_size_per_gpu": 3}, [],
+                                     "set it with --per_device_train_batch_size"),
     "offload to a missing device": ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}}, [],
                                     "is not available here"),
     "stage outside 0-3": ({"zero_optimization": {"stage": 4}}, [], "stage must be 0, 1, 2 or 3"),
@@ -207,7 +210,8 @@ def test_bad_deepspeed_input_is_one_line_and_exit_2(tmp_path, corpus, data_dir, 
         (tmp_path / "ds.json").write_text(json.dumps(config))
         args += ["--ds_config", str(tmp_path / "ds.json")]
     res = run_cli(args)
-    lines = [line for line in res.stderr.strip().splitlines() if not line.startswith("[20")]  # DeepSpeed's own log lines
+    # DeepSpeed's own log lines start with the date
+    lines = [line for line in res.stderr.strip().splitlines() if not line.startswith("[20")]
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-2000:]
 
 
@@ -236,7 +240,8 @@ def test_nvme_offload_trains_like_one_process(tmp_path, runs, corpus, data_dir):
                         "--nvme_path", str(tmp_path / "nvme"))
     res = run_cli(args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((runs.out / "nvme" / "ds_config.json").read_text())["zero_optimization"]["offload_param"]["device"] == "nvme"
+    zero = json.loads((runs.out / "nvme" / "ds_config.json").read_text())["zero_optimization"]
+    assert zero["offload_param"]["device"] == "nvme"
     assert any((tmp_path / "nvme").rglob("*"))  # DeepSpeed's swap files went there
     assert losses(runs.out / "nvme") == pytest.approx(losses(runs.out / "single"), rel=1e-5)
 

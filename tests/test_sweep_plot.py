@@ -13,8 +13,8 @@ from conftest import ROOT, SWEEP_SHARED, assert_one_error_line
 
 def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir):
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8,16", "--lrs", "1e-3,4e-3",
-           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "6", "--base_head_width", "8",
-           "--dataset", str(corpus), "--data_dir", str(data_dir)]
+           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "6",
+           "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     rows = [json.loads(line) for line in open(tmp_path / "s" / "results.jsonl")]
@@ -25,7 +25,8 @@ def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir)
     assert all(r["steps"] == 6 and not r["diverged"] and math.isfinite(r["mean_train_loss"]) for r in rows)
     config = json.loads((tmp_path / "s" / "runs" / "mup_w16_lr0.004_s0" / "config.json").read_text())
     assert config["args"]["head_width"] == 16 and config["args"]["learning_rate"] == 4e-3
-    assert json.loads((tmp_path / "s" / "runs" / "mup_w8_lr0.004_s0" / "config.json").read_text())["args"]["head_width"] == 8
+    config = json.loads((tmp_path / "s" / "runs" / "mup_w8_lr0.004_s0" / "config.json").read_text())
+    assert config["args"]["head_width"] == 8
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert "4 already done, 0 to run" in again.stdout and again.returncode == 0
 
@@ -215,7 +216,8 @@ def test_two_sweeps_of_one_folder_at_once_run_each_run_once_and_both_succeed(tmp
     """Two sweeps over one --out at the same time: a run the other sweep finished is read from its own summary,
     never launched again, never reported failed, never a NaN row."""
     cmd = sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", steps=6)
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum(o.count(": done; ") for o, _ in outs) == 2 and all("0 failed" in o for o, _ in outs)
@@ -292,8 +294,8 @@ def test_a_diverged_run_is_a_result_of_the_sweep_not_a_failure(tmp_path, corpus,
     """The trainer exits 1 on divergence (it writes no checkpoint of a diverged model); a sweep maps LRs
     up to divergence, so for it that run is a data point."""
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8", "--lrs", "1e-3,1e6",
-           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "8", "--base_head_width", "8",
-           "--dataset", str(corpus), "--data_dir", str(data_dir)]
+           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "8",
+           "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = {r["lr"]: r for r in map(json.loads, open(tmp_path / "s" / "results.jsonl"))}
@@ -360,7 +362,8 @@ def test_plot_of_a_batch_size_sweep(tmp_path, capsys):
     assert drawn["legends"]["mup"][-1] == "batch 256 (optimum at high edge)"
     assert "100 steps" in drawn["footer"][1] and "width 64 (4 heads x 16)" in drawn["footer"][1]
     assert ("optimal log2 lr at batch 16 / 64 / 256: -7 / -6 / -5, shift at least 2 grid steps (optimum at the "
-            "grid's high edge at batch 256: extend the grid above 2^-5); a larger batch is better" in capsys.readouterr().out)
+            "grid's high edge at batch 256: extend the grid above 2^-5); a larger batch is better"
+            in capsys.readouterr().out)
 
     # a folder whose rows vary two axes is refused: the curves would mix them
     (tmp_path / "b" / "results.jsonl").write_text("".join(json.dumps({**r, "max_steps": 50 + i % 2}) + "\n"
