@@ -13,16 +13,16 @@ hidden outputs and logits grow.
     python scripts/coord_check.py --depths 4,8,16,32 --depth_alpha 1 --n_head 4 --head_width 32 --steps 10
 
 Width verdict: muP passes when |slope| of mean |x| <= 0.15 for every module at steps >= 2 (the attention
-logits: -0.5 <= slope <= 0.15, see GROWTH_ONLY) and the zero-initialised readout gives exactly 0 logits at step 1. It
-holds at 16x width and 10 steps (--head_widths 16,32,64,128,256 --steps 10) with 3 seeds or more.
+logits: -0.5 <= slope <= 0.15, see GROWTH_ONLY) and the zero-initialised readout gives exactly 0 logits at step 1.
+Wider ranges and more steps need 3 seeds or more (docs/mup.md has the runs).
 Depth verdict (the last block, the final residual stream and the logits across depths): passes when
 |slope| of the learned part <= 0.15 for every module from the first step whose gradient reaches the
 blocks (step 3 with the zero-initialised readout) and the logits are 0 at step 1. The learned part,
 not |x|: under CompleteP the L branches start independent and scaled by 1/L, so at init the
 stream's block part shrinks like L^-1/2 by design, while what CompleteP keeps depth-independent is
 each step's update (its Figure 7 shows the same init shrinkage). The last block's attention logits
-(q . k) are recorded but not judged: they shrink with depth without any depth scaling too (see the
-README), so no depth rule controls them.
+(q . k) are recorded but not judged: they shrink with depth without any depth scaling too (see
+docs/mup.md), so no depth rule controls them.
 Writes <out>/coord.json (every slope) and <out>/coord.png.
 """
 import argparse
@@ -104,7 +104,7 @@ def slopes(sizes, runs):
 NOT_JUDGED_IN_DEPTH = ("last.attn.logits",)
 # Judged for growth, and for shrinking faster than d^-1/2: the learned query's overlap with the key's random part
 # is a CLT sum, q.k/d_head ~ d^-1/2, that inflates mean |logit| at small widths and fades towards the Theta(1)
-# limit (measured slopes -0.29 +- 0.11 at head widths 16-256); a wrong attention scale makes them grow
+# limit, so a correct scale gives a mildly negative slope; a wrong attention scale makes them grow
 # (1/sqrt(d_head): d^+1/2) or shrink like d^-1 or faster (1/d_head^1.5), and a query or key that learns too
 # slowly shows on q and k themselves.
 GROWTH_ONLY = ("attn.logits",)

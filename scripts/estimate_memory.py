@@ -5,8 +5,8 @@
 
 Per rank, in bytes per parameter (P parameters from the real model built on the meta device, N
 ranks, w = 2 in bf16/fp16 and 4 in fp32): the ZeRO paper's accounting (Rajbhandari et al. 2020)
-corrected to what DeepSpeed and FSDP2 allocate, measured on CPU with tests/mem_probe.py
-(tests/test_estimate_memory.py holds this script to those measurements):
+corrected to what DeepSpeed and FSDP2 allocate, as tests/mem_probe.py counts it on CPU
+(tests/test_estimate_memory.py holds this script to those counts):
 
   stage 0 (single, DDP)  4 weights + 4 gradients + 8 Adam, all fp32 (bf16 only inside autocast)
   ZeRO-1                 w weights + w gradients + 12/N fp32 master and Adam (DeepSpeed keeps the
@@ -29,8 +29,8 @@ Activations per layer use s*b*h*34 bytes in half precision for a pre-LN GPT bloc
 attention (Korthikanti et al. 2022, without the s^2 attention term; a llama block keeps more: about
 s*b*h*44 bytes at its default MLP and half as many K/V heads, see layer_activations), s*b*h*2 with activation
 checkpointing plus one recomputed layer; the logits add s*b*V*(2 + 4 + 4) bytes (logits, fp32 loss
-input, gradient). All terms are summed though not all are alive at once: the measured peaks on CPU
-were 0.86x-1.23x of the sum (bench/RESULTS.md). --arch llama counts its own parameters (SwiGLU,
+input, gradient). All terms are summed though not all are alive at once, so it is an estimate, not a bound
+(bench/RESULTS.md compares it with measured peaks). --arch llama counts its own parameters (SwiGLU,
 grouped K/V, no position table) and its own activations.
 """
 import argparse
@@ -106,9 +106,8 @@ def estimate(args):
     host = 0.0
     if args.offload == "cpu":
         # DeepSpeed keeps the offloaded gradients in fp32 (4 B, not 2) and reserves 1.5x for its pinned
-        # buffers (its own estimate_zero3_model_states_mem_needs: 18 B/param x 1.5). Measured on an H100
-        # host: 4.44B params, 103.8 GiB peak RSS, this rule 111.7 GiB; 6.86B with ratio 0.55: 110.9 GiB
-        # RSS and 49.2 GiB device, this rule 103.5 and 49.1 GiB (bench/RESULTS.md).
+        # buffers (its own estimate_zero3_model_states_mem_needs: 18 B/param x 1.5); bench/RESULTS.md
+        # compares this rule with the host and device memory of offloaded runs on a GPU machine.
         r, states = args.offload_ratio, optim + 4 * P / N
         host = 1.5 * (r * states + weights)
         weights, optim, grads = 0.0, (1 - r) * states, 0.0
