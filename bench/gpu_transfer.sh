@@ -34,6 +34,8 @@ OUT=${OUT:-/tmp/gpu_transfer}; S=/tmp/transfer
 rm -rf $S; mkdir -p "$OUT" $S/transfer $S/transfer_val /tmp/stdlib_src  # data/ holds /tmp/stdlib_src's tokens
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 HERE=$(cd "$(dirname "$0")" && pwd); cd "$HERE/.."
+# the scripts import the project as installed (pip install -e .) or on PYTHONPATH; -P leaves the folder out
+python3 -P -c "import mupgpt" 2>/dev/null || { echo "error: mupgpt is not importable: run pip install -e . (or export PYTHONPATH=\$PWD) in the project root" >&2; exit 2; }
 TINY=${TINY:-0}
 BUDGET=${BUDGET:-$(( TINY ? 900 : 330 ))}       # seconds until everything is packed (call: timeout_s 360)
 LAUNCH_STOP=${LAUNCH_STOP:-$((BUDGET - 60))}    # no group expected to end after this is started
