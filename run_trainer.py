@@ -23,7 +23,7 @@ from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, disk_error, duration, flops_per_token, peak_flops, peak_memory, write_atomic
-from mupgpt.model_config import model_config
+from mupgpt.model_config import check_model_flags, model_config
 from mupgpt.optim import schedule_kwargs
 from mupgpt.rundir import read_summary, refuse_a_branch, refuse_a_second_run, run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
@@ -147,7 +147,7 @@ class Run:
 def start(cfg, cleanup):
     """Every flag is checked before any process group or file exists; then the world and the lock."""
     check_config(cfg)
-    model_config(cfg, 0)  # the width flags
+    check_model_flags(cfg)
     schedule_kwargs(cfg, cfg.max_steps or None)
     backend = resolve_backend(cfg)
     run_dir = run_directory(cfg, backend)

@@ -21,3 +21,8 @@ def model_config(cfg, vocab_size):
                          mlp_hidden=cfg.mlp_hidden)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def check_model_flags(cfg):
+    """The model flags checked as the model will check them, before the tokenizer (its vocabulary) is known."""
+    model_config(cfg, 0)
