@@ -12,19 +12,15 @@ hence the raw event tree.)
 import json
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch._C._profiler import _EventType  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines.factory import build  # noqa: E402
-from mupgpt.world import exit_process, init_world, resolve_backend  # noqa: E402
-from run_trainer import model_config  # noqa: E402
+from mupgpt.config import parse_args
+from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
+from mupgpt.world import exit_process, init_world, resolve_backend
 
 
 def peak_bytes(prof):

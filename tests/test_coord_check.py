@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
+import coord_check
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import coord_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def test_the_check_judges_the_query_init_the_trainer_uses(single):
     q.k/d_head shrink like d^-1/2 while the trainer trained another model."""
     from mup_model import GPT
     from mupgpt.config import parse_args
-    from run_trainer import model_config
+    from mupgpt.model_config import model_config
     trainer = GPT(model_config(parse_args([]), coord_check.VOCAB)).h[0].attn.c_attn.weight
     width = trainer.shape[1]
     assert trainer[:width].abs().max() == 0 and trainer[width:].std() > 0
@@ -102,7 +100,8 @@ def test_depth_check_separates_completep_from_no_scaling_and_from_lazy_blocks():
     query lazy (L^-0.5): both are flagged."""
     completep, slopes = depth_check("1")
     assert completep["judged_from_step"] == 3  # the zero readout takes step 1's whole gradient
-    assert all(abs(s) <= 0.3 for m, ss in slopes.items() if m not in coord_check.NOT_JUDGED_IN_DEPTH for s in ss), slopes
+    judged = [s for m, ss in slopes.items() if m not in coord_check.NOT_JUDGED_IN_DEPTH for s in ss]
+    assert all(abs(s) <= 0.3 for s in judged), slopes
     none, slopes = depth_check("0")
     assert not none["passes"] and min(slopes["last.residual"]) > 0.6
     lazy, slopes = depth_check("0.5")
@@ -128,7 +127,8 @@ def test_sharded_depth_check_gives_the_same_slopes(tmp_path, launcher):
     single, _ = coord_check.run(coord_check.build_parser().parse_args([*depth_args, "--batch", "128"]))
     backend = "deepspeed" if launcher[0] == "deepspeed" else "fsdp"
     res = subprocess.run([*launcher, str(ROOT / "scripts" / "coord_check.py"), "--backend", backend, *depth_args,
-                          "--batch", "64", "--out", str(tmp_path)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          "--batch", "64", "--out", str(tmp_path)], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     sharded = json.loads((tmp_path / "coord.json").read_text())

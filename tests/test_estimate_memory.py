@@ -7,14 +7,12 @@ import sys
 import pytest
 import torch
 
+import estimate_memory
 from conftest import ROOT, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
 from mupgpt.world import World
-from run_trainer import model_config
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import estimate_memory  # noqa: E402
 
 
 def estimate(*flags):
@@ -111,7 +109,8 @@ def test_zero_stages_shard_what_deepspeed_allocates():
     fsdp = estimate(*base, "--stage", 3, "--fsdp")["breakdown_bytes"]
     assert (fsdp["weights"], fsdp["gradients"], fsdp["optimizer"]) == pytest.approx((4 * P / 8, 4 * P / 8, 8 * P / 8))
     offload = estimate(*base, "--stage", 3, "--offload", "cpu")
-    assert offload["breakdown_bytes"]["optimizer"] == 0 and offload["per_rank_host_bytes"] == pytest.approx(1.5 * 18 * P / 8)
+    assert (offload["breakdown_bytes"]["optimizer"] == 0
+            and offload["per_rank_host_bytes"] == pytest.approx(1.5 * 18 * P / 8))
     # partial offload: Adam's states and fp32 gradients of the kept part (45%) stay on the device
     partial = estimate(*base, "--stage", 3, "--offload", "cpu", "--offload_ratio", "0.55")
     assert partial["breakdown_bytes"]["optimizer"] == pytest.approx(0.45 * 16 * P / 8)
@@ -120,11 +119,13 @@ def test_zero_stages_shard_what_deepspeed_allocates():
 
 @pytest.mark.parametrize("flags,line", [
     (["--stage", "2", "--offload", "cpu"], "error: --offload needs --stage 3"),
-    (["--stage", "2", "--fsdp"], "error: --fsdp is sharded like ZeRO-3 and without offload here: pass --stage 3 and no --offload"),
+    (["--stage", "2", "--fsdp"],
+     "error: --fsdp is sharded like ZeRO-3 and without offload here: pass --stage 3 and no --offload"),
     (["--n_layer", "-1"], "error: --n_layer must be at least 1, not -1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, line):
-    res = subprocess.run([sys.executable, "scripts/estimate_memory.py", *flags], cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "scripts/estimate_memory.py", *flags], cwd=ROOT, capture_output=True,
+                         text=True)
     assert res.returncode == 2 and res.stderr.strip() == line
 
 

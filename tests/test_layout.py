@@ -1,5 +1,6 @@
 """The file tree shows the design: one module per backend, and no module imports another in a circle."""
 import ast
+import re
 
 from conftest import ROOT
 
@@ -72,3 +73,19 @@ def test_backends_are_one_module_each_and_know_only_the_base():
     # the model knows nothing of parallelism
     model_imports = imports(ROOT / "mup_model.py", modules)
     assert not model_imports and "distributed" not in (ROOT / "mup_model.py").read_text()
+
+
+def test_tools_import_the_installed_package_not_each_other():
+    """Scripts, bench and tests import the package as pip install -e . installs it: no sys.path edits (pytest's
+    own pythonpath setting and conftest aside); no script imports the entry point or another script, and bench
+    imports no script (it runs the trainer itself, so it may import the entry point)."""
+    tools = [*(ROOT / "scripts").glob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "tests").glob("*.py"),
+             ROOT / "run_trainer.py", ROOT / "mup_model.py", *(ROOT / "mupgpt").rglob("*.py")]
+    edit = re.compile(r"sys\.path\.(insert|append)\(|syspath_prepend\(")
+    edits = [str(p.relative_to(ROOT)) for p in tools if p.name != "conftest.py" and edit.search(p.read_text())]
+    assert not edits, edits
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    for path in (ROOT / "scripts").glob("*.py"):
+        assert not imports(path, scripts | {"run_trainer"}), path.name
+    for path in (ROOT / "bench").glob("*.py"):
+        assert not imports(path, scripts), path.name

@@ -14,7 +14,7 @@ from mup_model import GPT, param_class
 from mupgpt.config import parse_args
 from mupgpt.data import Batches, open_prepared
 from mupgpt.errors import UsageError
-from run_trainer import model_config
+from mupgpt.model_config import model_config
 
 DEEPSPEED = ("deepspeed", "--num_gpus", "2", "--master_port", "29641")
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29651")
@@ -28,7 +28,8 @@ BACKENDS = {
     "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu", "--gradient_checkpointing"]),
     # the GPU-resident part of the optimizer only exists on a GPU: here the config trains; the schedule
     # reaching that part is the next test, and its losses were checked on an H100 (bench/RESULTS.md)
-    "zero3_offload_cpu_partial": (DEEPSPEED, ["--ds_config", str(ROOT / "ds_configs" / "zero3_offload_cpu_partial.json")]),
+    "zero3_offload_cpu_partial": (DEEPSPEED, ["--ds_config",
+                                              str(ROOT / "ds_configs" / "zero3_offload_cpu_partial.json")]),
     "fsdp": (TORCHRUN, ["--backend", "fsdp", "--save_interval", "5", "--gradient_checkpointing"]),
 }
 
@@ -77,7 +78,8 @@ def test_fp16_trains_like_fp32_with_gradients_unscaled(runs, name, corpus, data_
     """fp16 keeps 11 significant bits: over 10 steps the losses and the logged (unscaled) gradient
     norms stay within two fp16 ulps (2^-9) of fp32; a loss scale left in the norms would be 65536x."""
     if name == "single":
-        res = run_cli(trainer_args(runs.out, corpus, data_dir, "--run_name", "single_fp16", *COMMON, "--precision", "fp16"))
+        res = run_cli(trainer_args(runs.out, corpus, data_dir, "--run_name", "single_fp16", *COMMON, "--precision",
+                                   "fp16"))
         assert res.returncode == 0, res.stderr[-3000:]
         run_dir = runs.out / "single_fp16"
     else:
@@ -184,7 +186,8 @@ def test_mup_init_and_group_hyperparameters_survive_every_backend(tmp_path, name
 
 
 DS_BAD = {
-    "config contradicts the flags": ({"train_micro_batch_size_per_gpu": 3}, [], "set it with --per_device_train_batch_size"),
+    "config contradicts the flags": ({"train_micro_batch_size_per_gpu": 3}, [],
+                                     "set it with --per_device_train_batch_size"),
     "offload to a missing device": ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}}, [],
                                     "is not available here"),
     "stage outside 0-3": ({"zero_optimization": {"stage": 4}}, [], "stage must be 0, 1, 2 or 3"),
@@ -207,7 +210,8 @@ def test_bad_deepspeed_input_is_one_line_and_exit_2(tmp_path, corpus, data_dir, 
         (tmp_path / "ds.json").write_text(json.dumps(config))
         args += ["--ds_config", str(tmp_path / "ds.json")]
     res = run_cli(args)
-    lines = [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]  # DeepSpeed's own log lines
+    # DeepSpeed's own log lines start with the date
+    lines = [line for line in res.stderr.strip().splitlines() if not line.startswith("[20")]
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-2000:]
 
 
@@ -236,7 +240,8 @@ def test_nvme_offload_trains_like_one_process(tmp_path, runs, corpus, data_dir):
                         "--nvme_path", str(tmp_path / "nvme"))
     res = run_cli(args, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads((runs.out / "nvme" / "ds_config.json").read_text())["zero_optimization"]["offload_param"]["device"] == "nvme"
+    zero = json.loads((runs.out / "nvme" / "ds_config.json").read_text())["zero_optimization"]
+    assert zero["offload_param"]["device"] == "nvme"
     assert any((tmp_path / "nvme").rglob("*"))  # DeepSpeed's swap files went there
     assert losses(runs.out / "nvme") == pytest.approx(losses(runs.out / "single"), rel=1e-5)
 
@@ -279,6 +284,7 @@ def test_shipped_configs_leave_bf16_steps_free_of_host_syncs(tmp_path, name):
     synchronizing throughput timer cost ZeRO-1 a third of its H100 speed (bench/RESULTS.md); the trainer
     checks finiteness itself. Read back through DeepSpeed's own config parser."""
     from deepspeed.runtime.config import DeepSpeedConfig
+
     from mupgpt.config import parse_args
     from mupgpt.engines.deepspeed_config import ds_config
     if "nvme" in name and not _has_aio():
@@ -290,8 +296,9 @@ def test_shipped_configs_leave_bf16_steps_free_of_host_syncs(tmp_path, name):
     assert parsed.timers_config.enabled is False
     assert parsed.bfloat16_config.check_grad_overflow is False
     if stage == 3:  # a block's parameters are gathered, and its gradients reduced, as one unit
-        import mup_model
         from deepspeed.utils.z3_leaf_module import _fully_qualified_class_name
+
+        import mup_model
         block = mup_model.Block(mup_model.GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=1, head_width=8))
         assert parsed.zero_config.leaf_module.classes == [_fully_qualified_class_name(block)]
         assert parsed.zero_config.param_persistence_threshold == 0  # no per-parameter gathers after each step
@@ -328,13 +335,12 @@ def test_a_diverging_bf16_zero_run_still_stops(tmp_path, corpus, data_dir):
 
 PARTIAL_PROBE = """
 import json, sys
-sys.path.insert(0, sys.argv[1])
 from mupgpt.config import parse_args
 from mupgpt.engines.deepspeed_config import ds_config
 from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
 from mupgpt.world import init_world
-from run_trainer import model_config
-cfg = parse_args(["--backend", "deepspeed", "--ds_config", sys.argv[2], "--n_layer", "2", "--seq_len", "32",
+cfg = parse_args(["--backend", "deepspeed", "--ds_config", sys.argv[1], "--n_layer", "2", "--seq_len", "32",
                   "--per_device_train_batch_size", "2", "--num_warmup_steps", "5", "--precision", "fp32"])
 ds = ds_config(cfg, "fp32", 2, 1, cfg.n_head * cfg.head_width)
 engine = build("deepspeed", cfg, model_config(cfg, 257), init_world("deepspeed", "cpu"), "fp32", 10, ds)
@@ -351,7 +357,7 @@ def test_partial_offload_schedule_reaches_the_gpu_side_optimizer(tmp_path):
     that copies param group 0 once: every one of its groups must follow the LR schedule."""
     import subprocess
     config = ROOT / "ds_configs" / "zero3_offload_cpu_partial.json"
-    res = subprocess.run([sys.executable, "-c", PARTIAL_PROBE, str(ROOT), str(config)], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-c", PARTIAL_PROBE, str(config)], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     lrs = json.loads(res.stdout.strip().splitlines()[-1])
