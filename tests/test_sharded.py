@@ -225,10 +225,7 @@ def test_zero3_checkpoint_resumes_into_one_process_from_its_consolidated_weights
     assert len(resumed) == 5 and resumed[0] == pytest.approx(losses(zero3)[5], rel=1e-5)
 
 
-def test_nvme_offload_trains_like_one_process(tmp_path, runs, corpus, data_dir):
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-    if not AsyncIOBuilder().is_compatible(verbose=False):
-        pytest.skip("NVMe offload needs libaio: apt-get install libaio-dev (.ci/run installs it)")
+def test_nvme_offload_trains_like_one_process(libaio, tmp_path, runs, corpus, data_dir):
     """ZeRO-3 with parameters and optimizer offloaded to a disk folder (DeepSpeed's async I/O op, libaio)."""
     (tmp_path / "nvme").mkdir()
     args = trainer_args(runs.out, corpus, data_dir, "--run_name", "nvme", *COMMON, "--precision", "fp32",
@@ -274,15 +271,15 @@ def test_compile_under_zero3_on_a_gpu_is_deepcompile():
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
-def test_shipped_configs_leave_bf16_steps_free_of_host_syncs(tmp_path, name):
+def test_shipped_configs_leave_bf16_steps_free_of_host_syncs(tmp_path, name, request):
     """DeepSpeed's bf16 overflow check (~3 kernels per parameter and a flag read back every step) and its
     synchronizing throughput timer cost ZeRO-1 a third of its H100 speed (bench/RESULTS.md); the trainer
     checks finiteness itself. Read back through DeepSpeed's own config parser."""
     from deepspeed.runtime.config import DeepSpeedConfig
     from mupgpt.config import parse_args
     from mupgpt.engines.deepspeed_zero import ds_config
-    if "nvme" in name and not _has_aio():
-        pytest.skip("NVMe offload needs libaio: apt-get install libaio-dev (.ci/run installs it)")
+    if "nvme" in name:
+        request.getfixturevalue("libaio")
     stage = json.loads((ROOT / "ds_configs" / name).read_text())["zero_optimization"]["stage"]
     cfg = parse_args(["--backend", "deepspeed", "--ds_config", str(ROOT / "ds_configs" / name), "--zero_stage",
                       str(stage), "--nvme_path", str(tmp_path)])
@@ -307,11 +304,6 @@ def test_a_zero3_config_of_ones_own_keeps_its_choices_and_says_what_the_shipped_
     assert "leaf_module" not in zero and zero["stage3_param_persistence_threshold"] == 640
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "has no zero_optimization.leaf_module" in out and "mup_model.Block" in out
-
-
-def _has_aio():
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-    return AsyncIOBuilder().is_compatible(verbose=False)
 
 
 def test_a_diverging_bf16_zero_run_still_stops(tmp_path, corpus, data_dir):
