@@ -104,7 +104,6 @@ SLOW_TESTS = {
     "test_coord_check.py::test_depth_check_separates_completep_from_no_scaling_and_from_lazy_blocks",
     "test_coord_check.py::test_completep_passes_the_depth_verdict_at_width_128",
     "test_coord_check.py::test_sharded_depth_check_gives_the_same_slopes",
-    "test_coord_check.py::test_bad_sizes_get_one_line_and_status_2",
     "test_data.py::test_two_processes_preparing_the_same_folder_at_once_both_succeed",
     "test_data.py::test_a_corrupted_meta_json_stops_the_trainer_with_one_line",
     "test_data.py::test_a_killed_preparations_folders_are_cleared_by_the_next_one",
