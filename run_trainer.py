@@ -156,7 +156,8 @@ def start(cfg, cleanup):
     G, accum = global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ds_cfg = None
     if backend == "deepspeed":
-        from mupgpt.engines.deepspeed_zero import check_op_build_locks, ds_config
+        from mupgpt.engines.deepspeed_config import ds_config
+        from mupgpt.engines.op_builds import check_op_build_locks
         ds_cfg = ds_config(cfg, precision, G, accum, cfg.n_head * cfg.head_width)
         check_op_build_locks()  # before DeepSpeed builds or loads its ops (init_distributed does, on CPU)
     world = init_world(backend, device_type)

@@ -141,6 +141,7 @@ class Reporter:
 def start_wandb(run_dir, cfg):
     """Online when an API key is configured; otherwise offline, so it never blocks or prompts."""
     import dataclasses
+
     import wandb
     netrc = os.path.expanduser("~/.netrc")
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read())

@@ -215,7 +215,7 @@ def run(args, world=None):
             cfg = train_config(args, backend, size, seed, sizes)
             ds_cfg = None
             if backend == "deepspeed":
-                from mupgpt.engines.deepspeed_zero import ds_config
+                from mupgpt.engines.deepspeed_config import ds_config
                 n = int(os.environ.get("WORLD_SIZE", "1"))
                 ds_cfg = ds_config(cfg, "fp32", args.batch * n, 1, cfg.n_head * cfg.head_width)
             world = world or init_world(backend, "cpu" if not torch.cuda.is_available() else "cuda")

@@ -40,7 +40,7 @@ import math
 import torch
 
 from mup_model import GPT, GPTConfig
-from mupgpt.engines.deepspeed_zero import bucket_elements
+from mupgpt.engines.deepspeed_config import bucket_elements
 from mupgpt.errors import UsageError, exit_on_usage_error
 
 GIB = 2**30

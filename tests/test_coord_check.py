@@ -117,15 +117,22 @@ def test_completep_passes_the_depth_verdict_at_width_128():
     assert result["passes"] and result["max_abs_slope"] <= coord_check.MAX_SLOPE, result["violations"]
 
 
-@pytest.mark.parametrize("launcher", [
-    (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29663"),
-    ("deepspeed", "--num_gpus", "2", "--master_port", "29664"),
-], ids=["fsdp", "zero3"])
-def test_sharded_depth_check_gives_the_same_slopes(tmp_path, launcher):
+DEPTH_ARGS = ["--depths", "2,4,8", "--depth_alpha", "1", "--steps", "5", "--seeds", "1"]
+
+
+@pytest.fixture(scope="module")
+def single_depth():
+    """The depth check in one process on the whole batch: what both sharded depth checks are compared with."""
+    result, _ = coord_check.run(coord_check.build_parser().parse_args([*DEPTH_ARGS, "--batch", "128"]))
+    return result
+
+
+# both under torchrun (ZeRO-3 with --backend deepspeed): the width check above runs DeepSpeed's own launcher
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"], ids=["fsdp", "zero3"])
+def test_sharded_depth_check_gives_the_same_slopes(single_depth, tmp_path, backend):
     """The depth check on 2 ranks (half the batch each) learns what one process learns on the whole batch."""
-    depth_args = ["--depths", "2,4,8", "--depth_alpha", "1", "--steps", "5", "--seeds", "1"]
-    single, _ = coord_check.run(coord_check.build_parser().parse_args([*depth_args, "--batch", "128"]))
-    backend = "deepspeed" if launcher[0] == "deepspeed" else "fsdp"
+    depth_args, single = DEPTH_ARGS, single_depth
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29663")
     res = subprocess.run([*launcher, str(ROOT / "scripts" / "coord_check.py"), "--backend", backend, *depth_args,
                           "--batch", "64", "--out", str(tmp_path)], cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -141,7 +148,7 @@ def test_sharded_depth_check_gives_the_same_slopes(tmp_path, launcher):
 
 @pytest.mark.parametrize("flags", [["--depths", "2,x"], ["--depths", "0,4"], ["--head_widths", "16"],
                                    ["--head_widths", "8,16", "--steps", "1"], ["--depths", "2,4", "--steps", "2"]])
-def test_bad_sizes_get_one_line_and_status_2(flags):
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "coord_check.py"), *flags], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+def test_bad_sizes_get_one_line_and_status_2(script, flags):
+    """In this process (as __main__); test_tools_input.py runs coord_check.py's refusal as a real process."""
+    res = script("scripts/coord_check.py", *flags)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr

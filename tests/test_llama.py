@@ -161,16 +161,18 @@ def test_llama_trains_exports_samples_and_resumes(tmp_path, corpus, data_dir):
             and len(export.stderr.strip().splitlines()) == 1)
 
 
-DEEPSPEED = ("deepspeed", "--num_gpus", "2", "--master_port", "29671")
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29681")
 COMMON = [*LLAMA, "--n_layer", "2", "--max_steps", "10", "--train_batch_size", "8", "--lr_scheduler_type", "cosine",
           "--weight_decay", "0.1", "--precision", "fp32", "--save", "false"]
+# every backend under torchrun: the architecture is what differs from test_sharded.py, which also runs
+# DeepSpeed's own launcher; torchrun runs the same engines with fewer processes
 BACKENDS = {
     "ddp": (TORCHRUN, ["--backend", "ddp"]),
-    "zero1": (DEEPSPEED, ["--zero_stage", "1", "--gradient_checkpointing"]),
-    "zero2": (DEEPSPEED, ["--zero_stage", "2"]),
-    "zero3": (DEEPSPEED, ["--zero_stage", "3"]),
-    "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu", "--gradient_checkpointing"]),
+    "zero1": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "1", "--gradient_checkpointing"]),
+    "zero2": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "2"]),
+    "zero3": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3"]),
+    "zero3_offload_cpu": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu",
+                                     "--gradient_checkpointing"]),
     "fsdp": (TORCHRUN, ["--backend", "fsdp", "--gradient_checkpointing"]),
 }
 

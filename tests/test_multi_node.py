@@ -282,8 +282,10 @@ def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, d
     # the trainers have the secret (above), and while they run its file is gone from both nodes already
     training = [files for ranks, files in watch.secret_files if ranks == {"0", "1"}]
     assert training and not any(training), [f for f in training if f][:1]
-    one = run_cli([*args, "--run_name", "one_host"], launcher=("deepspeed", "--num_gpus", "2", "--master_port",
-                                                               "29671"))
+    # the reference on this host under torchrun: the same DeepSpeed engine, fewer processes to start
+    one = run_cli([*args, "--backend", "deepspeed", "--run_name", "one_host"],
+                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", "29671"))
     assert one.returncode == 0, one.stderr[-2000:]
     assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)  # the folder, literally
 

@@ -178,17 +178,25 @@ def test_plot_of_a_depth_sweep_labels_depths_and_gives_the_model_width(tmp_path)
     (["--widths", "8", "--parametrizations", "mup,sp,mup"], "gives mup more than once"),
     (["--widths", "8", "--seeds", "0,1,0"], "--seeds '0,1,0' gives 0 more than once"),
 ])
-def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
+def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, script, args, message):
+    """In this process (runpy, as __main__): a real process starts torch's import for each case; the next test
+    runs one case as a real process."""
     (tmp_path / "HF").write_text("node-a slots=1\n")
     (tmp_path / "BAD").write_text("node-a slots=1\n-oProxyCommand=touch slots=1\n")
     (tmp_path / "TWICE").write_text("node-a slots=1\r\nnode-a slots=1\r\n")
     args = [str(tmp_path / a) if a in ("HF", "BAD", "TWICE") else a for a in args]
     if not any(a.startswith("--lrs") for a in args):
         args = ["--lrs", "1e-3", *args]
-    res = subprocess.run([sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    res = script("scripts/sweep.py", "--out", str(tmp_path / "s"), *args)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
     assert not (tmp_path / "s").exists() and not res.stdout  # refused before anything starts or is written
+
+
+def test_bad_sweep_input_is_one_line_and_exit_2_in_a_real_process(tmp_path):
+    res = subprocess.run([sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--lrs", "1e-3,0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_error_line(res, "learning rates must be finite and above 0")
+    assert not (tmp_path / "s").exists() and not res.stdout
 
 
 def sweep_cmd(out, corpus, data_dir, *args, steps=4, lrs="1e-3,4e-3", extra=()):

@@ -15,14 +15,39 @@ disjoint slice of it.
     batches.py     windows and micro batches per rank
 """
 from mupgpt.data.batches import Batches, get_batch, window_starts
-from mupgpt.data.files import LOCAL_SUFFIXES, check_json_records, check_local_file, check_parquet, check_utf8, \
-    fingerprint, local_files, suffix
+from mupgpt.data.files import (
+           LOCAL_SUFFIXES,
+           check_json_records,
+           check_local_file,
+           check_parquet,
+           check_utf8,
+           fingerprint,
+           local_files,
+           suffix,
+)
 from mupgpt.data.lock import clear_stale, owner, preparing
 from mupgpt.data.prepare import changed_since, load_data, prepare, write_tokens
-from mupgpt.data.prepared import FULL_CHECK_TOKENS, META_TYPES, TokenData, check_data_dir, check_meta, max_token, \
-    open_prepared
-from mupgpt.data.sources import HUB_ALIASES, HUB_TIMEOUT, VAL_EVERY, Documents, dataset_slug, hub_offline, \
-    hub_reachable, load_documents, source_of, stdlib_documents
+from mupgpt.data.prepared import (
+           FULL_CHECK_TOKENS,
+           META_TYPES,
+           TokenData,
+           check_data_dir,
+           check_meta,
+           max_token,
+           open_prepared,
+)
+from mupgpt.data.sources import (
+           HUB_ALIASES,
+           HUB_TIMEOUT,
+           VAL_EVERY,
+           Documents,
+           dataset_slug,
+           hub_offline,
+           hub_reachable,
+           load_documents,
+           source_of,
+           stdlib_documents,
+)
 from mupgpt.data.tokenizers import ByteTokenizer, TiktokenTokenizer, get_tokenizer, resolve_tokenizer
 
 __all__ = ["Batches", "get_batch", "window_starts", "LOCAL_SUFFIXES", "check_json_records", "check_local_file",

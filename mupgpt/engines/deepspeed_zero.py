@@ -8,15 +8,10 @@ are read through safe_load.safe_ds_load.
 import torch
 
 from mup_model import GPT
-from mupgpt.engines import deepspeed_config, op_builds
 from mupgpt.engines.base import Engine, check_fits, checkpoint_blocks
 from mupgpt.errors import UsageError
 from mupgpt.optim import adamw, clean_name, lr_scheduler
 from mupgpt.safe_load import safe_ds_load
-
-# run_trainer and the scripts import these from here
-bucket_elements, ds_config = deepspeed_config.bucket_elements, deepspeed_config.ds_config
-check_op_build_locks = op_builds.check_op_build_locks
 
 
 def build_model(mcfg, config):
