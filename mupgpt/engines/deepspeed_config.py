@@ -181,8 +181,8 @@ def deepspeed_keys():
 
 # top-level keys of ds_configs/ and those this module fills in
 SHIPPED_KEYS = {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-                "gradient_clipping", "bf16", "fp16", "zero_optimization", "zero_force_ds_cpu_optimizer", "steps_per_print",
-                "wall_clock_breakdown", "aio", "timers", "compile"}
+                "gradient_clipping", "bf16", "fp16", "zero_optimization", "zero_force_ds_cpu_optimizer",
+                "steps_per_print", "wall_clock_breakdown", "aio", "timers", "compile"}
 
 
 def check_keys(config, path):
