@@ -4,7 +4,7 @@ Width = n_head * head_width. The width multiplier is m = width / base_width, whe
 base model's width (d_model): widening by heads, by head width or both gives the same m, and so the
 same LRs, inits and logit multiplier, at the same width. base_head_width is the base model's head
 width; it sets the attention rule only (muP's 1/d_head is per head). base_width = 0 means
-n_head * base_head_width: the base has this model's head count (the seed's --base_head_width alone).
+n_head * base_head_width: the base has this model's head count.
 The base must be a whole number of heads (base_width a multiple of base_head_width).
 The depth multiplier is d = n_layer / base_n_layer.
 Every width- and depth-dependent choice lives in `mup_rules` below; this table is the whole of it.
@@ -83,7 +83,7 @@ Parameter classes come from names, never from shapes: under ZeRO-3 a parameter's
 Each leaf module initialises itself in reset_parameters(), called from its own __init__, so the
 init survives DeepSpeed zero.Init (which partitions each module right after its __init__) and
 `model.apply(reset)` after building on the meta device.
-"""
+"""  # noqa: E501 (the rules table above is one row per parameter class)
 import math
 from dataclasses import dataclass
 
@@ -126,7 +126,8 @@ class GPTConfig:
             raise ValueError(f"--n_kv_head {self.n_kv_head} must divide --n_head {self.n_head} "
                              "(each K/V head serves n_head / n_kv_head query heads)")
         if self.arch == "gpt2" and self.n_kv_head != self.n_head:
-            raise ValueError("--n_kv_head (grouped-query attention) is for --arch llama; gpt2 has one K/V head per query head")
+            raise ValueError("--n_kv_head (grouped-query attention) is for --arch llama; gpt2 has one K/V head per "
+                             "query head")
         if not self.mlp_hidden:
             self.mlp_hidden = 4 * self.width if self.arch == "gpt2" else 64 * math.ceil(8 * self.width / 3 / 64)
         if self.arch == "llama":
@@ -375,7 +376,8 @@ class GPT(nn.Module):
         """name -> (class, Rule) for every parameter, from names and the config alone; with muon_scale the
         hidden matrices are class "muon" (Muon steps them)."""
         w, kv, h = self.cfg.width, self.cfg.n_kv_head * self.cfg.head_width, self.cfg.mlp_hidden
-        fans = {"c_attn": (w, w + 2 * kv), "c_fc": (w, h), "c_gate": (w, h), "attn.c_proj": (w, w), "mlp.c_proj": (h, w)}
+        fans = {"c_attn": (w, w + 2 * kv), "c_fc": (w, h), "c_gate": (w, h), "attn.c_proj": (w, w),
+                "mlp.c_proj": (h, w)}
         out = {}
         for name, _ in self.named_parameters():
             cls = param_class(name)
@@ -413,17 +415,3 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-
-    def num_params(self, embeddings=True):
-        n = sum(p.numel() for p in self.parameters())
-        return n if embeddings or self.cfg.arch != "gpt2" else n - self.wpe.weight.numel()
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:])[:, -1, :] / max(temperature, 1e-6)
-            if top_k:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx = torch.cat((idx, torch.multinomial(F.softmax(logits, dim=-1), 1)), dim=1)
-        return idx

@@ -15,34 +15,18 @@ import time
 
 import torch
 
-from mup_model import GPTConfig
 from mupgpt import checkpoint
-from mupgpt.config import check_config, parse_args
+from mupgpt.config import parse_args
+from mupgpt.config_checks import check_config
 from mupgpt.data import Batches, load_data
 from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
 from mupgpt.errors import UsageError, exit_on_usage_error
 from mupgpt.metrics import Reporter, disk_error, duration, flops_per_token, peak_flops, peak_memory, write_atomic
+from mupgpt.model_config import check_model_flags, model_config
 from mupgpt.optim import schedule_kwargs
 from mupgpt.rundir import read_summary, refuse_a_branch, refuse_a_second_run, run_directory, run_lock
 from mupgpt.world import exit_process, init_world, resolve_backend, resolve_device, resolve_precision
-
-
-def model_config(cfg, vocab_size):
-    if cfg.vocab_size and cfg.vocab_size < vocab_size:
-        raise UsageError(f"--vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}: "
-                         "drop it or give at least that")
-    vocab_size = 64 * math.ceil(max(vocab_size, cfg.vocab_size) / 64)
-    try:
-        return GPTConfig(vocab_size=vocab_size, block_size=cfg.seq_len, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         head_width=cfg.head_width, parametrization=cfg.parametrization,
-                         base_head_width=cfg.base_head_width, base_width=cfg.base_width, base_n_layer=cfg.base_n_layer,
-                         depth_alpha=cfg.depth_alpha, init_std=cfg.init_std, output_mult=cfg.output_mult,
-                         attn_mult=cfg.attn_mult, readout_zero_init=cfg.readout_zero_init,
-                         query_zero_init=cfg.query_zero_init, arch=cfg.arch, n_kv_head=cfg.n_kv_head,
-                         mlp_hidden=cfg.mlp_hidden)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 def global_batch(cfg, world_size):
@@ -163,7 +147,7 @@ class Run:
 def start(cfg, cleanup):
     """Every flag is checked before any process group or file exists; then the world and the lock."""
     check_config(cfg)
-    model_config(cfg, 0)  # the width flags
+    check_model_flags(cfg)
     schedule_kwargs(cfg, cfg.max_steps or None)
     backend = resolve_backend(cfg)
     run_dir = run_directory(cfg, backend)
@@ -172,7 +156,8 @@ def start(cfg, cleanup):
     G, accum = global_batch(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ds_cfg = None
     if backend == "deepspeed":
-        from mupgpt.engines.deepspeed_zero import check_op_build_locks, ds_config
+        from mupgpt.engines.deepspeed_config import ds_config
+        from mupgpt.engines.op_builds import check_op_build_locks
         ds_cfg = ds_config(cfg, precision, G, accum, cfg.n_head * cfg.head_width)
         check_op_build_locks()  # before DeepSpeed builds or loads its ops (init_distributed does, on CPU)
     world = init_world(backend, device_type)
@@ -223,8 +208,9 @@ def build_engine(run, mcfg, total_steps):
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(e):
             raise
         raise UsageError(f"the model (--n_layer {cfg.n_layer}, --n_head {cfg.n_head} x --head_width {cfg.head_width}, "
-                         f"{world.device.type}) does not fit in memory ({str(e).splitlines()[0][:160]}): lower --n_layer "
-                         "or --head_width, or shard it (--backend fsdp or deepspeed --zero_stage 3)") from None
+                         f"{world.device.type}) does not fit in memory ({str(e).splitlines()[0][:160]}): "
+                         "lower --n_layer or --head_width, or shard it (--backend fsdp or deepspeed --zero_stage 3)"
+                         ) from None
 
 
 def restore(run, engine):
@@ -366,7 +352,8 @@ class Trainer:
         mfu = self.flops_token * tps / self.peak if self.peak else None  # no known peak (CPU): no MFU
         lr = self.engine.lr()
         row = {"step": step, "loss": synced.loss, "lr": lr, "grad_norm": synced.grad_norm,
-               "tokens": step * self.tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": elapsed, "eta_s": eta}
+               "tokens": step * self.tokens_per_step, "tokens_per_s": tps, "mfu": mfu, "elapsed_s": elapsed,
+               "eta_s": eta}
         line = (f"step {step:>6}/{total} | loss {synced.loss:.4f} | lr {lr:.3e} | {tps:,.0f} tok/s"
                 + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "")
                 + f" | {duration(elapsed)} elapsed, ETA {duration(eta)}")
@@ -375,7 +362,8 @@ class Trainer:
 
     def evaluated(self, row, line):
         """The row and line with the validation loss (NaN without evaluating, once diverged)."""
-        self.val_loss = float("nan") if self.health.diverged else evaluate(self.engine, self.batches, self.cfg.eval_iters)
+        diverged = self.health.diverged
+        self.val_loss = float("nan") if diverged else evaluate(self.engine, self.batches, self.cfg.eval_iters)
         if math.isfinite(self.val_loss):
             self.best_val = min(self.best_val, self.val_loss)
         row = row or {"step": self.step, "tokens": self.step * self.tokens_per_step}

@@ -34,10 +34,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error
 
-from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # backend name -> (launcher prefix, trainer flags)
 BACKENDS = {
@@ -96,7 +95,7 @@ def run_counts(backend, args, out):
 
 def run_ours(backend, args, out):
     launch(backend, args, out, [str(ROOT / "run_trainer.py")])
-    rows = [json.loads(l) for l in open(out / backend / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(out / backend / "metrics.jsonl")]
     rows = [r for r in rows if "tokens_per_s" in r and r["step"] > args.warmup]
     summary = json.loads((out / backend / "summary.json").read_text())
     tokens_per_step = args.batch * args.seq_len
@@ -129,7 +128,8 @@ def run_reference(path, args, work):
     res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env={**os.environ, **args.env})
     if res.returncode != 0:
         raise RuntimeError(f"reference failed:\n{res.stderr[-3000:]}")
-    times = [(int(m.group(1)), float(m.group(2))) for m in re.finditer(r"iter (\d+): loss \S+, time ([\d.]+)ms", res.stdout)]
+    iters = re.finditer(r"iter (\d+): loss \S+, time ([\d.]+)ms", res.stdout)
+    times = [(int(m.group(1)), float(m.group(2))) for m in iters]
     times = [t for i, t in times if i > args.warmup]
     return {"tokens_per_s": statistics.median(args.batch * args.seq_len / (t / 1000) for t in times)}
 
@@ -146,8 +146,9 @@ def environment():
         info["device"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
     else:
-        cpu = [l for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        info["device"] = f"CPU: {cpu[0].split(':', 1)[1].strip() if cpu else platform.processor()}, {os.cpu_count()} cores"
+        cpu = [line for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        name = cpu[0].split(':', 1)[1].strip() if cpu else platform.processor()
+        info["device"] = f"CPU: {name}, {os.cpu_count()} cores"
     info["load_1min"] = os.getloadavg()[0]
     return info
 

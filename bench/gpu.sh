@@ -4,13 +4,15 @@
 # side-by-side row, a nanoGPT checkout at ref/nanoGPT (never committed):
 #
 #   bash bench/gpu.sh throughput   # GPT-2 124M shape: single, FSDP2, ZeRO-3 (DeepCompile) with compile; nanoGPT; fp16 checks
-# (bench/gpu_profile.sh: every engine in one call, with per-step losses; what RESULTS.md's 2026-11-25 rows ran)
+# (bench/gpu_profile.sh: every engine in one call, with per-step losses)
 #   bash bench/gpu.sh largest 32x4096 24x4096   # ZeRO-3 + CPU offload, the first size (layers x width) that trains 10 steps
 #   DS_CONFIG=ds_configs/zero3_offload_cpu_partial.json bash bench/gpu.sh largest 32x4096   # part of Adam on the GPU
 #   bash bench/gpu.sh checks       # exactness on the GPU: partial vs full offload, checkpoint_in_cpu, FSDP2 fp16
 #
 # Results: bench/results/*.json and logs under ${OUT:-bench/results/gpu_logs}.
 set -uo pipefail
+# the scripts import the project as installed (pip install -e .) or on PYTHONPATH; -P leaves the folder out
+python3 -P -c "import mupgpt" 2>/dev/null || { echo "error: mupgpt is not importable: run pip install -e . (or export PYTHONPATH=\$PWD) in the project root" >&2; exit 2; }
 OUT=${OUT:-bench/results/gpu_logs}
 mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

@@ -9,6 +9,8 @@
 # Run from the project root:  bash bench/gpu_data.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the scripts import the project as installed (pip install -e .) or on PYTHONPATH; -P leaves the folder out
+python3 -P -c "import mupgpt" 2>/dev/null || { echo "error: mupgpt is not importable: run pip install -e . (or export PYTHONPATH=\$PWD) in the project root" >&2; exit 2; }
 SHAKES=${SHAKES:-../shared/data/tinyshakespeare.txt}
 rm -rf /tmp/shakes_src /tmp/stdlib_src
 mkdir -p /tmp/shakes_src /tmp/stdlib_src

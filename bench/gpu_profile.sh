@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU run 1 of issue #25: the engines on one GPU at GPT-2 124M's shape (12 x 768, seq 1024, vocab 50304,
+# The engines on one GPU at GPT-2 124M's shape (12 x 768, seq 1024, vocab 50304,
 # bf16, micro batch 16) and 1.3B's (24 x 2048, 16 heads of 128, micro batch 8), in one call. Every run
 # logs every step's loss and tokens/s; bench/gpu_summary.py turns the metrics into a table: median
 # tokens/s over steps 21-40, ratio to single compiled at the same shape, MFU, losses over steps 1-30

@@ -1,17 +1,17 @@
-"""The table of a bench/gpu_profile.sh call (GPU run 1 of issue #25), from its folder of metrics and logs.
+"""The table of a bench/gpu_profile.sh call (the engines on one GPU), from its folder of metrics and logs.
 
     python3 bench/gpu_summary.py /tmp/prof                      # markdown to stdout
     python3 bench/gpu_summary.py part1/ part2/ --out summary.md --json summary.json
     python3 bench/gpu_summary.py /tmp/prof --line zero3_eager_124m   # one job's line (the script prints these)
 
 A folder is what the script packs into profile.tgz (jobs.tsv, env.txt, NAME.metrics.jsonl, NAME.log,
-NAME.config.json, NAME.files.txt). Several folders (the parts of run 1, one call each) are read together:
+NAME.config.json, NAME.files.txt). Several folders (the parts of one run, one call each) are read together:
 a job's baselines (single compiled for the ratio, single eager for the losses) come from its own folder
 first, else from another folder whose device line is the same, else are left blank. Per job: median
 tokens/s over steps 21-40 (the last half when the run is shorter), ms per step, MFU, the ratio to single
 compiled at the same shape, the largest loss difference to single eager over steps 1-30, losses at
 steps 1/10/20/30/40; for profiled jobs the GPU-busy time per step (the profile's self CUDA time over its
-4 steps) against the step time; the targets of issue #25; DeepCompile's whole-run checks (dc_full,
+4 steps) against the step time; the throughput and loss targets (TARGETS); DeepCompile's whole-run checks (dc_full,
 dc_resume). Plain Python, no torch: it runs on the CPU machine too.
 """
 import argparse
@@ -23,7 +23,7 @@ import statistics
 import sys
 
 PROFILED_STEPS = 4  # run_trainer.py's profiler: steps 13-16
-LOSS_STEPS = 30     # issue #25: losses over the first 30 steps within 0.06 of single eager's
+LOSS_STEPS = 30     # the loss target: losses over the first 30 steps within LOSS_TOL of single eager's
 LOSS_TOL = 0.06
 TARGETS = {  # shape -> (engine label, job names that count, minimum ratio to single compiled)
     "1.3b": [("ZeRO-3 (eager, the headline path)", ("zero3_eager", "zero3_eager_prof"), 0.9),
@@ -201,7 +201,8 @@ def dc_checks(runs):
                     "resumed": bool(re.search(r"resumed from .* at step 20", log)),
                     "tokens_per_s": speed(rows)[0]}
     if full and res:
-        a, b = losses(metrics(full[-1]["folder"], full[-1]["name"])), losses(metrics(res[-1]["folder"], res[-1]["name"]))
+        a = losses(metrics(full[-1]["folder"], full[-1]["name"]))
+        b = losses(metrics(res[-1]["folder"], res[-1]["name"]))
         common = [s for s in b if s in a and s > 20]
         if common:
             out["resume_max_loss_diff_steps_21_30"] = max(abs(a[s] - b[s]) for s in common)
@@ -251,16 +252,17 @@ def markdown(runs, rows, tgt, dc):
             out.append(f"| {r['job']} | {r['shape']} | skipped | | | | | | | | | {r['note']} |")
             continue
         p = r.get("profile") or {}
-        busy = (f"{fmt(p.get('gpu_busy_ms_per_step'), '.1f', '-')} ({fmt(p.get('profiled_steps_ms_per_step'), '.1f', '-')})"
-                if p else "")
+        busy = (f"{fmt(p.get('gpu_busy_ms_per_step'), '.1f', '-')} "
+                f"({fmt(p.get('profiled_steps_ms_per_step'), '.1f', '-')})" if p else "")
         diff = (f"{r['loss_max_diff']:.4f} ({r['loss_max_diff_step']})" if "loss_max_diff" in r else "")
         ratio = fmt(r.get("vs_single_compile"), ".2f") + ("*" if r.get("baseline_from") else "")
         out.append(f"| {r['job']} | {r['shape']} | {r['rc']} | {r['wall_s']} | {fmt(r['tokens_per_s'], ',.0f')} "
-                   f"| {fmt(r['ms_per_step'], '.1f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
+                   f"| {fmt(r['ms_per_step'], '.1f')} "
+                   f"| {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} "
                    f"| {ratio} | {diff} | {' '.join(f'{v:.3f}' for v in r['losses'].values())} | {busy} | {r['env']} |")
     if any(r.get("baseline_from") for r in rows):
         out.append("\n\\* baseline from another call on the same device")
-    out += ["", "## Targets (issue #25)", "", "| target | got | met | job |", "|---|---|---|---|"]
+    out += ["", "## Targets", "", "| target | got | met | job |", "|---|---|---|---|"]
     for t in tgt:
         got = t["got"]
         shown = "" if got is None else (f"{100 * got:.1f}%" if "MFU" in t["what"] else

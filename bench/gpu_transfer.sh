@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU run 2 of issue #25: muP transfer at GPU widths with the project's own scripts/sweep.py and
+# muP transfer at GPU widths with the project's own scripts/sweep.py and
 # scripts/plot_mu_scaling.py, several runs at a time on the one GPU, in one call of at most 6 minutes.
 #
 #   bash bench/gpu_transfer.sh            # on the device: carry data/ (bash bench/gpu_data.sh prepares it here)
@@ -14,7 +14,7 @@
 # and SP's fell one step per doubling, to 2^-9 at width 256; here the base is 256 (4 layers, 4x the
 # tokens a step), so muP's optimum is expected near 2^-9..2^-8 at every width, SP's there at width 256
 # and about 3 steps lower at 2048: each grid keeps 2-3 rates beyond the expected optima (SP's at 2048
-# may reach the low edge: the issue reports that shift as "at least"). An optimum on an edge is marked
+# may reach the low edge: the plot reports that shift as "at least"). An optimum on an edge is marked
 # by the plot; move the grid with MUP_LRS / SP_LRS (log2 range, e.g. MUP_LRS=-13:-6) and rerun.
 # 2 x 4 x 2 x 8 = 128 runs. Budget (an H100, bf16, eager): device work ~15 ms a step at width 2048, ~5 at
 # 1024 (both likely less: ~11 and ~4 ms by FLOPs and Adam's bytes), launch-bound below (~4 ms a step; a
@@ -34,6 +34,8 @@ OUT=${OUT:-/tmp/gpu_transfer}; S=/tmp/transfer
 rm -rf $S; mkdir -p "$OUT" $S/transfer $S/transfer_val /tmp/stdlib_src  # data/ holds /tmp/stdlib_src's tokens
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 HERE=$(cd "$(dirname "$0")" && pwd); cd "$HERE/.."
+# the scripts import the project as installed (pip install -e .) or on PYTHONPATH; -P leaves the folder out
+python3 -P -c "import mupgpt" 2>/dev/null || { echo "error: mupgpt is not importable: run pip install -e . (or export PYTHONPATH=\$PWD) in the project root" >&2; exit 2; }
 TINY=${TINY:-0}
 BUDGET=${BUDGET:-$(( TINY ? 900 : 330 ))}       # seconds until everything is packed (call: timeout_s 360)
 LAUNCH_STOP=${LAUNCH_STOP:-$((BUDGET - 60))}    # no group expected to end after this is started

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from mupgpt.sweep_runs import result_row, run_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,8 +44,6 @@ def collect_stopped(root, groups, lrs, log):
     """sweep.py writes a group's results.jsonl only when all its runs are done; for a group stopped at the
     hard stop (or failed), write it from the runs that did finish (their summary.json), with sweep.py's
     own run_name and result_row, so the figure keeps every finished run."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import sweep  # noqa: E402  (the project's definitions of a run's folder name and its results row)
     total = 0
     for g in groups:
         par, rest = g["name"].split("_w")
@@ -53,9 +53,9 @@ def collect_stopped(root, groups, lrs, log):
         for lr in lrs[par]:
             point = dict(parametrization=par, width=hw, depth=None, max_steps=None, train_batch_size=None, lr=lr,
                          seed=seed)
-            run_dir = folder / "runs" / sweep.run_name(point)
+            run_dir = folder / "runs" / run_name(point)
             if (run_dir / "summary.json").exists():
-                rows.append(sweep.result_row(point, run_dir))
+                rows.append(result_row(point, run_dir))
         with open(folder / "results.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         log(f"{g['name']}: {len(rows)} of {len(lrs[par])} runs finished before it stopped")
@@ -95,7 +95,8 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     widths = sorted((int(w) for w in args.head_widths.split(",")), reverse=True)
     groups = [(par, hw, s) for s in seeds for hw in widths for par in ("mup", "sp")]
-    groups += [(par, int(hw), seeds[0]) for hw in args.extra_head_widths.split(",") if hw.strip() for par in ("mup", "sp")]
+    groups += [(par, int(hw), seeds[0]) for hw in args.extra_head_widths.split(",") if hw.strip()
+               for par in ("mup", "sp")]
 
     def est(par, hw):
         n, j = len(lrs[par]), min(args.jobs, len(lrs[par]))
@@ -106,7 +107,8 @@ def main():
     def jobs_for(par, hw):
         j = min(args.jobs, len(lrs[par]), args.max_procs)
         if args.mem_gb:
-            j = max(1, min(j, int(args.mem_gb // mem_gb(args.n_head * hw, args.n_layer, args.seq_len, args.micro_batch))))
+            each = mem_gb(args.n_head * hw, args.n_layer, args.seq_len, args.micro_batch)
+            j = max(1, min(j, int(args.mem_gb // each)))
         return j
 
     def log(msg):
@@ -169,7 +171,8 @@ def main():
         time.sleep(0.5)
     recovered = collect_stopped(root, [g for g in done if g["rc"] != 0], lrs, log)
     summary = {"groups_done": [{k: g[k] for k in ("name", "rc", "wall_s", "est_s", "runs", "jobs")} for g in done],
-               "skipped": skipped, "rows_recovered_from_stopped_groups": recovered, "wall_s": time.time() - t0, "lrs": lrs, "head_widths": widths,
+               "skipped": skipped, "rows_recovered_from_stopped_groups": recovered, "wall_s": time.time() - t0,
+               "lrs": lrs, "head_widths": widths,
                "extra_head_widths": args.extra_head_widths, "seeds": seeds, "trainer_flags": extra}
     (root / "driver.json").write_text(json.dumps(summary, indent=1))
     log(f"{len(done)} group(s) ran, {len(skipped)} skipped")

@@ -16,10 +16,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-COLLECTIVES = ["all_reduce", "all_gather_single", "reduce_scatter_single", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "barrier", "all_to_all_single", "reduce", "all_gather_object", "broadcast_object_list"]
+COLLECTIVES = ["all_reduce", "all_gather_single", "reduce_scatter_single", "all_gather", "all_gather_into_tensor",
+               "reduce_scatter", "reduce_scatter_tensor", "broadcast", "barrier", "all_to_all_single", "reduce",
+               "all_gather_object", "broadcast_object_list"]
 READ_BACKS = ["item", "tolist", "__bool__", "__float__", "__int__", "numpy"]
 # (module, class, method, counter name): the engines' per-step Python work
 HOOKS = [
@@ -54,7 +53,8 @@ def counted(fn, name):
         current[name] += 1
         if name == WHERE:
             frames = [sys._getframe(i) for i in range(1, 1 + int(os.environ.get("STEP_COUNTS_DEPTH", "1")))]
-            current[name + "@" + "<".join(f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}" for f in frames)] += 1
+            where = "<".join(f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}" for f in frames)
+            current[name + "@" + where] += 1
         return fn(*args, **kwargs)
     return wrapper
 

@@ -44,7 +44,8 @@ def step_of(folder):
 
 def in_run_dir(folder, run_dir):
     """Whether a checkpoint folder is one of run_dir's own."""
-    return os.path.realpath(os.path.dirname(os.path.normpath(folder))) == os.path.realpath(os.path.join(run_dir, "checkpoints"))
+    parent = os.path.dirname(os.path.normpath(folder))
+    return os.path.realpath(parent) == os.path.realpath(os.path.join(run_dir, "checkpoints"))
 
 
 def sha256(path):
@@ -101,7 +102,8 @@ def verify(folder):
         if not os.path.exists(path):
             raise Damaged(rel, "missing")
         if os.path.getsize(path) != info["size"]:
-            raise Damaged(rel, f"{os.path.getsize(path)} bytes, the manifest says {info['size']} (truncated or overwritten)")
+            raise Damaged(rel, f"{os.path.getsize(path)} bytes, the manifest says {info['size']} (truncated or "
+                               "overwritten)")
         if sha256(path) != info["sha256"]:
             raise Damaged(rel, "contents differ from the manifest's sha256 (corrupted)")
     return True
@@ -162,7 +164,8 @@ def find_resume(resume, run_dir):
         try:
             return _checked(resume)
         except Damaged as e:
-            raise UsageError(f"{resume} is not a complete checkpoint, it is damaged ({e}): resume from an earlier checkpoints/step_N "
+            raise UsageError(f"{resume} is not a complete checkpoint, it is damaged ({e}): resume from an earlier "
+                             "checkpoints/step_N "
                              "folder, or with --resume auto") from None
     # a run directory, or its checkpoints/ folder: take the newest sound checkpoint in it
     found = checkpoints(resume) or checkpoints(os.path.dirname(os.path.abspath(resume)))
@@ -170,7 +173,8 @@ def find_resume(resume, run_dir):
         return _newest_sound(found, resume)
     if os.path.isdir(resume):
         return resume  # read_trainer_state names what is missing
-    raise UsageError(f"--resume {resume}: no such checkpoint: give a checkpoints/step_N folder, a run directory, or 'auto'")
+    raise UsageError(f"--resume {resume}: no such checkpoint: give a checkpoints/step_N folder, a run directory, or "
+                     "'auto'")
 
 
 def read_trainer_state(path):
@@ -239,7 +243,8 @@ def save(engine, run_dir, trainer_state, keep):
         if full:
             previous = checkpoints(run_dir)
             kept = f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists"
-            raise UsageError(f"the disk is full: could not write checkpoint {os.path.basename(final)} in {root} ({e.__class__.__name__}); "
+            raise UsageError(f"the disk is full: could not write checkpoint {os.path.basename(final)} in {root} "
+                             f"({e.__class__.__name__}); "
                              f"{kept}: free space (or lower --keep_checkpoints) and rerun with --resume auto") from None
         raise
     if world.is_main:
@@ -293,14 +298,15 @@ def restore(engine, path, trainer_state, backend):
     if same:
         engine.load(path)
         return
-    from mupgpt.engines.base import load_weights
+    from mupgpt.safe_load import load_weights
     weights = os.path.join(path, "model.safetensors")
     if not os.path.exists(weights):
         raise UsageError(f"{path} has no model.safetensors: resume it with the backend and world size that wrote it")
     engine.load_model(load_weights(weights))
     continue_schedule(engine.scheduler, int(trainer_state["step"]))
     if engine.world.is_main:
-        print(f"note: {path} was written by {trainer_state.get('backend')} on {trainer_state.get('world_size')} rank(s); "
+        print(f"note: {path} was written by {trainer_state.get('backend')} on {trainer_state.get('world_size')} "
+              "rank(s); "
               "loaded its weights, the optimizer state starts afresh and the LR schedule continues from step "
               f"{trainer_state['step']}", flush=True)
 

@@ -32,8 +32,8 @@ def duration(seconds):
 
 
 def peak_flops(device):
-    """The device's peak, or 0 where none is known: then no MFU is shown. On a CPU a matmul rate timed at
-    start-up stood in for the peak, but on a busy machine it came out low and MFU read 300-600%."""
+    """The device's peak, or 0 where none is known: then no MFU is shown. A CPU has no peak to look up,
+    and a rate timed at start-up depends on what else the machine runs, so an MFU from it would mislead."""
     if device.type != "cuda":
         return 0.0
     name = torch.cuda.get_device_name(device)
@@ -141,6 +141,7 @@ class Reporter:
 def start_wandb(run_dir, cfg):
     """Online when an API key is configured; otherwise offline, so it never blocks or prompts."""
     import dataclasses
+
     import wandb
     netrc = os.path.expanduser("~/.netrc")
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read())

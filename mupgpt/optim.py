@@ -68,8 +68,8 @@ def optimizer(groups, cfg, fused=True):
 
 
 def adamw(groups, cfg, fused=True):
-    """torch's fused AdamW (one kernel per group, no temporaries) on CPU and GPU alike: on this 2-core
-    CPU it steps 3.4M parameters in 1.2 ms against the foreach version's 5.4 ms (bench/RESULTS.md)."""
+    """torch's fused AdamW (one kernel per group, no temporaries) on CPU and GPU alike: it steps faster
+    than the foreach version (bench/RESULTS.md)."""
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
 
@@ -83,14 +83,16 @@ def schedule_kwargs(cfg, total_steps=None):
     that need the run's length only when total_steps is given)."""
     name, ratio = cfg.lr_scheduler_type, cfg.min_lr_ratio
     if not 0 <= ratio <= 1:
-        raise UsageError(f"--min_lr_ratio must be between 0 and 1 (the LR floor as a fraction of each group's LR), not {ratio}")
+        raise UsageError("--min_lr_ratio must be between 0 and 1 (the LR floor as a fraction of each group's LR), "
+                         f"not {ratio}")
     if ratio and name not in MIN_LR_SCHEDULES:
         raise UsageError(f"--min_lr_ratio is for --lr_scheduler_type {', '.join(MIN_LR_SCHEDULES)}, not {name}: "
                          "drop it or pick one of those")
     if cfg.num_decay_steps < 0:
         raise UsageError(f"--num_decay_steps must be 0 (20% of the steps) or more, not {cfg.num_decay_steps}")
     if (cfg.num_decay_steps or cfg.decay_type != "1-sqrt") and name != "warmup_stable_decay":
-        raise UsageError(f"--num_decay_steps and --decay_type are for --lr_scheduler_type warmup_stable_decay, not {name}")
+        raise UsageError("--num_decay_steps and --decay_type are for --lr_scheduler_type warmup_stable_decay, not "
+                         f"{name}")
     if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         return {"min_lr_rate": ratio}
     if name != "warmup_stable_decay":

@@ -68,7 +68,8 @@ def refuse_a_second_run(run_dir, has_checkpoints):
                              "--run_name or --output_dir (--resume auto would only reload it)")
         if summary.get("diverged"):
             raise UsageError(f"{run_dir} holds a run that diverged at step {summary.get('steps')}: pick another "
-                             "--run_name, or resume its last good checkpoint with --resume PATH and a lower --learning_rate")
+                             "--run_name, or resume its last good checkpoint with --resume PATH and a lower "
+                             "--learning_rate")
     if has_checkpoints or os.path.exists(summary_path):
         raise UsageError(f"{run_dir} already holds an unfinished run: pass --resume auto to continue it, "
                          "or another --run_name")

@@ -40,13 +40,16 @@ def check_launcher(backend):
 def resolve_backend(cfg):
     backend = cfg.backend
     if backend == "auto":
-        launched_by_deepspeed = cfg.local_rank >= 0 and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
-        backend = "deepspeed" if launched_by_deepspeed else "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+        launched_by_deepspeed = (cfg.local_rank >= 0 and "LOCAL_RANK" in os.environ
+                                 and "TORCHELASTIC_RUN_ID" not in os.environ)
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        backend = "deepspeed" if launched_by_deepspeed else "ddp" if several else "single"
     else:
         check_launcher(backend)
     if backend == "deepspeed" and cfg.optimizer == "muon":
-        raise UsageError("--optimizer muon runs on --backend single, ddp and fsdp, not deepspeed (DeepSpeed's ZeRO Muon "
-                         "does not step like one process's Muon): use --backend fsdp to shard, or --optimizer adamw")
+        raise UsageError("--optimizer muon runs on --backend single, ddp and fsdp, not deepspeed (DeepSpeed's ZeRO "
+                         "Muon does not step like one process's Muon): use --backend fsdp to shard, "
+                         "or --optimizer adamw")
     if backend != "deepspeed" and (cfg.offload != "none" or cfg.ds_config):
         flag = f"--offload {cfg.offload}" if cfg.offload != "none" else "--ds_config"
         raise UsageError(f"{flag} is a DeepSpeed setting but the backend is {backend}: add --backend deepspeed "
@@ -87,7 +90,7 @@ def deepspeed_environment(device_type):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's choice, without its warning
         # DeepSpeed's CPU accelerator counts its devices by running `numactl --hardware` in a subprocess
         # unless LOCAL_SIZE is set (its launcher sets it; one process or torchrun do not), and ZeRO-3 asks
-        # about 100 times a step: 3/4 of its step time on the bench's host-overhead model
+        # many times a step: set, the count costs nothing
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     # DeepSpeed calls torch.distributed's old collective names: six FutureWarnings a run that are not the user's
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")

@@ -13,36 +13,33 @@ hidden outputs and logits grow.
     python scripts/coord_check.py --depths 4,8,16,32 --depth_alpha 1 --n_head 4 --head_width 32 --steps 10
 
 Width verdict: muP passes when |slope| of mean |x| <= 0.15 for every module at steps >= 2 (the attention
-logits: -0.5 <= slope <= 0.15, see GROWTH_ONLY) and the zero-initialised readout gives exactly 0 logits at step 1. It
-holds at 16x width and 10 steps (--head_widths 16,32,64,128,256 --steps 10) with 3 seeds or more.
+logits: -0.5 <= slope <= 0.15, see GROWTH_ONLY) and the zero-initialised readout gives exactly 0 logits at step 1.
+Wider ranges and more steps need 3 seeds or more (docs/mup.md has the runs).
 Depth verdict (the last block, the final residual stream and the logits across depths): passes when
 |slope| of the learned part <= 0.15 for every module from the first step whose gradient reaches the
 blocks (step 3 with the zero-initialised readout) and the logits are 0 at step 1. The learned part,
 not |x|: under CompleteP the L branches start independent and scaled by 1/L, so at init the
 stream's block part shrinks like L^-1/2 by design, while what CompleteP keeps depth-independent is
 each step's update (its Figure 7 shows the same init shrinkage). The last block's attention logits
-(q . k) are recorded but not judged: they shrink with depth without any depth scaling too (see the
-README), so no depth rule controls them.
+(q . k) are recorded but not judged: they shrink with depth without any depth scaling too (see
+docs/mup.md), so no depth rule controls them.
 Writes <out>/coord.json (every slope) and <out>/coord.png.
 """
 import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mup_model import MUON_SCALES  # noqa: E402
-from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines.factory import build  # noqa: E402
-from mupgpt.world import exit_process, init_world  # noqa: E402
-from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
-from run_trainer import model_config  # noqa: E402
+from mup_model import MUON_SCALES
+from mupgpt.config import parse_args
+from mupgpt.engines.factory import build
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error
+from mupgpt.model_config import model_config
+from mupgpt.world import exit_process, init_world
 
 MAX_SLOPE = 0.15
 VOCAB = 257  # the byte tokenizer's
@@ -108,7 +105,7 @@ def slopes(sizes, runs):
 NOT_JUDGED_IN_DEPTH = ("last.attn.logits",)
 # Judged for growth, and for shrinking faster than d^-1/2: the learned query's overlap with the key's random part
 # is a CLT sum, q.k/d_head ~ d^-1/2, that inflates mean |logit| at small widths and fades towards the Theta(1)
-# limit (measured slopes -0.29 +- 0.11 at head widths 16-256); a wrong attention scale makes them grow
+# limit, so a correct scale gives a mildly negative slope; a wrong attention scale makes them grow
 # (1/sqrt(d_head): d^+1/2) or shrink like d^-1 or faster (1/d_head^1.5), and a query or key that learns too
 # slowly shows on q and k themselves.
 GROWTH_ONLY = ("attn.logits",)
@@ -126,7 +123,8 @@ def verdict(slope_table, runs, from_step=2, skip=()):
     bad = [(t, m, s) for t, m, s in judged
            if s is None or judged_slope(m, s) > MAX_SLOPE or (m.endswith(GROWTH_ONLY) and s < LOGITS_FLOOR)]
     logits_step1 = max(h[0]["logits"] for hist in runs.values() for h in hist)
-    return {"passes": bool(judged) and not bad and logits_step1 == 0.0, "judged_from_step": from_step, "not_judged": list(skip),
+    return {"passes": bool(judged) and not bad and logits_step1 == 0.0, "judged_from_step": from_step,
+            "not_judged": list(skip),
             "max_abs_slope": max((judged_slope(m, s) for _, m, s in judged if s is not None), default=0.0),
             "violations": [{"step": t, "module": m, "slope": s} for t, m, s in bad], "logits_at_step1": logits_step1}
 
@@ -210,7 +208,8 @@ def run(args, world=None):
     sizes = check_args(args)
     backend = args.backend
     if backend == "auto":
-        backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single")
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if several else "single")
     runs, deltas = {}, {}
     for size in sizes:
         runs[size], deltas[size] = [], []
@@ -218,7 +217,7 @@ def run(args, world=None):
             cfg = train_config(args, backend, size, seed, sizes)
             ds_cfg = None
             if backend == "deepspeed":
-                from mupgpt.engines.deepspeed_zero import ds_config
+                from mupgpt.engines.deepspeed_config import ds_config
                 n = int(os.environ.get("WORLD_SIZE", "1"))
                 ds_cfg = ds_config(cfg, "fp32", args.batch * n, 1, cfg.n_head * cfg.head_width)
             world = world or init_world(backend, "cpu" if not torch.cuda.is_available() else "cuda")
@@ -235,7 +234,8 @@ def run(args, world=None):
     else:
         judged = verdict(table, runs)
     result = {"arch": args.arch, "parametrization": args.parametrization, "optimizer": args.optimizer,
-              "muon_scale": args.muon_scale if args.optimizer == "muon" else None, "backend": backend, "world_size": world.world_size,
+              "muon_scale": args.muon_scale if args.optimizer == "muon" else None, "backend": backend,
+              "world_size": world.world_size,
               "vary": "depth" if args.depths else "head_width", "sizes": sizes,
               "depth_alpha": args.depth_alpha if args.depths else None, "query_zero_init": cfg.query_zero_init,
               "judged": "learned part" if args.depths else "mean |x|", **judged,
@@ -338,7 +338,8 @@ def main():
         plot(result, os.path.join(args.out, "coord.png"))
         alpha = f" (alpha {result['depth_alpha']:g})" if result["depth_alpha"] is not None else ""
         print(f"{result['parametrization']} {result['vary']} check{alpha}: {'PASSES' if result['passes'] else 'FAILS'} "
-              f"(max |slope| of {result['judged']} from step {result['judged_from_step']}: {result['max_abs_slope']:.3f}; "
+              f"(max |slope| of {result['judged']} from step {result['judged_from_step']}: "
+              f"{result['max_abs_slope']:.3f}; "
               f"logits at step 1: {result['logits_at_step1']}) "
               f"-> {args.out}/coord.json, coord.png")
 

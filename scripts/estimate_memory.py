@@ -5,8 +5,8 @@
 
 Per rank, in bytes per parameter (P parameters from the real model built on the meta device, N
 ranks, w = 2 in bf16/fp16 and 4 in fp32): the ZeRO paper's accounting (Rajbhandari et al. 2020)
-corrected to what DeepSpeed and FSDP2 allocate, measured on CPU with tests/mem_probe.py
-(tests/test_estimate_memory.py holds this script to those measurements):
+corrected to what DeepSpeed and FSDP2 allocate, as tests/mem_probe.py counts it on CPU
+(tests/test_estimate_memory.py holds this script to those counts):
 
   stage 0 (single, DDP)  4 weights + 4 gradients + 8 Adam, all fp32 (bf16 only inside autocast)
   ZeRO-1                 w weights + w gradients + 12/N fp32 master and Adam (DeepSpeed keeps the
@@ -29,23 +29,19 @@ Activations per layer use s*b*h*34 bytes in half precision for a pre-LN GPT bloc
 attention (Korthikanti et al. 2022, without the s^2 attention term; a llama block keeps more: about
 s*b*h*44 bytes at its default MLP and half as many K/V heads, see layer_activations), s*b*h*2 with activation
 checkpointing plus one recomputed layer; the logits add s*b*V*(2 + 4 + 4) bytes (logits, fp32 loss
-input, gradient). All terms are summed though not all are alive at once: the measured peaks on CPU
-were 0.86x-1.23x of the sum (bench/RESULTS.md). --arch llama counts its own parameters (SwiGLU,
+input, gradient). All terms are summed though not all are alive at once, so it is an estimate, not a bound
+(bench/RESULTS.md compares it with measured peaks). --arch llama counts its own parameters (SwiGLU,
 grouped K/V, no position table) and its own activations.
 """
 import argparse
 import json
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from mup_model import GPT, GPTConfig  # noqa: E402
-from mupgpt.engines.deepspeed_zero import bucket_elements  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mup_model import GPT, GPTConfig
+from mupgpt.engines.deepspeed_config import bucket_elements
+from mupgpt.errors import UsageError, exit_on_usage_error
 
 GIB = 2**30
 MAX_LIVE = 1e9  # stage3_max_live_parameters and stage3_max_reuse_distance: DeepSpeed's defaults, ds_configs/zero3*.json
@@ -67,7 +63,8 @@ def count_params(args):
 def layer_activations(cfg):
     """Values per token one block keeps for backward (as counted with saved-tensor hooks on CPU).
     gpt2: each LayerNorm's input and output, q, k, v, the attention output and the projection's input,
-    and the MLP's hidden before and after GELU: 7h + 2kv + 2f with kv = h (17h: Korthikanti's 34 bytes in half precision).
+    and the MLP's hidden before and after GELU: 7h + 2kv + 2f with kv = h (17h: Korthikanti's 34 bytes in half
+    precision).
     llama: RMSNorm also keeps its normalised input (for the gain's gradient), k and v are n_kv_head wide,
     RoPE's rotated q and k are kept besides the unrotated projection, and SwiGLU keeps four hidden-wide
     tensors (gate, silu(gate), up, their product): 10h + 3kv + 4f (22.2h at f = 8/3 h, n_kv_head = n_head / 2)."""
@@ -109,9 +106,8 @@ def estimate(args):
     host = 0.0
     if args.offload == "cpu":
         # DeepSpeed keeps the offloaded gradients in fp32 (4 B, not 2) and reserves 1.5x for its pinned
-        # buffers (its own estimate_zero3_model_states_mem_needs: 18 B/param x 1.5). Measured on an H100
-        # host: 4.44B params, 103.8 GiB peak RSS, this rule 111.7 GiB; 6.86B with ratio 0.55: 110.9 GiB
-        # RSS and 49.2 GiB device, this rule 103.5 and 49.1 GiB (bench/RESULTS.md).
+        # buffers (its own estimate_zero3_model_states_mem_needs: 18 B/param x 1.5); bench/RESULTS.md
+        # compares this rule with the host and device memory of offloaded runs on a GPU machine.
         r, states = args.offload_ratio, optim + 4 * P / N
         host = 1.5 * (r * states + weights)
         weights, optim, grads = 0.0, (1 - r) * states, 0.0
@@ -131,7 +127,8 @@ def estimate(args):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="the model's architecture (as the trainer's)")
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"],
+                   help="the model's architecture (as the trainer's)")
     p.add_argument("--n_kv_head", type=int, default=0, help="llama: key/value heads (0: n_head)")
     p.add_argument("--mlp_hidden", type=int, default=0, help="MLP hidden size (0: the architecture's default)")
     p.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
@@ -143,11 +140,13 @@ def build_parser():
     p.add_argument("--world_size", type=int, default=1, help="ranks the states are sharded over")
     p.add_argument("--stage", type=int, default=0, help="0 (single/DDP), 1, 2, 3 (ZeRO-3 or FSDP2)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2's layout (with --stage 3) instead of DeepSpeed's")
-    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"], help="DeepSpeed offload (with --stage 3)")
+    p.add_argument("--offload", default="none", choices=["none", "cpu", "nvme"],
+                   help="DeepSpeed offload (with --stage 3)")
     p.add_argument("--offload_ratio", type=float, default=1.0,
                    help="fraction of Adam's states offloaded (offload_optimizer.ratio; the rest stays on the device)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute precision")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="with activation checkpointing: each block's input plus one block's activations")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="with activation checkpointing: each block's input plus one block's activations")
     p.add_argument("--json", action="store_true", help="print JSON")
     return p
 

@@ -14,19 +14,14 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from mup_model import attention_scale, output_scale, residual_scale  # noqa: E402
-from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
-from sample import load_model, trained_steps, unfinished_note  # noqa: E402
+from mup_model import attention_scale, output_scale, residual_scale
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error
+from mupgpt.trained import load_model, trained_steps, unfinished_note
 
 TOKENIZERS = {  # what the ids mean, for people and tools reading config.json
     "gpt2": (50256, "GPT-2 BPE (tiktoken 'gpt2', the same ids as the transformers 'gpt2' tokenizer)"),

@@ -21,16 +21,12 @@ else from <sweep>/runs/<run>/config.json, else from --n_head, else the legend sa
 import argparse
 import json
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
-
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error
 
 METRICS = ("mean_train_loss", "final_train_loss", "val_loss")
 # axis -> (its key in the results rows, its sweep.py flag, what one value is called, more than one)

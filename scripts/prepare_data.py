@@ -11,30 +11,37 @@ again over an existing folder, unless another process was preparing the same one
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mupgpt.data import (check_data_dir, dataset_slug, load_documents, open_prepared, prepare, preparing, resolve_tokenizer,  # noqa: E402
-                         source_of)
-from mupgpt.config import tokenizer_names  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.config import tokenizer_names
+from mupgpt.data import (
+    check_data_dir,
+    dataset_slug,
+    load_documents,
+    open_prepared,
+    prepare,
+    preparing,
+    resolve_tokenizer,
+    source_of,
+)
+from mupgpt.errors import UsageError, exit_on_usage_error
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="stdlib", help="stdlib, a hub dataset name, or a path to .txt/.jsonl/.parquet files")
+    p.add_argument("--dataset", default="stdlib",
+                   help="stdlib, a hub dataset name, or a path to .txt/.jsonl/.parquet files")
     p.add_argument("--tokenizer", default="auto", choices=["auto", *tokenizer_names()],
                    help="as the trainer's --tokenizer: bytes, gpt2 or another tiktoken encoding; auto is gpt2 when its "
                    "files can be had, else bytes")
     p.add_argument("--data_dir", default="data", help="where prepared datasets go (the trainer's --data_dir)")
-    p.add_argument("--num_proc", type=int, default=None, help="tokenizer processes (default: up to 8 for large datasets)")
+    p.add_argument("--num_proc", type=int, default=None,
+                   help="tokenizer processes (default: up to 8 for large datasets)")
     args = p.parse_args()
     if args.num_proc is not None and args.num_proc < 1:
         raise UsageError(f"--num_proc must be at least 1, not {args.num_proc}: or leave it out")
     check_data_dir(args.data_dir)
-    tokenizer = resolve_tokenizer(args.tokenizer, lambda tok: os.path.join(args.data_dir, f"{dataset_slug(args.dataset)}-{tok}"))
+    tokenizer = resolve_tokenizer(args.tokenizer,
+                                  lambda tok: os.path.join(args.data_dir, f"{dataset_slug(args.dataset)}-{tok}"))
     out = os.path.join(args.data_dir, f"{dataset_slug(args.dataset)}-{tokenizer.name}")
     documents = load_documents(args.dataset)  # bad input is refused before anything is written
     with preparing(out) as waited:

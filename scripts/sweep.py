@@ -49,7 +49,6 @@ import time
 from pathlib import Path
 
 
-
 def _stopped_early(signum, frame):
     """A signal while the modules load: nothing has started, so the sweep just ends (main() replaces this)."""
     print(f"{signal.Signals(signum).name}: the sweep stopped before any run started; run the same command again to "
@@ -62,13 +61,12 @@ if __name__ == "__main__":
         signal.signal(_sig, _stopped_early)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from mupgpt.config import _Parser, parse_args  # noqa: E402
 from mupgpt.config import build_parser as build_trainer_parser  # noqa: E402
-from mupgpt.errors import UsageError, exit_on_usage_error  # noqa: E402
+from mupgpt.config import parse_args  # noqa: E402
+from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error  # noqa: E402
 from mupgpt.metrics import duration  # noqa: E402
-
+from mupgpt.sweep_runs import result_row, run_name  # noqa: E402
 
 HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f:]+")
 
@@ -165,13 +163,6 @@ def refuse_swept_flags(args, extra):
                              f"give its values to {flag} only")
 
 
-def run_name(point):
-    depth = f"_d{point['depth']}" if point["depth"] else ""
-    steps = f"_steps{point['max_steps']}" if point["max_steps"] else ""
-    batch = f"_batch{point['train_batch_size']}" if point["train_batch_size"] else ""
-    return f"{point['parametrization']}_w{point['width']}{depth}{steps}{batch}_lr{point['lr']:g}_s{point['seed']}"
-
-
 def trainer_flags(point, out, extra):
     flags = ["--parametrization", point["parametrization"], "--head_width", str(point["width"]),
              "--learning_rate", repr(point["lr"]), "--seed", str(point["seed"]), "--output_dir", str(out / "runs"),
@@ -185,51 +176,11 @@ def trainer_flags(point, out, extra):
     return flags + extra
 
 
-def read_json(path, what):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UsageError(f"{path} is unreadable: {what}") from None
-
-
-def result_row(point, run_dir):
-    """A finished run's row, from its own summary.json and metrics.jsonl. A torn last metrics line (a killed
-    write) is left out; a row logged again after a resume replaces the earlier one of its step."""
-    summary = read_json(run_dir / "summary.json", f"delete {run_dir} and run the sweep again to redo that run")
-    if not isinstance(summary, dict) or not all(k in summary for k in ("final_train_loss", "final_val_loss",
-                                                                       "diverged", "steps")):
-        raise UsageError(f"{run_dir / 'summary.json'} is not a run summary: delete {run_dir} and run the sweep again")
-    by_step = {}
-    try:
-        with open(run_dir / "metrics.jsonl") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int):
-                    by_step[row["step"]] = {**by_step.get(row["step"], {}), **row}
-    except OSError:
-        pass
-    rows = [by_step[k] for k in sorted(by_step)]
-    train = [r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))]
-    tail = train[-max(1, len(train) // 4):]  # the last quarter of logged steps
-    finite = all(math.isfinite(x) for x in tail)
-    final, val = summary["final_train_loss"], summary["final_val_loss"]
-    if not summary["diverged"]:  # a finished run's losses are numbers: where its summary lacks them, its log has them
-        if not isinstance(final, (int, float)) or not math.isfinite(final):
-            final = train[-1] if train else final
-        vals = [r["val_loss"] for r in rows if isinstance(r.get("val_loss"), (int, float))]
-        if (not isinstance(val, (int, float)) or not math.isfinite(val)) and vals:
-            val = vals[-1]
-    mean = (sum(tail) / len(tail) if finite else float("nan")) if tail else final
-    return {**point, "run": run_dir.name, "final_train_loss": final, "mean_train_loss": mean,
-            "val_loss": val, "diverged": bool(summary["diverged"]) or not finite, "steps": summary["steps"]}
-
-
-# What the sweep sets per run, and what only changes how a run is watched or saved: neither defines a run's result.
-NOT_SHARED = {"head_width", "learning_rate", "parametrization", "seed", "output_dir", "run_name", "resume", "local_rank",
-              "log_interval", "save", "save_interval", "keep_checkpoints", "wandb", "debug", "print_profile_results"}
+# What the sweep sets per run, and what only changes how a run is watched or saved: neither defines a run's
+# result.
+NOT_SHARED = {"head_width", "learning_rate", "parametrization", "seed", "output_dir", "run_name", "resume",
+              "local_rank", "log_interval", "save", "save_interval", "keep_checkpoints", "wandb", "debug",
+              "print_profile_results"}
 
 
 def shared_settings(cfg, points):
@@ -294,7 +245,8 @@ class Stop:
     saves a checkpoint and exits) and a second signal kills them. Before any run starts, the signal ends the sweep."""
 
     def __init__(self):
-        self.event, self.signum, self.children, self.lock, self.running = threading.Event(), None, {}, threading.Lock(), False
+        self.event, self.signum, self.children = threading.Event(), None, {}
+        self.lock, self.running = threading.Lock(), False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.handle)
 
@@ -541,7 +493,7 @@ def run_sweep(args, extra, stop):
 
 
 def build_parser():
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="sweep folder (runs/ and results.jsonl go here)")
     p.add_argument("--widths", default="8,16,32,64", help="head widths")
     p.add_argument("--depths", default="", help="n_layer values (a depth sweep); empty: the trainer's --n_layer")
@@ -571,7 +523,8 @@ def main(argv=None):
         sys.exit(128 + stop.signum)
     if stop.signum:
         print(f"{signal.Signals(stop.signum).name}: the sweep stopped; results.jsonl holds the finished runs; run the "
-              "same command again to continue (stopped runs resume from their checkpoints)", file=sys.stderr, flush=True)
+              "same command again to continue (stopped runs resume from their checkpoints)", file=sys.stderr,
+              flush=True)
         sys.exit(128 + stop.signum)
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

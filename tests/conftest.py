@@ -1,6 +1,7 @@
 import json
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,18 @@ def data_dir(tmp_path_factory, corpus):
     return d
 
 
+@pytest.fixture
+def libaio():
+    """NVMe offload needs libaio (an optional system package): where the trainer's own check refuses it, the
+    test skips with the trainer's one-line message, which says what to install."""
+    from mupgpt.engines.deepspeed_config import check_aio
+    from mupgpt.errors import UsageError
+    try:
+        check_aio()
+    except UsageError as e:
+        pytest.skip(str(e))
+
+
 def trainer_args(out, corpus, data_dir, *extra):
     return ["--output_dir", str(out), "--dataset", str(corpus), "--data_dir", str(data_dir), *TINY, *extra]
 
@@ -50,12 +63,92 @@ def run_cli(args, launcher=(sys.executable,), env=None, timeout=600):
 
 
 def losses(run_dir, key="loss"):
-    rows = [json.loads(l) for l in open(Path(run_dir) / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
     return [r[key] for r in rows if key in r]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "multinode: runs on real hosts made from network namespaces (skips where they can't be made)")
+    config.addinivalue_line("markers", "multinode: runs on real hosts made from network namespaces "
+                                       "(skips where they can't be made)")
+    config.addinivalue_line("markers", "slow: left out of the fast tier, `python3 -m pytest -m \"not slow\"`")
+
+
+# The fast tier is the daily loop: the model and its muP rules, optimizer groups, config, data, input checks and
+# one tiny in-process run of the trainer. A test is slow when it starts a process that imports torch (the
+# trainer, a launcher, a script as a real process: each start costs seconds of imports on a small machine) or
+# trains more than a few tiny steps. Whole files where (nearly) every test is slow:
+SLOW_FILES = {
+    "test_bench.py", "test_checkpoint_trust.py", "test_hub_offline.py", "test_multi_node.py", "test_run_safety.py",
+    "test_sharded.py", "test_step_counts.py", "test_step_lines.py", "test_sweep_plot.py", "test_tokenizers.py",
+    "test_muon.py",
+}
+# Fast tests in those files (in-process, no training)
+FAST_IN_SLOW_FILES = {
+    "test_muon.py::test_muon_rules_hold_the_update_scale_per_matrix_and_keep_adamw_groups",
+    "test_muon.py::test_fused_qkv_is_orthogonalized_block_by_block",
+    "test_muon.py::test_muon_scale_mup_is_width_free_moonlight_grows_and_depth_follows_completep",
+    "test_checkpoint_trust.py::test_stale_tmp_folders_go_at_the_next_save_and_an_interrupted_save_removes_its_own",
+    "test_run_safety.py::test_run_name_cannot_leave_the_output_dir",
+    "test_sharded.py::test_compile_under_zero3_on_a_gpu_is_deepcompile",
+    "test_sharded.py::test_shipped_configs_leave_bf16_steps_free_of_host_syncs",
+    "test_sharded.py::test_a_zero3_config_of_ones_own_keeps_its_choices_and_says_what_the_shipped_ones_set",
+    "test_step_lines.py::test_duration_format",
+    "test_sweep_plot.py::test_plot_marks_optima_at_the_grid_edge_and_labels_model_widths",
+    "test_sweep_plot.py::test_plot_of_a_batch_size_sweep",
+    "test_sweep_plot.py::test_bad_sweep_input_is_one_line_and_exit_2",
+}
+# Slow tests in the other files (a test name covers all its cases; "name[case]" one case)
+SLOW_TESTS = {
+    "test_config_file.py::test_the_trainer_records_the_resolved_config",
+    "test_config_file.py::test_a_bad_file_is_one_line_from_the_command_line",
+    "test_coord_check.py::test_mup_activations_keep_their_size_across_an_8x_width_range",
+    "test_coord_check.py::test_the_check_judges_the_query_init_the_trainer_uses",
+    "test_coord_check.py::test_sp_is_flagged_its_logits_and_hidden_outputs_grow",
+    "test_coord_check.py::test_the_verdict_holds_at_16x_width_and_10_steps",
+    "test_coord_check.py::test_sharded_coordinate_check_gives_the_same_slopes",
+    "test_coord_check.py::test_depth_check_separates_completep_from_no_scaling_and_from_lazy_blocks",
+    "test_coord_check.py::test_completep_passes_the_depth_verdict_at_width_128",
+    "test_coord_check.py::test_sharded_depth_check_gives_the_same_slopes",
+    "test_data.py::test_two_processes_preparing_the_same_folder_at_once_both_succeed",
+    "test_data.py::test_a_corrupted_meta_json_stops_the_trainer_with_one_line",
+    "test_data.py::test_a_killed_preparations_folders_are_cleared_by_the_next_one",
+    "test_data.py::test_odd_entries_in_a_dataset_folder_are_one_line_and_exit_2[fifo]",
+    "test_data.py::test_odd_entries_in_a_dataset_folder_are_one_line_and_exit_2[empty]",
+    "test_estimate_memory.py::test_estimate_holds_the_measured_peak_of_real_training_steps",
+    "test_estimate_memory.py::test_bad_input_is_one_line_and_exit_2",
+    "test_export_hf.py::test_a_stopped_run_is_exported_with_a_note_naming_its_step",
+    "test_llama.py::test_bad_llama_flags_are_one_line_and_exit_2",
+    "test_llama.py::test_llama_trains_exports_samples_and_resumes",
+    "test_llama.py::test_llama_fp32_losses_match_one_process",
+    "test_llama.py::test_llama_gathered_init_and_first_step_equal_one_process",
+    "test_llama.py::test_llama_coordinate_check_passes_mup_and_flags_sp",
+    "test_llama.py::test_memory_estimator_counts_the_llama_model",
+    "test_llama.py::test_llama_checkpointing_compile_and_bf16_train_like_eager_fp32",
+    "test_model.py::test_trainer_widens_by_heads_from_base_width_and_records_m",
+    "test_schedule.py::test_trainer_runs_wsd_and_logs_its_lr",
+    "test_scripts_input.py::test_each_script_as_a_real_process",
+    "test_tools_input.py::test_coord_check_bad_choice_is_one_line_in_a_real_process",
+    "test_trainer.py::test_loss_falls_on_the_embedded_corpus",
+    "test_trainer.py::test_sigterm_saves_and_the_resumed_run_matches",
+    "test_trainer.py::test_ddp_on_two_ranks_matches_one_process",
+    "test_trainer.py::test_bad_input_is_one_line_and_exit_2",
+    "test_trainer.py::test_bad_data_and_checkpoints_are_one_line_and_lose_nothing",
+    "test_trainer.py::test_prepare_and_sample_scripts",
+    "test_trainer.py::test_wandb_without_a_key_logs_offline_and_never_prompts",
+    "test_trainer.py::test_default_run_names_differ_by_backend_and_length_and_say_what_to_do",
+    "test_trainer_input.py::test_bad_flag_from_the_command_line_is_one_line_and_exit_2",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks the slow tests (above) and the tests on real hosts."""
+    for item in items:
+        file = item.path.name
+        ids = {f"{file}::{item.originalname}", f"{file}::{item.name}"}
+        if ids & SLOW_TESTS or (file in SLOW_FILES and not ids & FAST_IN_SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
+        if "hosts" in item.fixturenames:
+            item.add_marker(pytest.mark.multinode)
 
 
 @pytest.fixture
@@ -66,12 +159,16 @@ def script(capsys, monkeypatch):
         path = str(ROOT / path)
         monkeypatch.setattr(sys, "argv", [path, *map(str, args)])
         monkeypatch.setattr(sys, "path", list(sys.path))
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         capsys.readouterr()
         try:
             runpy.run_path(path, run_name="__main__")
             code = 0
         except SystemExit as e:
             code = e.code
+        finally:  # a script's signal handlers (the sweep's) are not this process's
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         out, err = capsys.readouterr()
         return SimpleNamespace(returncode=code, stdout=out, stderr=err)
     return run

@@ -6,18 +6,14 @@ $PROBE_OUT/step1.safetensors (after one Adam step on a fixed batch) from rank 0,
 """
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines.factory import build  # noqa: E402
-from mupgpt.world import exit_process, init_world, resolve_backend  # noqa: E402
-from run_trainer import model_config  # noqa: E402
+from mupgpt.config import parse_args
+from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
+from mupgpt.world import exit_process, init_world, resolve_backend
 
 out, argv = os.environ["PROBE_OUT"], sys.argv[1:]  # the deepspeed launcher puts --local_rank first
 cfg = parse_args(argv)
@@ -26,7 +22,7 @@ micro = cfg.per_device_train_batch_size
 precision = cfg.precision
 ds_cfg = None
 if backend == "deepspeed":
-    from mupgpt.engines.deepspeed_zero import ds_config
+    from mupgpt.engines.deepspeed_config import ds_config
     ds_cfg = ds_config(cfg, precision, micro * int(os.environ["WORLD_SIZE"]), 1, cfg.n_head * cfg.head_width)
 world = init_world(backend, "cpu")
 engine = build(backend, cfg, model_config(cfg, 257), world, precision, 10, ds_cfg)

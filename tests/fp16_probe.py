@@ -8,19 +8,14 @@ Writes $PROBE_OUT/fp16.json from rank 0.
 """
 import json
 import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines.factory import build  # noqa: E402
-from mupgpt.world import exit_process, init_world  # noqa: E402
-from run_trainer import model_config  # noqa: E402
+from mupgpt.config import parse_args
+from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
+from mupgpt.world import exit_process, init_world
 
 cfg = parse_args(["--backend", "fsdp", "--precision", "fp16", "--n_layer", "2", "--seq_len", "32",
                   "--per_device_train_batch_size", "2", "--train_batch_size", "4"])

@@ -12,19 +12,15 @@ hence the raw event tree.)
 import json
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch._C._profiler import _EventType  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines.factory import build  # noqa: E402
-from mupgpt.world import exit_process, init_world, resolve_backend  # noqa: E402
-from run_trainer import model_config  # noqa: E402
+from mupgpt.config import parse_args
+from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
+from mupgpt.world import exit_process, init_world, resolve_backend
 
 
 def peak_bytes(prof):
@@ -47,7 +43,7 @@ backend = resolve_backend(cfg)
 micro, world_size = cfg.per_device_train_batch_size, int(os.environ.get("WORLD_SIZE", "1"))
 ds_cfg = None
 if backend == "deepspeed":
-    from mupgpt.engines.deepspeed_zero import ds_config
+    from mupgpt.engines.deepspeed_config import ds_config
     ds_cfg = ds_config(cfg, cfg.precision, micro * world_size, 1, cfg.n_head * cfg.head_width)
 world = init_world(backend, "cpu")
 x = torch.randint(0, 257, (micro, cfg.seq_len), generator=torch.Generator().manual_seed(world.rank))

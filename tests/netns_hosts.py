@@ -84,7 +84,8 @@ class Hosts:
                     f"AuthorizedKeysFile {self.dir}/authorized_keys\nPasswordAuthentication no\n"
                     "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
                     f"UsePAM no\nStrictModes no\nPidFile {self.dir}/sshd{i}.pid\nMaxStartups 100\nMaxSessions 100\n")
-        sh("ip", "netns", "exec", self.ns(i), "/usr/sbin/sshd", "-f", config, "-E", os.path.join(self.dir, f"sshd{i}.log"))
+        log = os.path.join(self.dir, f"sshd{i}.log")
+        sh("ip", "netns", "exec", self.ns(i), "/usr/sbin/sshd", "-f", config, "-E", log)
 
     def reachable(self, i):
         return subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=2", *self.ssh_args.split(),

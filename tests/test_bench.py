@@ -29,7 +29,8 @@ def test_a_reference_without_train_py_is_refused_before_any_run(tmp_path):
     res = subprocess.run([sys.executable, "bench/bench.py", "--name", "pytest_ref", "--reference", str(tmp_path),
                           "--dataset", str(tmp_path / "missing"), "--data_dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and res.stderr == f"error: --reference {tmp_path} has no train.py: point it at a nanoGPT checkout\n"
+    assert (res.returncode == 2
+            and res.stderr == f"error: --reference {tmp_path} has no train.py: point it at a nanoGPT checkout\n")
     assert not (ROOT / "bench" / "results" / "pytest_ref.json").exists()
 
 

@@ -28,7 +28,7 @@ class Payload:
 
 
 def error_lines(res):
-    return [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]  # DeepSpeed's log lines
+    return [line for line in res.stderr.strip().splitlines() if not line.startswith("[20")]  # DeepSpeed's log lines
 
 
 def train(out, corpus, data_dir, name, *extra, launcher=(sys.executable,)):
@@ -41,6 +41,7 @@ def plant(path, marker):
     """Replace a pickle file with one whose unpickling runs code; the manifest is rewritten to match,
     as an attacker who hands out the whole folder would."""
     import pickle
+
     import torch
     if path.name == ".metadata":
         path.write_bytes(pickle.dumps(Payload(str(marker))))
@@ -67,7 +68,8 @@ def trained(tmp_path_factory, corpus, data_dir):
 
 def resume(out, corpus, data_dir, backend):
     launcher, flags = BACKENDS[backend]
-    return run_cli(trainer_args(out, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--resume", "auto", *flags),
+    return run_cli(trainer_args(out, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--resume", "auto",
+                                *flags),
                    launcher=launcher)
 
 
@@ -85,8 +87,9 @@ def test_planted_code_in_a_checkpoint_never_runs(tmp_path, trained, corpus, data
         before = (run_dir / "metrics.jsonl").read_text()
         res = resume(tmp_path, corpus, data_dir, backend)
         assert not marker.exists(), file
-        lines = [l for l in error_lines(res) if l.startswith("error: ")]
-        assert res.returncode != 0 and len(lines) == 1 and file in lines[0] and "not tensors or plain data" in lines[0], res.stderr[-3000:]
+        lines = [line for line in error_lines(res) if line.startswith("error: ")]
+        assert (res.returncode != 0 and len(lines) == 1 and file in lines[0]
+                and "not tensors or plain data" in lines[0]), res.stderr[-3000:]
         if backend != "fsdp":  # torchrun adds its report of the failed rank (exit 2) to any rank's error
             assert res.returncode == 2 and len(error_lines(res)) == 1, res.stderr[-3000:]
         assert (run_dir / "metrics.jsonl").read_text() == before
@@ -101,22 +104,22 @@ def test_fsdp_values_saved_as_bytes_load_as_plain_data_only(tmp_path, trained, c
     rewrite = f"""
 import sys, torch, torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-sys.path.insert(0, {str(ROOT / 'tests')!r})
-from test_checkpoint_trust import Payload
+from test_checkpoint_trust import Payload  # found in the working folder, tests/
 dcp_to_torch_save({str(ckpt / 'dcp')!r}, {str(tmp_path / 'full.pt')!r})
 state = torch.load({str(tmp_path / 'full.pt')!r}, weights_only=False)
 state["optimizer"]["param_groups"][0]["lr"] = Payload({str(marker)!r})
 import shutil; shutil.rmtree({str(ckpt / 'dcp')!r})
 dcp.save(state, checkpoint_id={str(ckpt / 'dcp')!r}, no_dist=True)
 """
-    res = subprocess.run([sys.executable, "-c", rewrite], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run([sys.executable, "-c", rewrite], cwd=ROOT / "tests", capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     checkpoint.write_manifest(str(ckpt), 2)
     res = resume(tmp_path, corpus, data_dir, "fsdp")
     assert not marker.exists()
-    lines = [l for l in error_lines(res) if l.startswith("error: ")]
-    assert res.returncode != 0 and len(lines) == 1 and "param_groups" in lines[0] and "not tensors or plain data" in lines[0], res.stderr[-3000:]
+    lines = [line for line in error_lines(res) if line.startswith("error: ")]
+    assert (res.returncode != 0 and len(lines) == 1 and "param_groups" in lines[0]
+            and "not tensors or plain data" in lines[0]), res.stderr[-3000:]
 
 
 def flip(path, n=16):
@@ -131,11 +134,14 @@ DAMAGE = {
     "flipped bytes in the optimizer": ("optimizer.pt", flip, "sha256"),
     "truncated weights": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:1000]), "1000 bytes"),
     "missing rng state": ("rng_rank0.pt", lambda p: p.unlink(), "missing"),
-    "edited step": ("trainer.json", lambda p: p.write_text(p.read_text().replace('"step": 6', '"step": 10')), "says step 10"),
+    "edited step": ("trainer.json", lambda p: p.write_text(p.read_text().replace('"step": 6', '"step": 10')),
+                    "says step 10"),
     "added file": ("extra.pt", lambda p: p.write_bytes(b"x"), "not in the manifest"),
     "manifest in another format": ("manifest.json", lambda p: p.write_text(json.dumps(
-        {"step": 6, "files": {f: "0" * 64 for f in json.loads(p.read_text())["files"]}})), "not in this version's format"),
-    "manifest files a list": ("manifest.json", lambda p: p.write_text('{"step": 6, "files": []}'), "this version's format"),
+        {"step": 6, "files": {f: "0" * 64 for f in json.loads(p.read_text())["files"]}})),
+                                   "not in this version's format"),
+    "manifest files a list": ("manifest.json", lambda p: p.write_text('{"step": 6, "files": []}'),
+                              "this version's format"),
     "manifest a list": ("manifest.json", lambda p: p.write_text("[]"), "unreadable"),
     "manifest cut short": ("manifest.json", lambda p: p.write_text(p.read_text()[:50]), "unreadable"),
 }
@@ -158,8 +164,10 @@ def test_damage_is_found_and_auto_resume_takes_the_previous_checkpoint(tmp_path,
     damage(copy / "checkpoints" / "step_00000006" / file)
     assert checkpoint.find_resume("auto", str(copy)).endswith("step_00000004")
     out = capsys.readouterr().out
-    assert f"checkpoint step_00000006 is damaged ({file}: " in out and why in out and "resuming from step_00000004" in out
-    with pytest.raises(checkpoint.UsageError, match=f"step_00000006 is not a complete checkpoint, it is damaged \\({file}: "):
+    assert (f"checkpoint step_00000006 is damaged ({file}: " in out and why in out
+            and "resuming from step_00000004" in out)
+    with pytest.raises(checkpoint.UsageError,
+                       match=f"step_00000006 is not a complete checkpoint, it is damaged \\({file}: "):
         checkpoint.find_resume(str(copy / "checkpoints" / "step_00000006"), str(copy))
 
 
@@ -183,9 +191,11 @@ def test_a_damaged_checkpoint_named_or_all_damaged_is_one_line_and_changes_nothi
     for step in (2, 4, 6):
         flip(copy / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
     before = {f: (copy / f).read_bytes() for f in ("metrics.jsonl", "config.json", "opt_config.json")}
-    for resume, message in ((str(copy / "checkpoints" / "step_00000004"), "step_00000004 is not a complete checkpoint, it is damaged (model.safetensors: "),
+    for resume, message in ((str(copy / "checkpoints" / "step_00000004"),
+                             "step_00000004 is not a complete checkpoint, it is damaged (model.safetensors: "),
                             ("auto", "every checkpoint in")):
-        res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", resume))
+        res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume",
+                                   resume))
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-3000:]
     assert {f: (copy / f).read_bytes() for f in before} == before
@@ -209,7 +219,8 @@ def test_a_checkpoint_without_a_manifest_resumes_with_a_note(tmp_path, saved, co
     shutil.copytree(run_dir, tmp_path / "r")
     os.remove(tmp_path / "r" / "checkpoints" / "step_00000006" / "manifest.json")
     res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", "auto"))
-    assert res.returncode == 0 and "has no manifest.json" in res.stdout and "at step 6" in res.stdout, res.stderr[-3000:]
+    assert (res.returncode == 0 and "has no manifest.json" in res.stdout
+            and "at step 6" in res.stdout), res.stderr[-3000:]
     assert losses(tmp_path / "r") == losses(out / "straight")
 
 
@@ -231,7 +242,8 @@ def test_an_unchecked_trainer_json_of_another_shape_is_one_line(tmp_path, saved,
     (folder / "trainer.json").write_text(json.dumps({**state, "model_config": [1, 2]}))
     res = run_cli(args)
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and "is not a complete checkpoint (trainer.json" in lines[0], res.stderr
+    assert (res.returncode == 2 and len(lines) == 1
+            and "is not a complete checkpoint (trainer.json" in lines[0]), res.stderr
 
 
 def test_stale_tmp_folders_go_at_the_next_save_and_an_interrupted_save_removes_its_own(tmp_path, corpus, data_dir):
@@ -272,16 +284,16 @@ def test_a_full_disk_at_save_is_one_line_keeps_the_previous_checkpoint_and_clean
     os.remove(run_dir / "summary.json")
     (small_disk / "ballast").write_bytes(b"\0" * (free - size // 2))  # room for half a checkpoint
     before = sorted(os.listdir(run_dir / "checkpoints"))
-    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval", "2",
-                               "--resume", "auto"))
+    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval",
+                               "2", "--resume", "auto"))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "the disk is full" in lines[0], res.stderr[-3000:]
     assert "step_00000004 is kept" in lines[0]
     assert sorted(os.listdir(run_dir / "checkpoints")) == before  # no .tmp left, nothing removed
     assert checkpoint.verify(str(run_dir / "checkpoints" / "step_00000004"))
     os.remove(small_disk / "ballast")
-    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval", "2",
-                               "--resume", "auto"))
+    res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "6", "--save_interval",
+                               "2", "--resume", "auto"))
     assert res.returncode == 0 and "at step 4" in res.stdout, res.stderr[-3000:]
 
 
@@ -344,5 +356,6 @@ def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_run_directory(small_
     res = run_cli(trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
-    assert lines[0] == f"error: cannot write {small_disk}/r/.lock (No space left on device): free space or give another --output_dir"
+    assert lines[0] == (f"error: cannot write {small_disk}/r/.lock (No space left on device): free space or give "
+                        "another --output_dir")
     assert os.listdir(small_disk) == ["ballast"]

@@ -41,7 +41,8 @@ def test_json_file(tmp_path):
     ("a.toml", "lr = 1e-3\nlearning_rate = 2e-3\n", ["learning_rate", "again"]),
     ("a.json", '{"n_layer": 2,\n "seq_len": 64,,\n}', ["not valid JSON", "line 2"]),
     ("a.json", "[1, 2]", ["not an object"]),
-    ("a.json", '{"n_layer": 2,\n "seq_len": 64,\n "n_layer": 3}', ["'n_layer' is given twice (lines 1, 3)", "keep one"]),
+    ("a.json", '{"n_layer": 2,\n "seq_len": 64,\n "n_layer": 3}', ["'n_layer' is given twice (lines 1, 3)",
+                                                                   "keep one"]),
     ("a.yaml", "n_layer: 2\n", [".toml or .json"]),
 ])
 def test_bad_files_name_the_key_and_line(tmp_path, name, text, words):
@@ -77,6 +78,7 @@ def test_a_bad_file_is_one_line_from_the_command_line(tmp_path, corpus, data_dir
     path = write(tmp_path, "run.toml", "max_step = 2\n")
     res = run_cli(trainer_args(tmp_path / "runs", corpus, data_dir, "--config", path))
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"error: {path} line 1: unknown key 'max_step' (did you mean max_steps?): "
+    assert res.stderr.strip().splitlines() == [f"error: {path} line 1: unknown key 'max_step' (did you mean "
+                                               "max_steps?): "
                                                "keys are the trainer's flag names (see --help)"]
     assert not (tmp_path / "runs").exists()

@@ -7,10 +7,8 @@ import sys
 
 import pytest
 
+import coord_check
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import coord_check  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def test_the_check_judges_the_query_init_the_trainer_uses(single):
     q.k/d_head shrink like d^-1/2 while the trainer trained another model."""
     from mup_model import GPT
     from mupgpt.config import parse_args
-    from run_trainer import model_config
+    from mupgpt.model_config import model_config
     trainer = GPT(model_config(parse_args([]), coord_check.VOCAB)).h[0].attn.c_attn.weight
     width = trainer.shape[1]
     assert trainer[:width].abs().max() == 0 and trainer[width:].std() > 0
@@ -102,7 +100,8 @@ def test_depth_check_separates_completep_from_no_scaling_and_from_lazy_blocks():
     query lazy (L^-0.5): both are flagged."""
     completep, slopes = depth_check("1")
     assert completep["judged_from_step"] == 3  # the zero readout takes step 1's whole gradient
-    assert all(abs(s) <= 0.3 for m, ss in slopes.items() if m not in coord_check.NOT_JUDGED_IN_DEPTH for s in ss), slopes
+    judged = [s for m, ss in slopes.items() if m not in coord_check.NOT_JUDGED_IN_DEPTH for s in ss]
+    assert all(abs(s) <= 0.3 for s in judged), slopes
     none, slopes = depth_check("0")
     assert not none["passes"] and min(slopes["last.residual"]) > 0.6
     lazy, slopes = depth_check("0.5")
@@ -118,17 +117,25 @@ def test_completep_passes_the_depth_verdict_at_width_128():
     assert result["passes"] and result["max_abs_slope"] <= coord_check.MAX_SLOPE, result["violations"]
 
 
-@pytest.mark.parametrize("launcher", [
-    (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29663"),
-    ("deepspeed", "--num_gpus", "2", "--master_port", "29664"),
-], ids=["fsdp", "zero3"])
-def test_sharded_depth_check_gives_the_same_slopes(tmp_path, launcher):
+DEPTH_ARGS = ["--depths", "2,4,8", "--depth_alpha", "1", "--steps", "5", "--seeds", "1"]
+
+
+@pytest.fixture(scope="module")
+def single_depth():
+    """The depth check in one process on the whole batch: what both sharded depth checks are compared with."""
+    result, _ = coord_check.run(coord_check.build_parser().parse_args([*DEPTH_ARGS, "--batch", "128"]))
+    return result
+
+
+# both under torchrun (ZeRO-3 with --backend deepspeed): the width check above runs DeepSpeed's own launcher
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"], ids=["fsdp", "zero3"])
+def test_sharded_depth_check_gives_the_same_slopes(single_depth, tmp_path, backend):
     """The depth check on 2 ranks (half the batch each) learns what one process learns on the whole batch."""
-    depth_args = ["--depths", "2,4,8", "--depth_alpha", "1", "--steps", "5", "--seeds", "1"]
-    single, _ = coord_check.run(coord_check.build_parser().parse_args([*depth_args, "--batch", "128"]))
-    backend = "deepspeed" if launcher[0] == "deepspeed" else "fsdp"
+    depth_args, single = DEPTH_ARGS, single_depth
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29663")
     res = subprocess.run([*launcher, str(ROOT / "scripts" / "coord_check.py"), "--backend", backend, *depth_args,
-                          "--batch", "64", "--out", str(tmp_path)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          "--batch", "64", "--out", str(tmp_path)], cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     sharded = json.loads((tmp_path / "coord.json").read_text())
@@ -141,7 +148,7 @@ def test_sharded_depth_check_gives_the_same_slopes(tmp_path, launcher):
 
 @pytest.mark.parametrize("flags", [["--depths", "2,x"], ["--depths", "0,4"], ["--head_widths", "16"],
                                    ["--head_widths", "8,16", "--steps", "1"], ["--depths", "2,4", "--steps", "2"]])
-def test_bad_sizes_get_one_line_and_status_2(flags):
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "coord_check.py"), *flags], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+def test_bad_sizes_get_one_line_and_status_2(script, flags):
+    """In this process (as __main__); test_tools_input.py runs coord_check.py's refusal as a real process."""
+    res = script("scripts/coord_check.py", *flags)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr

@@ -13,8 +13,18 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_one_error_line, run_cli, trainer_args
-from mupgpt.data import (Batches, ByteTokenizer, dataset_slug, get_tokenizer, load_data, open_prepared, prepare,
-                         source_of, stdlib_documents, window_starts)
+from mupgpt.data import (
+    Batches,
+    ByteTokenizer,
+    dataset_slug,
+    get_tokenizer,
+    load_data,
+    open_prepared,
+    prepare,
+    source_of,
+    stdlib_documents,
+    window_starts,
+)
 from mupgpt.errors import UsageError
 
 
@@ -107,10 +117,9 @@ def test_gpt2_tokenizer_loads_or_names_the_alternative():
 # Each process imports everything, says it is ready, and starts preparing when the test says go: so the
 # two really prepare at once whatever the machine's load (the old shared .tmp folder crashed one of them).
 AT_ONCE = """import os, runpy, sys, time
-sys.path.insert(0, sys.argv[1])
 import datasets, torch
 from mupgpt.data import ByteTokenizer, prepare
-go, what, args = sys.argv[2], sys.argv[3], sys.argv[4:]
+go, what, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 open(f"{go}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(go):
     time.sleep(0.002)
@@ -132,12 +141,13 @@ def test_two_processes_preparing_the_same_folder_at_once_both_succeed(tmp_path, 
         (src / f"d{i:02d}.txt").write_text((f"document {i} says {i * 7} " * 1000)[:8000])
     out, go = tmp_path / "d", tmp_path / "go"
     if how == "script":
-        args = [str(ROOT / "scripts/prepare_data.py"), "--dataset", str(src), "--tokenizer", "bytes", "--data_dir", str(out)]
+        args = [str(ROOT / "scripts/prepare_data.py"), "--dataset", str(src), "--tokenizer", "bytes", "--data_dir",
+                str(out)]
         final = out / f"{dataset_slug(str(src))}-bytes"
     else:
         args, final = ["prepare", str(src), str(out / "p")], out / "p"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(ROOT), str(go), *args], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(go), *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     while len(list(tmp_path.glob("go.ready-*"))) < 2 and all(p.poll() is None for p in procs):
         time.sleep(0.01)
@@ -147,7 +157,8 @@ def test_two_processes_preparing_the_same_folder_at_once_both_succeed(tmp_path, 
         assert rc == 0, err[-2000:]
     data = open_prepared(str(final), ByteTokenizer(), source_of(str(src)))
     assert len(data.train) + len(data.val) == sum(len(f.read_bytes()) + 1 for f in src.iterdir())
-    assert sorted(p.name for p in out.iterdir()) == sorted([final.name] + ([final.name + ".lock"] if how == "script" else []))
+    lock = [final.name + ".lock"] if how == "script" else []
+    assert sorted(p.name for p in out.iterdir()) == sorted([final.name] + lock)
     if how == "script":
         assert any("waiting for another process" in o for _, o, _ in results)
 
@@ -226,7 +237,8 @@ def test_a_corrupted_meta_json_stops_the_trainer_with_one_line(tmp_path, corpus,
     meta_file.write_text(json.dumps(meta))
     res = run_cli(trainer_args(tmp_path / "out", corpus, d, "--max_steps", "2"))
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "no 'val_tokens'" in lines[0], res.stderr
+    assert (res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+            and "no 'val_tokens'" in lines[0]), res.stderr
     assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in data_dir.iterdir())
 
 

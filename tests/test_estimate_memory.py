@@ -7,14 +7,12 @@ import sys
 import pytest
 import torch
 
+import estimate_memory
 from conftest import ROOT, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.engines.factory import build
+from mupgpt.model_config import model_config
 from mupgpt.world import World
-from run_trainer import model_config
-
-sys.path.insert(0, str(ROOT / "scripts"))
-import estimate_memory  # noqa: E402
 
 
 def estimate(*flags):
@@ -48,19 +46,20 @@ SHAPES = {"activations": {"n_layer": 4, "n_head": 4, "head_width": 64, "seq_len"
           "states": {"n_layer": 8, "n_head": 4, "head_width": 64, "seq_len": 64, "batch": 2},
           "long": {"n_layer": 4, "n_head": 4, "head_width": 64, "seq_len": 512, "batch": 4}}
 LLAMA = ["--arch", "llama", "--n_kv_head", "2"]
-DEEPSPEED = ("deepspeed", "--num_gpus", "2", "--master_port", "29661")
+# the ZeRO probes run under torchrun as well: the engine and its allocations are DeepSpeed's either way, and
+# DeepSpeed's own launcher only adds processes before the ranks start
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29671")
 # name -> (launcher, trainer flags, precision, shape, estimator flags)
 MEASURED = {
     "single fp32": ((sys.executable,), ["--backend", "single"], "fp32", "activations", ["--stage", "0"]),
     "single bf16": ((sys.executable,), ["--backend", "single"], "bf16", "states", ["--stage", "0"]),
-    "ZeRO-1 bf16, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "1"], "bf16", "states",
+    "ZeRO-1 bf16, 2 ranks": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "1"], "bf16", "states",
                              ["--stage", "1", "--world_size", "2"]),
-    "ZeRO-2 bf16, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "2"], "bf16", "states",
+    "ZeRO-2 bf16, 2 ranks": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "2"], "bf16", "states",
                              ["--stage", "2", "--world_size", "2"]),
-    "ZeRO-3 bf16, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "3"], "bf16", "states",
+    "ZeRO-3 bf16, 2 ranks": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3"], "bf16", "states",
                              ["--stage", "3", "--world_size", "2"]),
-    "ZeRO-3 fp32, 2 ranks": (DEEPSPEED, ["--backend", "deepspeed", "--zero_stage", "3"], "fp32", "states",
+    "ZeRO-3 fp32, 2 ranks": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3"], "fp32", "states",
                              ["--stage", "3", "--world_size", "2"]),
     "FSDP2 bf16, 2 ranks": (TORCHRUN, ["--backend", "fsdp"], "bf16", "states",
                             ["--stage", "3", "--fsdp", "--world_size", "2"]),
@@ -111,7 +110,8 @@ def test_zero_stages_shard_what_deepspeed_allocates():
     fsdp = estimate(*base, "--stage", 3, "--fsdp")["breakdown_bytes"]
     assert (fsdp["weights"], fsdp["gradients"], fsdp["optimizer"]) == pytest.approx((4 * P / 8, 4 * P / 8, 8 * P / 8))
     offload = estimate(*base, "--stage", 3, "--offload", "cpu")
-    assert offload["breakdown_bytes"]["optimizer"] == 0 and offload["per_rank_host_bytes"] == pytest.approx(1.5 * 18 * P / 8)
+    assert (offload["breakdown_bytes"]["optimizer"] == 0
+            and offload["per_rank_host_bytes"] == pytest.approx(1.5 * 18 * P / 8))
     # partial offload: Adam's states and fp32 gradients of the kept part (45%) stay on the device
     partial = estimate(*base, "--stage", 3, "--offload", "cpu", "--offload_ratio", "0.55")
     assert partial["breakdown_bytes"]["optimizer"] == pytest.approx(0.45 * 16 * P / 8)
@@ -120,12 +120,18 @@ def test_zero_stages_shard_what_deepspeed_allocates():
 
 @pytest.mark.parametrize("flags,line", [
     (["--stage", "2", "--offload", "cpu"], "error: --offload needs --stage 3"),
-    (["--stage", "2", "--fsdp"], "error: --fsdp is sharded like ZeRO-3 and without offload here: pass --stage 3 and no --offload"),
+    (["--stage", "2", "--fsdp"],
+     "error: --fsdp is sharded like ZeRO-3 and without offload here: pass --stage 3 and no --offload"),
     (["--n_layer", "-1"], "error: --n_layer must be at least 1, not -1"),
 ])
-def test_bad_input_is_one_line_and_exit_2(flags, line):
-    res = subprocess.run([sys.executable, "scripts/estimate_memory.py", *flags], cwd=ROOT, capture_output=True, text=True)
+def test_bad_input_is_one_line_and_exit_2(script, flags, line):
+    """In this process (as __main__), and the first case again as a real process."""
+    res = script("scripts/estimate_memory.py", *flags)
     assert res.returncode == 2 and res.stderr.strip() == line
+    if flags[-1] == "cpu":
+        res = subprocess.run([sys.executable, "scripts/estimate_memory.py", *flags], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert res.returncode == 2 and res.stderr.strip() == line
 
 
 @pytest.mark.parametrize("flag", ["n_layer", "n_head", "head_width", "vocab", "seq_len", "batch", "world_size"])

@@ -22,7 +22,6 @@ def export_cli(*args):
 
 def export_inproc(monkeypatch, capsys, *args):
     """The script's main as the command line runs it, in this process (a subprocess costs a torch import)."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import export_hf
     monkeypatch.setattr(sys, "argv", ["export_hf.py", *map(str, args)])
     capsys.readouterr()
@@ -113,7 +112,8 @@ def test_export_errors(tmp_path, monkeypatch, capsys):
     good = json.loads(cfg_file.read_text())
     cfg_file.write_text(json.dumps({**good, "n_layer": 2}))
     mismatch = export_cli(tmp_path / "run", tmp_path / "out")
-    assert mismatch.returncode == 2 and "model.safetensors does not fit" in mismatch.stderr and mismatch.stderr.count("\n") == 1
+    assert (mismatch.returncode == 2 and "model.safetensors does not fit" in mismatch.stderr
+            and mismatch.stderr.count("\n") == 1)
     cfg_file.write_text(json.dumps({**good, "arch": "llama"}))
     llama = export_cli(tmp_path / "run", tmp_path / "out")
     assert llama.returncode == 2 and "'llama'" in llama.stderr and "gpt2 only" in llama.stderr
@@ -130,6 +130,7 @@ def test_export_errors(tmp_path, monkeypatch, capsys):
 def test_a_stopped_run_is_exported_with_a_note_naming_its_step(tmp_path, corpus, data_dir):
     """A run stopped early still writes its model: export_hf.py and sample.py say which step of how many it is."""
     import signal
+
     from conftest import losses, trainer_args
     args = trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "100000", "--save_interval", "0")
     run = subprocess.Popen([sys.executable, str(ROOT / "run_trainer.py"), *args], cwd=ROOT, text=True,
@@ -158,7 +159,8 @@ def test_export_bad_arguments_and_unwritable_out_dirs_are_one_line(tmp_path, mon
     (tmp_path / "f").write_text("x")
     ro = tmp_path / "ro"
     ro.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(ro)], capture_output=True).returncode == 0
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(ro)],
+                             capture_output=True).returncode == 0
     try:
         cases = [((), "the following arguments are required: run_dir, out_dir"),
                  ((tmp_path / "run",), "the following arguments are required: out_dir"),
@@ -170,7 +172,8 @@ def test_export_bad_arguments_and_unwritable_out_dirs_are_one_line(tmp_path, mon
         for args, words in cases:
             res = export_cli(*args)
             lines = res.stderr.strip().splitlines()
-            assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr
+            assert (res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+                    and words in lines[0]), res.stderr
     finally:
         if mounted:
             subprocess.run(["umount", str(ro)], check=True)

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT
 
-ENTRY_POINTS = ["run_trainer.py", "bench/bench.py", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "scripts").glob("*.py"))]
+ENTRY_POINTS = ["run_trainer.py", "bench/bench.py",
+                *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "scripts").glob("*.py"))]
 
 
 def help_text(script, monkeypatch):

@@ -1,5 +1,6 @@
 """The file tree shows the design: one module per backend, and no module imports another in a circle."""
 import ast
+import re
 
 from conftest import ROOT
 
@@ -51,12 +52,40 @@ def test_no_import_cycle():
 
 def test_backends_are_one_module_each_and_know_only_the_base():
     engines = ROOT / "mupgpt" / "engines"
-    assert {p.name for p in engines.glob("*.py")} == {"__init__.py", "factory.py", "base.py", "ddp.py", "fsdp.py",
-                                                       "deepspeed_zero.py"}
+    assert {p.name for p in engines.glob("*.py")} == {"__init__.py", "factory.py", "base.py", "single.py", "ddp.py",
+                                                       "fsdp.py", "deepspeed_zero.py", "deepspeed_config.py",
+                                                       "op_builds.py"}
     modules = {module_name(p): p for p in SOURCES}
-    for backend in ("ddp", "fsdp", "deepspeed_zero"):
+    # a backend knows the base, the engine it extends (DDP the single one) and its own library's helpers
+    allowed = {"single": set(), "ddp": {"mupgpt.engines.single"}, "fsdp": set(),
+               "deepspeed_zero": {"mupgpt.engines.deepspeed_config", "mupgpt.engines.op_builds"}}
+    for backend, extra in allowed.items():
         deps = {d for d in imports(engines / f"{backend}.py", modules) if d.startswith("mupgpt.engines")}
-        assert deps <= {"mupgpt.engines.base"}, (backend, deps)
+        assert deps <= {"mupgpt.engines", "mupgpt.engines.base", *extra}, (backend, deps)
+    # the engines' constructors take one shape of arguments
+    import inspect
+
+    from mupgpt.engines.base import Engine
+    from mupgpt.engines.factory import engine_class
+    shape = inspect.signature(Engine.__init__)
+    for backend in ("single", "ddp", "fsdp", "deepspeed"):
+        assert inspect.signature(engine_class(backend).__init__) == shape, backend
     # the model knows nothing of parallelism
     model_imports = imports(ROOT / "mup_model.py", modules)
     assert not model_imports and "distributed" not in (ROOT / "mup_model.py").read_text()
+
+
+def test_tools_import_the_installed_package_not_each_other():
+    """Scripts, bench and tests import the package as pip install -e . installs it: no sys.path edits (pytest's
+    own pythonpath setting and conftest aside); no script imports the entry point or another script, and bench
+    imports no script (it runs the trainer itself, so it may import the entry point)."""
+    tools = [*(ROOT / "scripts").glob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "tests").glob("*.py"),
+             ROOT / "run_trainer.py", ROOT / "mup_model.py", *(ROOT / "mupgpt").rglob("*.py")]
+    edit = re.compile(r"sys\.path\.(insert|append)\(|syspath_prepend\(")
+    edits = [str(p.relative_to(ROOT)) for p in tools if p.name != "conftest.py" and edit.search(p.read_text())]
+    assert not edits, edits
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    for path in (ROOT / "scripts").glob("*.py"):
+        assert not imports(path, scripts | {"run_trainer"}), path.name
+    for path in (ROOT / "bench").glob("*.py"):
+        assert not imports(path, scripts), path.name

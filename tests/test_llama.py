@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, losses, run_cli, trainer_args
 from mup_model import GPT, GPTConfig, param_class, rope
 from mupgpt.config import parse_args
-from run_trainer import model_config
+from mupgpt.model_config import model_config
 
 LLAMA = ["--arch", "llama", "--n_head", "4", "--n_kv_head", "2", "--head_width", "8", "--base_head_width", "8"]
 
@@ -43,7 +43,8 @@ def direct_attention(attn, x):
     B, T, C = x.shape
     hd, nh, nkv = attn.head_width, attn.n_head, attn.n_kv_head
     q, k, v = attn.c_attn(x).split([C, nkv * hd, nkv * hd], dim=2)
-    q, k, v = q.view(B, T, nh, hd).transpose(1, 2), k.view(B, T, nkv, hd).transpose(1, 2), v.view(B, T, nkv, hd).transpose(1, 2)
+    q = q.view(B, T, nh, hd).transpose(1, 2)
+    k, v = k.view(B, T, nkv, hd).transpose(1, 2), v.view(B, T, nkv, hd).transpose(1, 2)
     q, k = rope(q), rope(k)
     heads = []
     for h in range(nh):
@@ -65,7 +66,8 @@ def test_grouped_query_attention_is_attention_with_shared_kv_heads(n_kv_head):
 
 
 def test_gqa_equals_mha_with_repeated_kv_weights():
-    gqa = llama(n_head=4, n_kv_head=2, head_width=8, readout_zero_init=False)  # a zero readout would hide any difference
+    # a zero readout would hide any difference
+    gqa = llama(n_head=4, n_kv_head=2, head_width=8, readout_zero_init=False)
     mha = llama(n_head=4, n_kv_head=4, head_width=8, readout_zero_init=False)
     state = gqa.state_dict()
     for name, w in list(state.items()):
@@ -116,7 +118,8 @@ def test_llama_hidden_lrs_scale_with_width_like_gpt2():
     (["--n_head", "4", "--n_kv_head", "2"], "is for --arch llama"),
     (["--arch", "llama", "--mlp_hidden", "-1"], "--mlp_hidden must be 0 or more"),
     (["--arch", "mamba"], "--arch: invalid choice"),
-    (["--arch", "llama", "--seq_len", "100000000"], "--seq_len 100000000 is too long: its attention and activations"),  # no table
+    (["--arch", "llama", "--seq_len", "100000000"],
+     "--seq_len 100000000 is too long: its attention and activations"),  # no table
 ])
 def test_bad_llama_flags_are_one_line_and_exit_2(tmp_path, corpus, data_dir, flags, message):
     res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "1", *flags))
@@ -147,24 +150,29 @@ def test_llama_trains_exports_samples_and_resumes(tmp_path, corpus, data_dir):
     res = run_cli([*trainer_args(tmp_path, corpus, data_dir, "--n_head", "4", "--head_width", "8", "--base_head_width",
                                  "8", "--max_steps", "20", "--run_name", run_dir.name, "--resume", "auto")])
     assert res.returncode == 2 and "--arch gpt2 (the checkpoint has llama)" in res.stderr, res.stderr[-2000:]
-    sample = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), str(run_dir), "--max_new_tokens", "8"],
+    sample = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), str(run_dir), "--max_new_tokens",
+                             "8"],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert sample.returncode == 0, sample.stderr[-2000:]
-    export = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), str(run_dir), str(tmp_path / "hf")],
+    export = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_hf.py"), str(run_dir),
+                             str(tmp_path / "hf")],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert export.returncode == 2 and "holds a 'llama' model" in export.stderr and len(export.stderr.strip().splitlines()) == 1
+    assert (export.returncode == 2 and "holds a 'llama' model" in export.stderr
+            and len(export.stderr.strip().splitlines()) == 1)
 
 
-DEEPSPEED = ("deepspeed", "--num_gpus", "2", "--master_port", "29671")
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29681")
 COMMON = [*LLAMA, "--n_layer", "2", "--max_steps", "10", "--train_batch_size", "8", "--lr_scheduler_type", "cosine",
           "--weight_decay", "0.1", "--precision", "fp32", "--save", "false"]
+# every backend under torchrun: the architecture is what differs from test_sharded.py, which also runs
+# DeepSpeed's own launcher; torchrun runs the same engines with fewer processes
 BACKENDS = {
     "ddp": (TORCHRUN, ["--backend", "ddp"]),
-    "zero1": (DEEPSPEED, ["--zero_stage", "1", "--gradient_checkpointing"]),
-    "zero2": (DEEPSPEED, ["--zero_stage", "2"]),
-    "zero3": (DEEPSPEED, ["--zero_stage", "3"]),
-    "zero3_offload_cpu": (DEEPSPEED, ["--zero_stage", "3", "--offload", "cpu", "--gradient_checkpointing"]),
+    "zero1": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "1", "--gradient_checkpointing"]),
+    "zero2": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "2"]),
+    "zero3": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3"]),
+    "zero3_offload_cpu": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu",
+                                     "--gradient_checkpointing"]),
     "fsdp": (TORCHRUN, ["--backend", "fsdp", "--gradient_checkpointing"]),
 }
 
@@ -213,7 +221,6 @@ def test_llama_gathered_init_and_first_step_equal_one_process(tmp_path, backend)
 
 
 def test_llama_coordinate_check_passes_mup_and_flags_sp():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import coord_check
     mup, _ = coord_check.run(coord_check.build_parser().parse_args(["--arch", "llama"]))
     assert mup["passes"], mup["violations"]
@@ -224,8 +231,8 @@ def test_llama_coordinate_check_passes_mup_and_flags_sp():
 
 
 def test_memory_estimator_counts_the_llama_model():
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimate_memory.py"), "--arch", "llama", "--n_layer", "2",
-                          "--n_head", "4", "--n_kv_head", "2", "--head_width", "16", "--vocab", "257", "--json"],
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "estimate_memory.py"), "--arch", "llama", "--n_layer",
+                          "2", "--n_head", "4", "--n_kv_head", "2", "--head_width", "16", "--vocab", "257", "--json"],
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = GPTConfig(arch="llama", n_layer=2, n_head=4, n_kv_head=2, head_width=16, vocab_size=320, block_size=1024)
@@ -236,8 +243,8 @@ def test_memory_estimator_counts_the_llama_model():
                                          ("bf16", ["--precision", "bf16"])])
 def test_llama_checkpointing_compile_and_bf16_train_like_eager_fp32(single_llama, corpus, data_dir, name, flags):
     """One process, against the eager fp32 run: activation checkpointing recomputes the same blocks (the same
-    losses); torch.compile traces the forward (RoPE included) once, recompiles only for the evaluation, and matches within the
-    gpt2 compile test's 1e-4; bf16 autocast stays within a bf16 ulp (2^-8), as the gpt2 bf16 tests."""
+    losses); torch.compile traces the forward (RoPE included) once, recompiles only for the evaluation, and matches
+    within the gpt2 compile test's 1e-4; bf16 autocast stays within a bf16 ulp (2^-8), as the gpt2 bf16 tests."""
     res = run_cli(trainer_args(single_llama, corpus, data_dir, "--run_name", name, *COMMON, *flags),
                   env={"TORCH_LOGS": "dynamo,recompiles"})  # dynamo logs each frame it traces and each recompile
     assert res.returncode == 0, res.stderr[-3000:]

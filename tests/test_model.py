@@ -125,7 +125,8 @@ def test_param_classes_come_from_names_not_shapes():
     assert {n: c for n, (c, _) in model.param_rules().items()} == expected
     groups = param_groups(model, 1e-2, 0.1)
     hidden = [g for g in groups if g["name"] == "hidden"]
-    assert len(hidden) == 1 and hidden[0]["lr"] == pytest.approx(1e-2 / 2) and hidden[0]["weight_decay"] == pytest.approx(0.2)
+    assert (len(hidden) == 1 and hidden[0]["lr"] == pytest.approx(1e-2 / 2)
+            and hidden[0]["weight_decay"] == pytest.approx(0.2))
     assert all(g["weight_decay"] == 0 for g in groups if g["name"] in ("block_vector", "final_norm"))
 
 
@@ -139,7 +140,8 @@ def test_meta_device_build_then_reset_parameters_equals_eager_init():
     model.reset_parameters()
     for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
         assert torch.equal(a, b), name
-    assert model.h[0].mlp.c_proj.weight.std().item() == pytest.approx(1 / math.sqrt(4 * 32), rel=0.1)  # fan_in = 4 x width
+    fan_in = 4 * 32  # the MLP's hidden, 4 x width
+    assert model.h[0].mlp.c_proj.weight.std().item() == pytest.approx(1 / math.sqrt(fan_in), rel=0.1)
 
 
 def test_mfu_counts_every_matmul_weight_and_no_embedding():

@@ -49,7 +49,8 @@ def hostfile(tmp_path):
 
 def test_single_run_calls_the_deepspeed_runner_with_per_node_counts(hostfile):
     (cmd,) = dry([hostfile, 8, 2, "True", "--head_width", "32", "--run_name", "a b"])
-    assert cmd.startswith("deepspeed --hostfile HOSTFILE.generated --launcher pdsh --force_multi --no_ssh_check --num_nodes 2 "
+    assert cmd.startswith("deepspeed --hostfile HOSTFILE.generated --launcher pdsh --force_multi --no_ssh_check "
+                          "--num_nodes 2 "
                           "--num_gpus 8 --master_addr node-a --master_port ")
     assert cmd.endswith("run_trainer.py --head_width 32 --run_name a\\ b")  # flags pass through, quoted
     port = int(cmd.split("--master_port ")[1].split()[0])
@@ -59,7 +60,7 @@ def test_single_run_calls_the_deepspeed_runner_with_per_node_counts(hostfile):
 
 def test_torchrun_path_starts_one_rendezvous_per_node(hostfile):
     lines = dry([hostfile, 4, 3, "True", "--head_width", "16"], LAUNCHER="torchrun", BACKEND="ddp")
-    assert [l.split()[1] for l in lines] == ["node-a", "127.0.0.2", "node-c"]
+    assert [line.split()[1] for line in lines] == ["node-a", "127.0.0.2", "node-c"]
     for rank, line in enumerate(lines):
         assert (f"--nnodes 3 --nproc_per_node 4 --node_rank {rank} --rdzv_backend c10d --rdzv_endpoint node-a:"
                 in line) and line.endswith("run_trainer.py --backend ddp --head_width 16")
@@ -79,8 +80,8 @@ def test_sweep_mode_hands_the_grid_and_nodes_to_sweep_py(hostfile, tmp_path):
 def test_a_sweep_file_keeps_every_value_exactly_the_last_line_too(hostfile, tmp_path, sep, end):
     """A value keeps its spaces and #, only the spaces around it and a comment (# after a space) go; the last line
     counts without a final newline; a line that is not KEY=VALUE, an empty value, a key given twice: one line."""
-    lines = ["# the grid", "SWEEP_WIDTHS = 32 ", "SWEEP_DIR=my sweeps/run#3   # where", "SWEEP_PARAMETRIZATIONS='mup'  # q",
-             "SWEEP_LRS=1e-3,2e-3"]
+    lines = ["# the grid", "SWEEP_WIDTHS = 32 ", "SWEEP_DIR=my sweeps/run#3   # where",
+             "SWEEP_PARAMETRIZATIONS='mup'  # q", "SWEEP_LRS=1e-3,2e-3"]
     (tmp_path / "grid").write_bytes((sep.join(lines) + end).encode())
     (cmd,) = dry([hostfile, 2, 2, "false"], SWEEP_FILE=str(tmp_path / "grid"))
     assert "--out my\\ sweeps/run#3 --widths 32 --lrs 1e-3\\,2e-3 --parametrizations mup " in cmd, cmd
@@ -100,7 +101,8 @@ def test_an_empty_sweep_variable_is_passed_on_not_replaced_by_the_default(hostfi
 
 
 def test_secrets_are_forwarded_but_never_printed(hostfile):
-    res = launch([hostfile, 8, 1, "True"], {"DRY_RUN": "1", "WANDB_API_KEY": "s3cret-value", "NCCL_SOCKET_IFNAME": "eth0"})
+    res = launch([hostfile, 8, 1, "True"], {"DRY_RUN": "1", "WANDB_API_KEY": "s3cret-value",
+                                            "NCCL_SOCKET_IFNAME": "eth0"})
     assert res.returncode == 0 and "s3cret-value" not in res.stdout + res.stderr
     assert "WANDB_API_KEY" in res.stderr and "NCCL_SOCKET_IFNAME" in res.stderr  # the names only
     assert " --venv_script /tmp/mupgpt-secrets." in res.stdout  # a file each node sources, not an export
@@ -122,8 +124,8 @@ HOSTFILE_ERRORS = {
 def test_a_crlf_hostfile_is_read_like_an_lf_one(tmp_path):
     (tmp_path / "hf").write_bytes(b"# windows\r\nnode-a slots=8\r\nnode-b slots=8\r\n")
     assert dry([tmp_path / "hf", 8, 2, "True"])[0].startswith(
-        "deepspeed --hostfile HOSTFILE.generated --launcher pdsh --force_multi --no_ssh_check --num_nodes 2 --num_gpus 8 "
-        "--master_addr node-a --master_port ")
+        "deepspeed --hostfile HOSTFILE.generated --launcher pdsh --force_multi --no_ssh_check --num_nodes 2 "
+        "--num_gpus 8 --master_addr node-a --master_port ")
 
 
 def test_help_prints_the_usage_and_exits_0():
@@ -164,7 +166,8 @@ def test_a_checkout_path_the_deepspeed_runner_cannot_pass_is_refused(tmp_path, h
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
     assert f"the path '{tmp_path / folder}' has a character" in res.stderr and "LAUNCHER=torchrun" in res.stderr
-    torchrun = subprocess.run([script, hostfile, "8", "2", "True"], env={**os.environ, "DRY_RUN": "1", "LAUNCHER": "torchrun"},
+    torchrun = subprocess.run([script, hostfile, "8", "2", "True"],
+                              env={**os.environ, "DRY_RUN": "1", "LAUNCHER": "torchrun"},
                               capture_output=True, text=True, timeout=120)
     assert torchrun.returncode == 0, torchrun.stderr
 
@@ -215,7 +218,8 @@ class Watch(threading.Thread):
                     argv = open(f"{proc}/cmdline", "rb").read().decode(errors="replace").split("\0")
                     cmdline = " ".join(argv)
                     self.cmdlines.add(cmdline)
-                    if (os.path.basename(argv[0]).startswith("python") and any(a.endswith("run_trainer.py") for a in argv[1:3])
+                    if (os.path.basename(argv[0]).startswith("python")
+                            and any(a.endswith("run_trainer.py") for a in argv[1:3])
                             and self.mark in cmdline):  # a trainer itself (not ssh, a shell or torchrun)
                         env = dict(kv.split("=", 1) for kv in open(f"{proc}/environ", "rb").read().decode(
                             errors="replace").split("\0") if "=" in kv)
@@ -278,7 +282,10 @@ def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, d
     # the trainers have the secret (above), and while they run its file is gone from both nodes already
     training = [files for ranks, files in watch.secret_files if ranks == {"0", "1"}]
     assert training and not any(training), [f for f in training if f][:1]
-    one = run_cli([*args, "--run_name", "one_host"], launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29671"))
+    # the reference on this host under torchrun: the same DeepSpeed engine, fewer processes to start
+    one = run_cli([*args, "--backend", "deepspeed", "--run_name", "one_host"],
+                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_port", "29671"))
     assert one.returncode == 0, one.stderr[-2000:]
     assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)  # the folder, literally
 
@@ -297,12 +304,14 @@ def test_torchrun_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, 
     args = trainer_args(out, corpus, data_dir, "--max_steps", "4")
     with Watch(tmp_path) as watch:
         res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "True", *args, "--run_name", "two_hosts"],
-                     {**host_env(hosts), **hostile_env(tmp_path), "LAUNCHER": "torchrun", "BACKEND": "ddp"}, timeout=180)
+                     {**host_env(hosts), **hostile_env(tmp_path), "LAUNCHER": "torchrun",
+                      "BACKEND": "ddp"}, timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "10.77.0.1: " in res.stdout and "10.77.0.2: " in res.stdout
     assert_nothing_ran_and_secret_hidden(tmp_path, res, watch)
     one = run_cli([*args, "--backend", "ddp", "--run_name", "one_host"],
-                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29673"))
+                  launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            "29673"))
     assert one.returncode == 0, one.stderr[-2000:]
     assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)
     assert json.loads((out / "two_hosts" / "summary.json").read_text())["steps"] == 4
@@ -317,8 +326,8 @@ def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_
     data.symlink_to(data_dir)
     (tmp_path / "mytexts").symlink_to(corpus)
     with Watch(tmp_path) as watch:
-        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *SWEEP_SHARED, "--max_steps", "5", "--base_head_width",
-                      "8", "--dataset", "./mytexts", "--data_dir", data], env, cwd=tmp_path)
+        res = launch([hosts.hostfile(tmp_path / "hf"), 1, 2, "False", *SWEEP_SHARED, "--max_steps", "5",
+                      "--base_head_width", "8", "--dataset", "./mytexts", "--data_dir", data], env, cwd=tmp_path)
     assert not (ROOT / "sweep").exists()
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert not list(tmp_path.glob("pwned*")) and SECRET not in res.stdout + res.stderr
@@ -326,7 +335,7 @@ def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_
     trainers = [e for c, e in watch.sweep_env if "run_trainer.py" in c]
     assert trainers and all(all(e.get(k) == v for k, v in hostile_env(tmp_path).items()) for e in trainers)
     assert all(f" --data_dir {data} " in c for c, e in watch.sweep_env if "run_trainer.py" in c)  # % and all
-    rows = [json.loads(l) for l in open(tmp_path / "sweep" / "results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "sweep" / "results.jsonl")]
     assert len(rows) == 4 and all(r["steps"] == 5 for r in rows)
     ran_on = {line.split(" on ")[1].split(":")[0] for line in res.stdout.splitlines() if ": done" in line}
     assert ran_on == set(hosts.addresses)
@@ -339,7 +348,8 @@ def test_stopping_a_sweep_stops_its_runs_on_the_nodes(hosts, tmp_path, corpus, d
            "SWEEP_PARAMETRIZATIONS": "mup"}
     proc = subprocess.Popen([SCRIPT, hosts.hostfile(tmp_path / "hf"), "1", "2", "False", *SWEEP_SHARED, "--max_steps",
                              "100000", "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir),
-                             "--log_interval", "100000", "--save_interval", "10"],  # quiet: the signal lands in training
+                             # quiet: the signal lands in training
+                             "--log_interval", "100000", "--save_interval", "10"],
                             cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     logs = tmp_path / "sweep" / "runs"
@@ -352,7 +362,8 @@ def test_stopping_a_sweep_stops_its_runs_on_the_nodes(hosts, tmp_path, corpus, d
     os.kill(sweep[0], signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM and "run the same command again to continue" in err, out + err
-    assert all("stopped at step" in p.read_text() for p in logs.glob("*.log")), [p.read_text()[-500:] for p in logs.glob("*.log")]
+    tails = [p.read_text()[-500:] for p in logs.glob("*.log")]
+    assert all("stopped at step" in p.read_text() for p in logs.glob("*.log")), tails
     assert not subprocess.run(["pgrep", "-f", f"--output_dir {tmp_path}"], capture_output=True).stdout
 
 

@@ -15,9 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, losses, run_cli, trainer_args
 from mupgpt.config import parse_args
+from mupgpt.engines.op_builds import extensions_root
 from mupgpt.errors import UsageError
-
-from mupgpt.engines.deepspeed_zero import extensions_root
 from run_trainer import train
 
 
@@ -36,14 +35,15 @@ def test_run_name_cannot_leave_the_output_dir(tmp_path, corpus, data_dir, name):
 
 def test_bad_run_name_is_one_line_and_exit_2(tmp_path, corpus, data_dir):
     res = run_cli(trainer_args(tmp_path / "out", corpus, data_dir, "--run_name", "../escape", "--max_steps", "1"))
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: --run_name '../escape'")
+    assert (res.returncode == 2 and res.stderr.count("\n") == 1
+            and res.stderr.startswith("error: --run_name '../escape'"))
     assert not (tmp_path / "escape").exists() and not (tmp_path / "out").exists()
 
 
 def test_divergence_keeps_the_good_checkpoints_and_exits_1(tmp_path, corpus, data_dir):
     """The issue's run: NaN at step 3, checkpoints every step, log lines only every 10."""
-    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "30", "--learning_rate", "1e6",
-                               "--save_interval", "1", "--keep_checkpoints", "2", "--log_interval", "10"))
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "30", "--learning_rate",
+                               "1e6", "--save_interval", "1", "--keep_checkpoints", "2", "--log_interval", "10"))
     assert res.returncode == 1, res.stderr
     assert "Traceback" not in res.stderr
     last = res.stderr.strip().splitlines()[-1]
@@ -90,13 +90,14 @@ def test_a_second_live_run_in_the_directory_is_refused(tmp_path, corpus, data_di
 def test_a_restart_from_step_0_starts_metrics_afresh(tmp_path, corpus, data_dir):
     run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "3", "--save", "false")
     run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "3", "--save", "false", "--resume", "auto")
-    assert [json.loads(l)["step"] for l in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "r" / "metrics.jsonl")] == [1, 2, 3]
     assert len(losses(tmp_path / "r")) == 3
 
 
 def test_tokens_per_s_is_not_inflated_by_a_checkpoint_between_log_steps(tmp_path, corpus, data_dir):
     """Saves at steps 9 and 18 fall inside the intervals logged at 10 and 20; 15 and 25 have none."""
-    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "30", "--log_interval", "5", "--save_interval", "9")
+    run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "30", "--log_interval", "5", "--save_interval",
+        "9")
     tps = {r["step"]: r["tokens_per_s"] for r in map(json.loads, open(tmp_path / "r" / "metrics.jsonl"))}
     steady = max(tps[15], tps[25])
     assert tps[10] < 2 * steady and tps[20] < 2 * steady, tps  # they were 5x and 2.5x
@@ -116,8 +117,9 @@ def test_a_stale_op_build_lock_is_cleared_not_waited_on(tmp_path, corpus, data_d
     lock = ext / "deepspeed_shm_comm" / "lock"
     lock.touch()
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
-    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--backend", "deepspeed", "--zero_stage", "1",
-                               "--max_steps", "1", "--save", "false"), env={"TORCH_EXTENSIONS_DIR": str(ext)}, timeout=150)
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--backend", "deepspeed", "--zero_stage",
+                               "1", "--max_steps", "1", "--save", "false"),
+                  env={"TORCH_EXTENSIONS_DIR": str(ext)}, timeout=150)
     assert res.returncode == 0, res.stderr
     assert f"note: removed a stale DeepSpeed op build lock {lock} (60 min old" in res.stdout
     assert not lock.exists()
@@ -151,7 +153,8 @@ def test_resume_auto_on_a_finished_run_leaves_it_finished(tmp_path, corpus, data
     before = {f: (d / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "config.json", "model.safetensors")}
     for resume in ("auto", d / "checkpoints" / "step_00000004"):
         res = run_cli([*args, "--resume", resume])
-        assert res.returncode == 0 and f"{d} holds a finished run (4 steps): nothing to resume, it is left as it is" in res.stdout, res.stderr
+        finished = f"{d} holds a finished run (4 steps): nothing to resume, it is left as it is"
+        assert res.returncode == 0 and finished in res.stdout, res.stderr
         assert "Traceback" not in res.stderr
         assert {f: (d / f).read_bytes() for f in before} == before
     os.remove(d / "summary.json")  # a checkpoint past the run's length is refused, not a run of no steps
@@ -195,16 +198,17 @@ def test_a_torn_or_damaged_metrics_file_is_repaired_with_a_note(tmp_path, corpus
     res = run_cli([*args, "--resume", "auto"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"note: {d}/metrics.jsonl ended mid-record (a write cut short): dropped its torn last line" in res.stdout
-    assert [json.loads(l)["step"] for l in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
     os.remove(d / "summary.json")
     rows = (d / "metrics.jsonl").read_text().splitlines()
     damaged = "\n".join([rows[0], "garbage", *rows[1:]]) + "\n"
     (d / "metrics.jsonl").write_text(damaged)
     res = run_cli([*args, "--resume", "auto"])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"warning: {d}/metrics.jsonl had unreadable lines (2): dropped them; the file as it was is kept as {d}/metrics.jsonl.damaged" in res.stdout
+    assert (f"warning: {d}/metrics.jsonl had unreadable lines (2): dropped them; the file as it was is kept as "
+            f"{d}/metrics.jsonl.damaged") in res.stdout
     assert (d / "metrics.jsonl.damaged").read_text() == damaged
-    assert [json.loads(l)["step"] for l in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in open(d / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("where", ["under a file", "read-only"])
@@ -215,7 +219,8 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, corpus, data
     else:
         out = tmp_path / "ro"
         out.mkdir()
-        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(out)], capture_output=True, text=True)
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M,ro", "tmpfs", str(out)], capture_output=True,
+                             text=True)
         if res.returncode != 0:
             pytest.skip(f"cannot mount a read-only tmpfs here ({res.stderr.strip()})")
         words = f"{out} is not writable"
@@ -255,6 +260,6 @@ def test_a_start_refused_after_the_engine_is_built_leaves_no_run_directory(tmp_p
     os.remove(folder / "manifest.json")
     checkpoint.write_manifest(str(folder), 2)
     res = run_cli([*args, "--run_name", "new", "--backend", "deepspeed", "--zero_stage", "1", "--resume", folder])
-    lines = [l for l in res.stderr.strip().splitlines() if not l.startswith("[20")]
+    lines = [line for line in res.stderr.strip().splitlines() if not line.startswith("[20")]
     assert res.returncode == 2 and len(lines) == 1 and "has no model.safetensors" in lines[0], res.stderr[-3000:]
     assert not (tmp_path / "new").exists()

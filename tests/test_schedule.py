@@ -50,7 +50,8 @@ CASES = {
     "wsd default decay (20%), 1-sqrt": (["--lr_scheduler_type", "warmup_stable_decay", "--num_warmup_steps", "5",
                                          "--min_lr_ratio", "0.1"], lambda s: wsd(s, 50, 5, 10, 0.1, "1-sqrt")),
     "wsd 20 linear decay steps": (["--lr_scheduler_type", "warmup_stable_decay", "--num_warmup_steps", "4",
-                                   "--num_decay_steps", "20", "--decay_type", "linear"], lambda s: wsd(s, 50, 4, 20, 0.0, "linear")),
+                                   "--num_decay_steps", "20", "--decay_type", "linear"],
+                                  lambda s: wsd(s, 50, 4, 20, 0.0, "linear")),
     "wsd cosine decay": (["--lr_scheduler_type", "warmup_stable_decay", "--decay_type", "cosine", "--min_lr_ratio",
                           "0.25"], lambda s: wsd(s, 50, 0, 10, 0.25, "cosine")),
     "cosine_with_min_lr": (["--lr_scheduler_type", "cosine_with_min_lr", "--num_warmup_steps", "5", "--min_lr_ratio",
@@ -84,17 +85,21 @@ def test_trainer_runs_wsd_and_logs_its_lr(tmp_path, corpus, data_dir):
                         "--num_warmup_steps", "2", "--num_decay_steps", "4", "--min_lr_ratio", "0.1")
     res = run_cli(args)
     assert res.returncode == 0, res.stderr[-2000:]
-    rows = [json.loads(l) for l in open(tmp_path / "wsd" / "metrics.jsonl") if '"lr"' in l]
+    rows = [json.loads(line) for line in open(tmp_path / "wsd" / "metrics.jsonl") if '"lr"' in line]
     # the LR logged after step s is the one step s + 1 will use
     assert [r["lr"] for r in rows] == pytest.approx([1e-2 * wsd(r["step"], 10, 2, 4, 0.1, "1-sqrt") for r in rows])
 
 
 BAD = {
-    "floor above 1": (["--lr_scheduler_type", "warmup_stable_decay", "--min_lr_ratio", "2"], "--min_lr_ratio must be between 0 and 1"),
+    "floor above 1": (["--lr_scheduler_type", "warmup_stable_decay", "--min_lr_ratio", "2"],
+                      "--min_lr_ratio must be between 0 and 1"),
     "floor on plain cosine": (["--lr_scheduler_type", "cosine", "--min_lr_ratio", "0.1"], "--min_lr_ratio is for"),
-    "decay steps on cosine": (["--lr_scheduler_type", "cosine", "--num_decay_steps", "3"], "are for --lr_scheduler_type warmup_stable_decay"),
-    "negative decay": (["--lr_scheduler_type", "warmup_stable_decay", "--num_decay_steps", "-1"], "--num_decay_steps must be"),
-    "longer than the run": (["--lr_scheduler_type", "warmup_stable_decay", "--num_warmup_steps", "3", "--num_decay_steps", "3"],
+    "decay steps on cosine": (["--lr_scheduler_type", "cosine", "--num_decay_steps", "3"],
+                              "are for --lr_scheduler_type warmup_stable_decay"),
+    "negative decay": (["--lr_scheduler_type", "warmup_stable_decay", "--num_decay_steps", "-1"],
+                       "--num_decay_steps must be"),
+    "longer than the run": (["--lr_scheduler_type", "warmup_stable_decay", "--num_warmup_steps", "3",
+                             "--num_decay_steps", "3"],
                             "--num_warmup_steps 3 + 3 decay steps exceed the run's 4 steps"),
 }
 

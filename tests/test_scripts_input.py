@@ -59,7 +59,8 @@ def bad_jsonl(d):
 def bad_jsonl_record(d):
     for f in d.iterdir():
         f.unlink()
-    (d / "docs.jsonl").write_text("".join(json.dumps({"text": None if i == 3 else "x", "id": i}) + "\n" for i in range(20)))
+    rows = [{"text": None if i == 3 else "x", "id": i} for i in range(20)]
+    (d / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return "docs.jsonl", "line 4 is not an object with a 'text' string"
 
 
@@ -95,13 +96,15 @@ def test_prepare_refuses_bad_flags(tmp_path, script, flags, words):
 
 
 def test_too_few_documents_is_one_line_without_the_loaders_progress_bar(tmp_path, script):
-    res = script("prepare_data.py", "--dataset", texts(tmp_path / "src", n=3), "--tokenizer", "bytes", "--data_dir", tmp_path / "d")
+    res = script("prepare_data.py", "--dataset", texts(tmp_path / "src", n=3), "--tokenizer", "bytes", "--data_dir",
+                 tmp_path / "d")
     assert_one_error_line(res, "only 3 document(s)")
     assert not (tmp_path / "d").exists()
 
 
 def test_prepare_shows_progress_while_writing_tokens(tmp_path, script):
-    res = script("prepare_data.py", "--dataset", texts(tmp_path / "src"), "--tokenizer", "bytes", "--data_dir", tmp_path / "d")
+    res = script("prepare_data.py", "--dataset", texts(tmp_path / "src"), "--tokenizer", "bytes", "--data_dir",
+                 tmp_path / "d")
     assert res.returncode == 0, res.stderr
     assert "writing train.bin: 100%" in res.stderr and "writing val.bin: 100%" in res.stderr
 

@@ -34,14 +34,13 @@ def logged(steps):
     return [c for s, c in steps.items() if s % LOG_INTERVAL == 0]
 
 
-DEEPSPEED = ["deepspeed", "--num_gpus", "2", "--master_port", "29655"]
-TORCHRUN = ["torchrun", "--nproc_per_node", "2", "--master_port", "29656"]
+TORCHRUN = ["torchrun", "--nproc_per_node", "2", "--master_port", "29656"]  # DeepSpeed's engine runs under it too
 
 
 def test_a_zero3_step_fetches_each_block_once_each_way(tmp_path, corpus, data_dir):
     """The shipped ZeRO-3 config marks each block a leaf module: its parameters come in one gather and its
     gradients are reduced together. Without the marking a step fetched every submodule (11 per block)."""
-    steps = counts(tmp_path, corpus, data_dir, DEEPSPEED, "--backend", "deepspeed", "--zero_stage", "3")
+    steps = counts(tmp_path, corpus, data_dir, TORCHRUN, "--backend", "deepspeed", "--zero_stage", "3")
     for c in steps.values():
         assert c["zero3.fetch"] <= 2 * N_LAYER + 10, c  # forward and backward per block, plus embeddings and head
         assert c.get("collective.all_gather_into_tensor", 0) <= N_LAYER, c  # no per-parameter gathers

@@ -13,19 +13,20 @@ from conftest import ROOT, SWEEP_SHARED, assert_one_error_line
 
 def test_sweep_runs_the_grid_and_skips_finished_runs(tmp_path, corpus, data_dir):
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8,16", "--lrs", "1e-3,4e-3",
-           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "6", "--base_head_width", "8",
-           "--dataset", str(corpus), "--data_dir", str(data_dir)]
+           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "6",
+           "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
-    rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "results.jsonl")]
     assert sorted((r["width"], r["lr"]) for r in rows) == [(8, 1e-3), (8, 4e-3), (16, 1e-3), (16, 4e-3)]
-    progress = [l.split(": done; ")[1] for l in first.stdout.splitlines() if ": done; " in l]
+    progress = [line.split(": done; ")[1] for line in first.stdout.splitlines() if ": done; " in line]
     assert [p.split(", ETA")[0] for p in progress] == [f"{n} of 4 finished, 0 failed" for n in (1, 2, 3, 4)]
     assert progress[-1].endswith("ETA now") and all(" ETA " in p for p in progress)
     assert all(r["steps"] == 6 and not r["diverged"] and math.isfinite(r["mean_train_loss"]) for r in rows)
     config = json.loads((tmp_path / "s" / "runs" / "mup_w16_lr0.004_s0" / "config.json").read_text())
     assert config["args"]["head_width"] == 16 and config["args"]["learning_rate"] == 4e-3
-    assert json.loads((tmp_path / "s" / "runs" / "mup_w8_lr0.004_s0" / "config.json").read_text())["args"]["head_width"] == 8
+    config = json.loads((tmp_path / "s" / "runs" / "mup_w8_lr0.004_s0" / "config.json").read_text())
+    assert config["args"]["head_width"] == 8
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert "4 already done, 0 to run" in again.stdout and again.returncode == 0
 
@@ -92,7 +93,6 @@ def test_plot_marks_optima_at_the_grid_edge_and_labels_model_widths(tmp_path, ca
     # the low edge); the other widths' optima are inside the grid.
     inside = {"mup": {8: -8.3, 16: -8.3, 32: -8.3, 64: -2}, "sp": {8: -8.3, 16: -9.3, 32: -10.3, 64: -14}}
     write_results(tmp_path / "s", lambda p, w: inside[p][w])
-    sys.path.insert(0, str(ROOT / "scripts"))
     import plot_mu_scaling
 
     summary, drawn = plot_mu_scaling.make(str(tmp_path / "s"))  # no n_head anywhere: head widths, said so
@@ -109,7 +109,7 @@ def test_plot_marks_optima_at_the_grid_edge_and_labels_model_widths(tmp_path, ca
     assert "LR grid step 2x (1 in log2)" in drawn["footer"][1] and "seed 0" in drawn["footer"][1]
 
     # n_head from a run's config.json (the sweep writes one per run): legends give the model width
-    rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "results.jsonl")]
     (tmp_path / "s" / "results.jsonl").write_text("".join(json.dumps({**r, "run": f"r{i}", "steps": 50}) + "\n"
                                                           for i, r in enumerate(rows)))
     (tmp_path / "s" / "runs" / "r0").mkdir(parents=True)
@@ -178,17 +178,25 @@ def test_plot_of_a_depth_sweep_labels_depths_and_gives_the_model_width(tmp_path)
     (["--widths", "8", "--parametrizations", "mup,sp,mup"], "gives mup more than once"),
     (["--widths", "8", "--seeds", "0,1,0"], "--seeds '0,1,0' gives 0 more than once"),
 ])
-def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, args, message):
+def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, script, args, message):
+    """In this process (runpy, as __main__): a real process starts torch's import for each case; the next test
+    runs one case as a real process."""
     (tmp_path / "HF").write_text("node-a slots=1\n")
     (tmp_path / "BAD").write_text("node-a slots=1\n-oProxyCommand=touch slots=1\n")
     (tmp_path / "TWICE").write_text("node-a slots=1\r\nnode-a slots=1\r\n")
     args = [str(tmp_path / a) if a in ("HF", "BAD", "TWICE") else a for a in args]
     if not any(a.startswith("--lrs") for a in args):
         args = ["--lrs", "1e-3", *args]
-    res = subprocess.run([sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), *args], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    res = script("scripts/sweep.py", "--out", str(tmp_path / "s"), *args)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
     assert not (tmp_path / "s").exists() and not res.stdout  # refused before anything starts or is written
+
+
+def test_bad_sweep_input_is_one_line_and_exit_2_in_a_real_process(tmp_path):
+    res = subprocess.run([sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--lrs", "1e-3,0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert_one_error_line(res, "learning rates must be finite and above 0")
+    assert not (tmp_path / "s").exists() and not res.stdout
 
 
 def sweep_cmd(out, corpus, data_dir, *args, steps=4, lrs="1e-3,4e-3", extra=()):
@@ -216,17 +224,18 @@ def test_two_sweeps_of_one_folder_at_once_run_each_run_once_and_both_succeed(tmp
     """Two sweeps over one --out at the same time: a run the other sweep finished is read from its own summary,
     never launched again, never reported failed, never a NaN row."""
     cmd = sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", steps=6)
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum(o.count(": done; ") for o, _ in outs) == 2 and all("0 failed" in o for o, _ in outs)
     assert sum(o.count("done (by another sweep of this folder)") for o, _ in outs) in (0, 1, 2)
-    rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "results.jsonl")]
     assert sorted(r["lr"] for r in rows) == [1e-3, 4e-3]
     assert all(r["steps"] == 6 and not r["diverged"] and math.isfinite(r["mean_train_loss"])
                and math.isfinite(r["final_train_loss"]) for r in rows)
     for run in ("mup_w8_lr0.001_s0", "mup_w8_lr0.004_s0"):  # each trained once: steps 1..6, once each
-        steps = [json.loads(l)["step"] for l in open(tmp_path / "s" / "runs" / run / "metrics.jsonl")]
+        steps = [json.loads(line)["step"] for line in open(tmp_path / "s" / "runs" / run / "metrics.jsonl")]
         assert [s for s in steps if s] == [1, 2, 3, 4, 5, 6]
 
 
@@ -293,8 +302,8 @@ def test_a_diverged_run_is_a_result_of_the_sweep_not_a_failure(tmp_path, corpus,
     """The trainer exits 1 on divergence (it writes no checkpoint of a diverged model); a sweep maps LRs
     up to divergence, so for it that run is a data point."""
     cmd = [sys.executable, "scripts/sweep.py", "--out", str(tmp_path / "s"), "--widths", "8", "--lrs", "1e-3,1e6",
-           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "8", "--base_head_width", "8",
-           "--dataset", str(corpus), "--data_dir", str(data_dir)]
+           "--parametrizations", "mup", "--jobs", "2", "--", *SWEEP_SHARED, "--max_steps", "8",
+           "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = {r["lr"]: r for r in map(json.loads, open(tmp_path / "s" / "results.jsonl"))}
@@ -324,12 +333,11 @@ def test_a_sweep_over_training_length_runs_each_length_and_plots_its_transfer(tm
            "--base_head_width", "8", "--dataset", str(corpus), "--data_dir", str(data_dir)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
-    rows = [json.loads(l) for l in open(tmp_path / "s" / "results.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "results.jsonl")]
     assert sorted((r["max_steps"], r["lr"]) for r in rows) == [(t, lr) for t in (4, 8) for lr in (1e-3, 4e-3, 1.6e-2)]
     assert all(r["steps"] == r["max_steps"] and r["train_batch_size"] is None for r in rows)
     config = json.loads((tmp_path / "s" / "runs" / "mup_w8_steps8_lr0.004_s0" / "config.json").read_text())
     assert config["args"]["max_steps"] == 8 and config["args"]["head_width"] == 8
-    sys.path.insert(0, str(ROOT / "scripts"))
     import plot_mu_scaling
 
     summary, drawn = plot_mu_scaling.make(str(tmp_path / "s"))
@@ -349,7 +357,6 @@ def test_plot_of_a_batch_size_sweep(tmp_path, capsys):
             for b in (16, 64, 256) for x in range(-10, -4)]
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sys.path.insert(0, str(ROOT / "scripts"))
     import plot_mu_scaling
 
     summary, drawn = plot_mu_scaling.make(str(tmp_path / "b"))
@@ -363,7 +370,8 @@ def test_plot_of_a_batch_size_sweep(tmp_path, capsys):
     assert drawn["legends"]["mup"][-1] == "batch 256 (optimum at high edge)"
     assert "100 steps" in drawn["footer"][1] and "width 64 (4 heads x 16)" in drawn["footer"][1]
     assert ("optimal log2 lr at batch 16 / 64 / 256: -7 / -6 / -5, shift at least 2 grid steps (optimum at the "
-            "grid's high edge at batch 256: extend the grid above 2^-5); a larger batch is better" in capsys.readouterr().out)
+            "grid's high edge at batch 256: extend the grid above 2^-5); a larger batch is better"
+            in capsys.readouterr().out)
 
     # a folder whose rows vary two axes is refused: the curves would mix them
     (tmp_path / "b" / "results.jsonl").write_text("".join(json.dumps({**r, "max_steps": 50 + i % 2}) + "\n"

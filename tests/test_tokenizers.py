@@ -56,7 +56,8 @@ def test_a_wide_tiktoken_encoding_trains_and_samples(tmp_path, corpus, tiny_env)
     # sampling from the untrained model draws ids from the gap 263..69999 and the padding: they are skipped
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), str(run), "--prompt", "def f",
                           "--max_new_tokens", "64", "--temperature", "1", "--top_k", "0"], cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", **tiny_env}, capture_output=True, text=True, timeout=300)
+                         env={**os.environ, "OMP_NUM_THREADS": "1",
+                              **tiny_env}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def f")
     # and the transformers export names its end-of-text id (read from the run, not a table of known tokenizers)

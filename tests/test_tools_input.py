@@ -66,7 +66,8 @@ def rows(widths=(8, 16, 32), lrs=range(-10, -5), **over):
 
 def write(folder, lines):
     folder.mkdir(exist_ok=True)
-    (folder / "results.jsonl").write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in lines)
+    (folder / "results.jsonl").write_text(text)
     return folder
 
 
@@ -147,7 +148,8 @@ def test_plot_unknown_metric_is_one_line_in_a_real_process(tmp_path):
 
 def bench_flags(corpus, data_dir, name):
     return ["--name", name, "--n_layer", "1", "--n_head", "2", "--head_width", "16", "--seq_len", "32", "--batch", "2",
-            "--steps", "3", "--warmup", "1", "--repeats", "1", "--threads", "1", "--dataset", corpus, "--data_dir", data_dir]
+            "--steps", "3", "--warmup", "1", "--repeats", "1", "--threads", "1", "--dataset", corpus,
+            "--data_dir", data_dir]
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -182,6 +184,7 @@ def test_bench_name_must_stay_a_file_in_bench_results(script, corpus, data_dir, 
 
 
 def test_bench_bad_choice_is_one_line_in_a_real_process(corpus, data_dir):
-    res = subprocess_script("bench/bench.py", *bench_flags(corpus, data_dir, "pytest_tools_input"), "--precision", "fp16")
+    res = subprocess_script("bench/bench.py", *bench_flags(corpus, data_dir, "pytest_tools_input"), "--precision",
+                            "fp16")
     assert_one_error_line(res, "--precision", "invalid choice")
     assert not (ROOT / "bench" / "results" / "pytest_tools_input.json").exists()

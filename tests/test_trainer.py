@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, losses, run_cli, trainer_args
 from mupgpt.config import parse_args
-
 from run_trainer import train
 
 
@@ -38,12 +37,13 @@ def test_run_directory_holds_every_output(tmp_path, corpus, data_dir):
     assert cfg["args"]["head_width"] == 16 and cfg["resolved"]["backend"] == "single"
     opt = json.loads((d / "opt_config.json").read_text())
     assert opt["h.0.mlp.c_fc.weight"]["lr"] == opt["wte.weight"]["lr"]  # m = 1 here
-    rows = [json.loads(l) for l in open(d / "metrics.jsonl")]
+    rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu"} <= set(rows[0])
     assert "val_loss" in rows[2] and "val_loss" in rows[5] and "val_loss" not in rows[0]
     summary = json.loads((d / "summary.json").read_text())
-    for key in ("final_train_loss", "best_val_loss", "final_val_loss", "steps", "tokens", "wall_s", "peak_host_bytes_per_rank"):
+    for key in ("final_train_loss", "best_val_loss", "final_val_loss", "steps", "tokens", "wall_s",
+                "peak_host_bytes_per_rank"):
         assert key in summary
     exported = load_file(d / "model.safetensors")
     assert "lm_head.weight" in exported and not any(k.startswith(("_orig_mod", "module.")) for k in exported)
@@ -134,7 +134,8 @@ def test_bad_data_and_checkpoints_are_one_line_and_lose_nothing(tmp_path, corpus
     run(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "4", "--save_interval", "2")
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
     cases = [
-        (["--run_name", "r"], "already holds a finished run (4 steps): pick another --run_name"),  # finished: resume is no use
+        (["--run_name", "r"],
+         "already holds a finished run (4 steps): pick another --run_name"),  # finished: resume is no use
         (["--run_name", "x", "--data_dir", str(tmp_path / "empty"), "--dataset", str(tmp_path / "nofiles")], "no such"),
     ]
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000004"
@@ -195,7 +196,8 @@ def test_default_run_names_differ_by_backend_and_length_and_say_what_to_do(tmp_p
                                             "mup_2x16_d1_lr0.003_s1234_single_4steps",
                                             "mup_2x16_d1_lr0.003_s1234_zero1_3steps"]
     finished = run_cli(trainer_args(tmp_path, corpus, data_dir, *common))
-    assert finished.returncode == 2 and "already holds a finished run (3 steps): pick another --run_name" in finished.stderr
+    assert (finished.returncode == 2
+            and "already holds a finished run (3 steps): pick another --run_name" in finished.stderr)
     unfinished = tmp_path / "mup_2x16_d1_lr0.003_s1234_single_3steps"
     os.remove(unfinished / "summary.json")  # as if stopped after the step-2 checkpoint
     res = run_cli(trainer_args(tmp_path, corpus, data_dir, *common))

@@ -11,7 +11,6 @@ import pytest
 from conftest import ROOT, run_cli, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.errors import UsageError
-
 from run_trainer import train
 
 MUL = ["--max_steps", "2"]
@@ -51,7 +50,8 @@ BAD_FLAGS = {
     "attn_mult nan": (["--attn_mult", "nan"], "--attn_mult must be 0 or more"),
     "depth_alpha nan": (["--base_n_layer", "1", "--depth_alpha", "nan"], "--depth_alpha must be a finite number"),
     "scheduler bogus": (["--lr_scheduler_type", "cosin"], "not a transformers scheduler (did you mean cosine?)"),
-    "base not whole heads": (["--base_width", "24"], "--base_width 24 is not a whole number of heads of --base_head_width 16"),
+    "base not whole heads": (["--base_width", "24"],
+                             "--base_width 24 is not a whole number of heads of --base_head_width 16"),
     "wsd floor above 1": (["--lr_scheduler_type", "warmup_stable_decay", "--min_lr_ratio", "2"],
                           "--min_lr_ratio must be between 0 and 1"),
     "min lr on plain cosine": (["--lr_scheduler_type", "cosine", "--min_lr_ratio", "0.1"], "--min_lr_ratio is for"),
@@ -73,8 +73,10 @@ BAD_FLAGS = {
     "resume a file": (lambda t: ["--resume", str(t / "out" / "f")], "is a file: give a checkpoints/step_N folder"),
     "ddp without launcher": (["--backend", "ddp"], "launch it with torchrun --nproc_per_node N"),
     "fsdp without launcher": (["--backend", "fsdp"], "launch it with torchrun --nproc_per_node N"),
-    "offload without deepspeed": (["--offload", "cpu"], "--offload cpu is a DeepSpeed setting but the backend is single"),
-    "ds_config without deepspeed": (["--ds_config", str(ROOT / "ds_configs" / "zero2.json")], "--ds_config is a DeepSpeed setting"),
+    "offload without deepspeed": (["--offload", "cpu"],
+                                  "--offload cpu is a DeepSpeed setting but the backend is single"),
+    "ds_config without deepspeed": (["--ds_config", str(ROOT / "ds_configs" / "zero2.json")],
+                                    "--ds_config is a DeepSpeed setting"),
     "ds_config a folder": (lambda t: ["--backend", "deepspeed", "--ds_config", str(t)], "is a folder"),
     "ds_config a list": (lambda t: ds_file(t, [1, 2]), "holds a JSON list, not an object"),
     "ds_config unknown key": (lambda t: ds_file(t, {**zero_cfg(), "zero_optimisation": {}}),
@@ -82,9 +84,11 @@ BAD_FLAGS = {
     "ds_config removed key": (lambda t: ds_file(t, {**zero_cfg(), "amp": {"enabled": True}}), "'amp' is not supported"),
     "ds_config unknown zero key": (lambda t: ds_file(t, zero_cfg(overlap_com=True)),
                                    "unknown key zero_optimization.overlap_com (did you mean overlap_comm?)"),
-    "ds_config unknown offload key": (lambda t: ds_file(t, zero_cfg(offload_optimizer={"device": "cpu", "pin_memry": True})),
-                                      "unknown key zero_optimization.offload_optimizer.pin_memry (did you mean pin_memory?)"),
-    "ds_config bad zero value": (lambda t: ds_file(t, zero_cfg(overlap_comm="maybe")), "zero_optimization.overlap_comm"),
+    "ds_config unknown offload key": (
+        lambda t: ds_file(t, zero_cfg(offload_optimizer={"device": "cpu", "pin_memry": True})),
+        "unknown key zero_optimization.offload_optimizer.pin_memry (did you mean pin_memory?)"),
+    "ds_config bad zero value": (lambda t: ds_file(t, zero_cfg(overlap_comm="maybe")),
+                                 "zero_optimization.overlap_comm"),
     "ds_config offload not an object": (lambda t: ds_file(t, zero_cfg(offload_param="cpu")), "must be an object"),
     "ds_config bf16 not an object": (lambda t: ds_file(t, {**zero_cfg(), "bf16": True}), "'bf16' must be an object"),
     "device cuda without a GPU": (["--device", "cuda"], "no GPU is visible"),
@@ -132,13 +136,14 @@ def test_nvme_offload_without_libaio_says_how_to_install_it(tmp_path, corpus, da
 
 
 def test_shipped_ds_configs_pass_the_key_checks(tmp_path):
-    from mupgpt.engines.deepspeed_zero import check_keys, ds_config
+    from mupgpt.engines.deepspeed_config import check_keys, ds_config
     for stage in (0, 1, 2, 3):
         cfg = parse_args(["--zero_stage", str(stage), "--precision", "fp32", "--output_dir", str(tmp_path)])
         ds_config(cfg, "fp32", 8, 1, 64)
     cfg = parse_args(["--offload", "cpu", "--output_dir", str(tmp_path)])
     ds_config(cfg, "bf16", 8, 1, 64)
-    cfg = parse_args(["--ds_config", str(ROOT / "ds_configs" / "zero3_offload_cpu_partial.json"), "--output_dir", str(tmp_path)])
+    cfg = parse_args(["--ds_config", str(ROOT / "ds_configs" / "zero3_offload_cpu_partial.json"), "--output_dir",
+                      str(tmp_path)])
     ds_config(cfg, "bf16", 8, 1, 64)
     check_keys(json.load(open(ROOT / "ds_configs" / "zero3_offload_nvme.json")), "nvme")  # its aio check needs libaio
 
@@ -152,11 +157,12 @@ def test_bad_flag_from_the_command_line_is_one_line_and_exit_2(tmp_path, corpus,
     out = tmp_path / "out"
     res = run_cli(trainer_args(out, corpus, data_dir, *MUL, *extra), timeout=300)
     lines = res.stderr.strip().splitlines()
-    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert (res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+            and message in lines[0]), res.stderr
     assert sorted(os.listdir(out)) == ["f"]
 
 
 def test_the_keys_taken_without_scanning_deepspeed_are_deepspeed_keys():
-    """check_keys skips its 1.5 s scan of DeepSpeed's sources for the keys we ship; each must be one it reads."""
-    from mupgpt.engines.deepspeed_zero import SHIPPED_KEYS, deepspeed_keys
+    """check_keys skips its scan of DeepSpeed's sources for the keys we ship; each must be one it reads."""
+    from mupgpt.engines.deepspeed_config import SHIPPED_KEYS, deepspeed_keys
     assert SHIPPED_KEYS <= deepspeed_keys()

@@ -1,53 +1,25 @@
-"""The Engine interface and what every backend shares; the Engine itself is the single-process backend.
+"""The Engine interface and what every backend shares.
 
 The model (mup_model.GPT) knows nothing of parallelism; everything that wraps it (DDP, FSDP2,
 DeepSpeed, activation checkpointing, torch.compile, autocast) happens in this package. An engine offers:
 train_step(micro_batches) -> (this rank's mean loss, grad norm) as device tensors (no host sync, no
 collective beyond the gradients' own), eval_loss (this rank's),
 save(dir) / load(dir) of its native state, full_state_dict() for the consolidated export that
-checkpoint.export writes, and world info (rank, world_size, device, is_main).
+checkpoint.export writes, load_model(state) of consolidated weights, and world info (rank, world_size,
+device, is_main).
 """
 import contextlib
 import functools
 import os
-import pickle
-import re
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from mupgpt.errors import UsageError
-from mupgpt.optim import clean_name, lr_scheduler, optimizer
-
-
-def untrusted(path, e):
-    """A checkpoint file that holds Python objects beyond tensors and plain data is refused, never run."""
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-    what = found.group(1) if found else str(e).splitlines()[0][:200]
-    return UsageError(f"{path} holds a Python object that is not tensors or plain data ({what}); it was not loaded "
-                      "(a checkpoint is untrusted input): resume from a checkpoint this trainer wrote")
-
-
-def safe_load(path, map_location=None, allowed=(), name=None):
-    """torch.load of tensors and plain data only (weights_only), plus the few types in `allowed`."""
-    name = name or path
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise untrusted(name, e) from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise UsageError(f"{name} is damaged ({str(e).splitlines()[0][:200]}): resume from an earlier checkpoint") from None
-
-
-def load_weights(path, device="cpu"):
-    """A safetensors file (no code can be in one); a damaged one is one error line."""
-    try:
-        return load_file(path, device=str(device))
-    except Exception as e:
-        raise UsageError(f"{path} is damaged ({str(e).splitlines()[0][:200]}): resume from an earlier checkpoint") from None
+from mupgpt.optim import lr_scheduler, muon_settings, optimizer, param_groups
+from mupgpt.safe_load import safe_load
 
 
 def count_params(model):
@@ -62,24 +34,43 @@ def checkpoint_blocks(model, checkpoint_fn):
             block.forward = functools.partial(checkpoint_fn, type(block).forward.__get__(block))
 
 
+def check_fits(names, state):
+    """Consolidated weights load only into the model they were saved from: the same parameter names, no
+    more and no fewer (each backend passes its parameters' bare names)."""
+    names, given = set(names), set(state)
+    missing, unexpected = sorted(names - given), sorted(given - names)
+    if missing or unexpected:
+        raise UsageError(f"checkpoint does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                         "resume with the same --head_width, --n_head, --n_layer and --seq_len")
+
+
 class Engine:
-    """Single process (CPU or one GPU) and the base for the others."""
-    fused_adamw = True
+    """What every backend offers and shares. Each backend's constructor takes these same arguments and
+    calls this one first, then wraps the model and makes self.optimizer and self.scheduler."""
 
-    def __init__(self, cfg, model, groups, world, precision, total_steps):
+    def __init__(self, cfg, model, world, precision, total_steps, run_dir=None, ds_config=None):
+        """run_dir gets the optimizer groups' table (opt_config.json); ds_config is DeepSpeed's
+        effective config, which only the deepspeed backend reads."""
         self.cfg, self.model, self.world, self.precision = cfg, model, world, precision
-        self.device = world.device
-        self.grad_clip = cfg.grad_clip
-        model.to(self.device)
-        if cfg.gradient_checkpointing:
-            checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
-        self.forward_model = self.compiled(model) if cfg.compile else model
-        self.optimizer = optimizer(groups, cfg, fused=self.fused_adamw)
-        self.scheduler = lr_scheduler(self.optimizer, cfg, total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.total_steps, self.run_dir, self.ds_config = total_steps, run_dir, ds_config
+        self.device, self.grad_clip = world.device, cfg.grad_clip
+        self.forward_model = model  # what train_step calls: the model, or its compiled or wrapped self
+        self.optimizer = self.scheduler = self.scaler = None
 
-    def compiled(self, model):
-        return torch.compile(model)
+    def param_groups(self):
+        """The muP optimizer groups of the model as it is now (written to run_dir/opt_config.json)."""
+        cfg = self.cfg
+        return param_groups(self.model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, self.run_dir,
+                            muon_settings(cfg))
+
+    def start_optimizer(self, groups, fused=True):
+        """The optimizer over the muP groups (AdamW, or Muon with AdamW: optim.optimizer) and the LR schedule."""
+        self.optimizer = optimizer(groups, self.cfg, fused=fused)
+        self.scheduler = lr_scheduler(self.optimizer, self.cfg, self.total_steps)
+
+    def checkpoint_activations(self):
+        if self.cfg.gradient_checkpointing:
+            checkpoint_blocks(self.model, functools.partial(checkpoint, use_reentrant=False))
 
     @property
     def rank(self):
@@ -141,21 +132,21 @@ class Engine:
         """The schedule's current base LR (what a multiplier-1 group gets)."""
         return self.cfg.learning_rate * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
 
-    # --- checkpoints: every backend writes a consolidated model.safetensors (portable across
-    # backends and world sizes) plus its native optimizer state; this one's is a torch-saved dict.
+    # --- checkpoints: every backend writes a consolidated model.safetensors (portable across backends and
+    # world sizes) and each rank's RNG state (save_consolidated), plus its own native optimizer state.
     def save(self, path):
-        self.save_consolidated(path)
-        if self.is_main:
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "scaler": self.scaler.state_dict()}, os.path.join(path, "optimizer.pt"))
+        raise NotImplementedError
 
     def load(self, path):
-        self.load_model(load_weights(os.path.join(path, "model.safetensors"), self.device))
-        state = safe_load(os.path.join(path, "optimizer.pt"), map_location=self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.load_rng(path)
+        raise NotImplementedError
+
+    def full_state_dict(self):
+        """The whole model's weights as plain CPU tensors under bare names (rank 0 gets them)."""
+        raise NotImplementedError
+
+    def load_model(self, state):
+        """Consolidated weights (bare names, full shapes), checked with check_fits."""
+        raise NotImplementedError
 
     def save_consolidated(self, path):
         state = self.full_state_dict()  # a collective under the sharded backends
@@ -172,15 +163,3 @@ class Engine:
             torch.set_rng_state(rng["torch"])
             if self.device.type == "cuda" and rng["cuda"].numel():
                 torch.cuda.set_rng_state(rng["cuda"])
-
-    def full_state_dict(self):
-        """The whole model's weights as plain CPU tensors under bare names (rank 0 gets them)."""
-        return {clean_name(k): v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-
-    def load_model(self, state):
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise UsageError(f"checkpoint does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-                             "resume with the same --head_width, --n_head, --n_layer and --seq_len")
-
-

@@ -1,235 +1,17 @@
 """DeepSpeed ZeRO-0/1/2/3 (with CPU or NVMe offload) behind the Engine interface.
 
-The JSON in ds_configs/ (or --ds_config) says how to shard; the values the command line owns
-(micro batch, global batch, accumulation, precision, clipping) are filled in from the flags, and a
-config that sets them differently is refused. The muP groups go to DeepSpeed as the client
+deepspeed_config.py makes the run's DeepSpeed config. The muP groups go to DeepSpeed as the client
 optimizer's param groups and the schedule stays client-side (a LambdaLR over those groups):
-DeepSpeed's own config-file schedulers would set one LR for every group.
+DeepSpeed's own config-file schedulers would set one LR for every group. DeepSpeed's checkpoint files
+are read through safe_load.safe_ds_load.
 """
-import functools
-import glob
-import json
-import os
-import re
-import sys
-import time
-from pathlib import Path
-
 import torch
 
 from mup_model import GPT
-from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load
-from mupgpt.errors import UsageError, did_you_mean
+from mupgpt.engines.base import Engine, check_fits, checkpoint_blocks
+from mupgpt.errors import UsageError
 from mupgpt.optim import adamw, clean_name, lr_scheduler
-from mupgpt.world import deepspeed_environment, resolve_device
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-
-
-def template_path(cfg):
-    if cfg.ds_config:
-        if not os.path.isfile(cfg.ds_config):
-            what = "is a folder" if os.path.isdir(cfg.ds_config) else "no such file"
-            raise UsageError(f"--ds_config {cfg.ds_config}: {what}: give a DeepSpeed JSON file (see ds_configs/)")
-        return cfg.ds_config
-    if cfg.offload != "none":
-        if cfg.zero_stage != 3:
-            raise UsageError(f"--offload {cfg.offload} needs --zero_stage 3 (the shipped offload configs are ZeRO-3)")
-        return str(CONFIG_DIR / f"zero3_offload_{cfg.offload}.json")
-    return str(CONFIG_DIR / f"zero{cfg.zero_stage}.json")
-
-
-def _set(node, key, value, source, flag):
-    """Fill an 'auto' or absent value; refuse a different one (the flag owns it)."""
-    current = node.get(key, "auto")
-    if current != "auto" and current != value:
-        raise UsageError(f"{source} sets {key}={current!r} but the flags give {value!r}: "
-                         f"set it with {flag} or write \"auto\" in the config")
-    node[key] = value
-
-
-def bucket_elements(width):
-    """DeepSpeed's reduce / all-gather bucket: about one layer, at least 2^20 elements (below that each small
-    parameter is its own collective: ZeRO-3 spent 99 reduce-scatters a step on the bench's tiny model)."""
-    return max(width * width, 2**20)
-
-
-def read_template(path):
-    try:
-        config = json.load(open(path))
-    except ValueError as e:
-        raise UsageError(f"{path} is not valid JSON ({e}): fix it or use one from ds_configs/") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path} holds a JSON {type(config).__name__}, not an object of DeepSpeed settings: "
-                         "start from one in ds_configs/")
-    check_keys(config, path)
-    for key in ("optimizer", "scheduler"):
-        if key in config:
-            raise UsageError(f"{path} has an '{key}' section: remove it; the muP per-group optimizer and schedule "
-                             "come from the trainer")
-    return config
-
-
-def fill_from_flags(config, cfg, precision, global_batch, accum, path):
-    """The values the command line owns: batches, accumulation, clipping and precision."""
-    _set(config, "train_micro_batch_size_per_gpu", cfg.per_device_train_batch_size, path, "--per_device_train_batch_size")
-    _set(config, "train_batch_size", global_batch, path, "--train_batch_size")
-    _set(config, "gradient_accumulation_steps", accum, path, "--train_batch_size")
-    _set(config, "gradient_clipping", cfg.grad_clip, path, "--grad_clip")
-    for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
-        _set(config.setdefault(key, {}), "enabled", on, path, "--precision")
-    if precision == "fp16":
-        config["fp16"].setdefault("loss_scale", 0)  # 0 = dynamic loss scaling
-        config["fp16"].setdefault("initial_scale_power", 16)
-
-
-def fill_sizes(zero, width):
-    """'auto' sizes from the model: buckets (bucket_elements). Small (norm/bias) parameters stay resident
-    only without leaf modules: ZeRO-3 all-gathers each resident parameter on its own after every optimizer
-    step, while a leaf block's small parameters come in the block's one coalesced gather."""
-    bucket = bucket_elements(width)
-    auto_sizes = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
-                  "stage3_prefetch_bucket_size": int(0.9 * bucket),
-                  "stage3_param_persistence_threshold": 0 if "leaf_module" in zero else 10 * width}
-    for key, value in auto_sizes.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-
-
-def check_offload(config, zero, cfg, path):
-    """Offload devices this machine has; an NVMe folder that exists (asked of the user before libaio)."""
-    for part in ("offload_param", "offload_optimizer"):
-        device = zero.get(part, {}).get("device", "none")
-        if device == "nvme":
-            nvme = zero[part].get("nvme_path", "auto")
-            nvme = cfg.nvme_path if nvme == "auto" else nvme
-            if not nvme or not os.path.isdir(nvme):
-                raise UsageError(f"NVMe offload needs an existing folder: pass --nvme_path DIR (got {nvme!r})")
-            check_aio()
-            zero[part]["nvme_path"] = nvme
-        elif device not in ("none", "cpu"):
-            raise UsageError(f"{part}.device {device!r} is not available here: use cpu or nvme (or none)")
-    if any(zero.get(p, {}).get("device", "none") != "none" for p in ("offload_param", "offload_optimizer")):
-        config["zero_force_ds_cpu_optimizer"] = False
-        if zero.get("stage") != 3 and "offload_param" in zero:
-            raise UsageError(f"{path}: offload_param needs zero_optimization.stage 3")
-
-
-def ds_config(cfg, precision, global_batch, accum, width):
-    """The effective DeepSpeed config for this run (also written to the run directory)."""
-    deepspeed_environment(resolve_device(cfg))  # checking the config imports DeepSpeed
-    path = template_path(cfg)
-    config = read_template(path)
-    fill_from_flags(config, cfg, precision, global_batch, accum, path)
-    zero = config.setdefault("zero_optimization", {"stage": cfg.zero_stage})
-    for part in ("offload_param", "offload_optimizer"):
-        if not isinstance(zero.get(part, {}), dict):
-            raise UsageError(f"{path}: zero_optimization.{part} must be an object like {{\"device\": \"cpu\"}}")
-    if zero.get("stage") not in (0, 1, 2, 3):
-        raise UsageError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, not {zero.get('stage')!r}")
-    if zero["stage"] == 0 and precision != "fp32":  # DeepSpeed's stage-0 half-precision optimizer drifts from fp32
-        raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
-                         "or --backend ddp for mixed precision")
-    fill_sizes(zero, width)
-    if cfg.compile:
-        deepcompile(config, zero, path, resolve_device(cfg), cfg.gradient_checkpointing)
-    check_offload(config, zero, cfg, path)
-    if zero["stage"] == 3 and "leaf_module" not in zero and os.environ.get("RANK", "0") == "0":
-        print(f"note: {path} has no zero_optimization.leaf_module; the shipped ZeRO-3 configs set "
-              '{"classes": ["mup_model.Block"]} (a block\'s parameters gathered and its gradients reduced at once)',
-              flush=True)
-    leftover = [k for k, v in zero.items() if v == "auto"]
-    if leftover:
-        raise UsageError(f"{path}: no value for {leftover} ('auto' is only filled for the keys in ds_configs/)")
-    check_zero(zero, path)
-    return config
-
-
-def deepcompile(config, zero, path, device_type, checkpointing):
-    """--compile under DeepSpeed is DeepCompile under ZeRO-3 on a GPU and nothing else. Measured on an H100
-    (GPT-2 124M, bench/RESULTS.md): ZeRO-3 with DeepCompile 271k tokens/s against 85k eager, losses within
-    0.06 of the single backend's; torch.compile under ZeRO-1 228.6k against 235.9k eager (no gain), and
-    plain torch.compile under ZeRO-3 63.6k against 80.6k (DeepSpeed's parameter hooks break the graph)."""
-    if zero["stage"] != 3:
-        raise UsageError("--compile under ZeRO-0/1/2 is no faster than without it (H100, GPT-2 124M: 228.6k against "
-                         "235.9k tokens/s): drop --compile, or use --zero_stage 3 on a GPU (DeepCompile)")
-    if device_type != "cuda":
-        raise UsageError("--compile under ZeRO-3 runs DeepSpeed's DeepCompile, whose op needs a CUDA GPU: "
-                         "drop --compile here")
-    if checkpointing or any(zero.get(p, {}).get("device", "none") != "none" for p in ("offload_param", "offload_optimizer")):
-        raise UsageError("--compile under ZeRO-3 (DeepCompile) with --offload or --gradient_checkpointing has not "
-                         "been tried: drop --compile or the other flag")
-    node = config.setdefault("compile", {})
-    if not isinstance(node, dict) or node.get("deepcompile", True) is not True:
-        raise UsageError(f"{path}: compile.deepcompile must be true (or absent) with --compile under ZeRO-3: plain "
-                         "torch.compile under ZeRO-3 ran slower than without it")
-    node["deepcompile"] = True
-
-
-@functools.lru_cache(maxsize=1)
-def deepspeed_keys():
-    """Every top-level key DeepSpeed's config code reads: DeepSpeed names them in module constants
-    (TRAIN_BATCH_SIZE = "train_batch_size"), in literal lookups (param_dict.get("compile", ...)), and
-    in the monitor's pydantic model. A superset: only a key found nowhere is refused."""
-    import deepspeed
-    from deepspeed.monitor.config import DeepSpeedMonitorConfig
-    const = re.compile(r"""^[A-Z][A-Z0-9_]*\s*=\s*['"]([a-z][a-z0-9_]*)['"]""", re.M)
-    lookup = re.compile(r"""param_dict(?:\.get\(|\[)\s*['"]([a-z][a-z0-9_]*)['"]|['"]([a-z][a-z0-9_]*)['"] in param_dict\b""")
-    keys = set(DeepSpeedMonitorConfig.model_fields)
-    for source in Path(deepspeed.__file__).parent.rglob("*.py"):
-        text = source.read_text(errors="ignore")
-        keys.update(const.findall(text))
-        keys.update(a or b for a, b in lookup.findall(text))
-    return keys
-
-
-# top-level keys of ds_configs/ and those this module fills in
-SHIPPED_KEYS = {"train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping",
-                "bf16", "fp16", "zero_optimization", "zero_force_ds_cpu_optimizer", "steps_per_print",
-                "wall_clock_breakdown", "aio", "timers", "compile"}
-
-
-def check_keys(config, path):
-    """Unknown or removed top-level keys fail here (DeepSpeed ignores unknown ones silently)."""
-    from deepspeed.runtime import config as ds
-    removed = getattr(ds, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})
-    for key in config:
-        if key in removed:
-            raise UsageError(f"{path}: '{key}' is not supported by this DeepSpeed: {removed[key].split('. ')[0]}; remove it")
-        if key not in SHIPPED_KEYS and key not in deepspeed_keys():  # the scan takes ~1.5 s: only for other keys
-            raise UsageError(f"{path}: unknown DeepSpeed setting '{key}'{did_you_mean(key, sorted(deepspeed_keys()))}")
-    for key in ("zero_optimization", "bf16", "fp16"):
-        if not isinstance(config.get(key, {}), dict):
-            raise UsageError(f"{path}: '{key}' must be an object, like {{\"enabled\": \"auto\"}} or {{\"stage\": 2}}")
-
-
-def check_zero(zero, path):
-    """zero_optimization against DeepSpeed's own model, as one line (DeepSpeed prints a pydantic trace)."""
-    import pydantic
-    from deepspeed.runtime import config as ds
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig, DeepSpeedZeroOffloadParamConfig
-    try:
-        getattr(ds, "_reject_removed_config_keys", lambda d: None)({"zero_optimization": zero})
-        DeepSpeedZeroConfig(**zero)
-    except ds.DeepSpeedConfigError as e:
-        raise UsageError(f"{path}: {str(e).split('. ')[0]}: remove it") from None
-    except pydantic.ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(map(str, ("zero_optimization", *err["loc"])))
-        if err["type"] == "extra_forbidden":
-            model = {"offload_param": DeepSpeedZeroOffloadParamConfig,
-                     "offload_optimizer": DeepSpeedZeroOffloadOptimizerConfig}.get(err["loc"][0], DeepSpeedZeroConfig)
-            names = [f.alias or n for n, f in model.model_fields.items()] + list(model.model_fields)
-            raise UsageError(f"{path}: unknown key {where}{did_you_mean(str(err['loc'][-1]), names)}") from None
-        raise UsageError(f"{path}: {where}: {err['msg']} (got {err.get('input')!r})") from None
-
-
-def check_aio():
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-    if not AsyncIOBuilder().is_compatible(verbose=False):
-        raise UsageError("NVMe offload needs libaio, which was not found: apt-get install libaio-dev "
-                         "(or set CFLAGS/LDFLAGS to where it is), or use --offload cpu")
+from mupgpt.safe_load import safe_ds_load
 
 
 def build_model(mcfg, config):
@@ -241,50 +23,47 @@ def build_model(mcfg, config):
     return GPT(mcfg)
 
 
-def safe_ds_load(path, map_location=None):
-    """DeepSpeed's checkpoint engine loads with torch.load(weights_only=False): a planted object would
-    run. Its ZeRO-0/1/2/3 (and offload) files need tensors, plain data and these types only."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-    return safe_load(path, map_location, allowed=[LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address])
-
-
 class DeepSpeedEngine(Engine):
-    def __init__(self, cfg, model, groups, world, precision, total_steps, config):
+    def __init__(self, cfg, model, world, precision, total_steps, run_dir=None, ds_config=None):
         import deepspeed
-        self.cfg, self.model, self.world, self.precision = cfg, model, world, precision
-        self.device, self.config = world.device, config
-        zero = config["zero_optimization"]
-        offload_opt = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+        super().__init__(cfg, model, world, precision, total_steps, run_dir, ds_config)
+        groups = self.param_groups()
+        offload_opt = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
         if cfg.gradient_checkpointing:
-            # with the optimizer offloaded, keep the checkpoints in host memory too (the seed's setting);
-            # on a CPU device they are there already, and DeepSpeed's CPU path loses the input under ZeRO-3
+            # with the optimizer offloaded, GPU memory is what is short: keep the checkpoints in host memory
+            # too; on a CPU device they are there already, and DeepSpeed's CPU path loses the input under ZeRO-3
             in_cpu = offload_opt and self.device.type == "cuda"
             deepspeed.checkpointing.configure(None, checkpoint_in_cpu=in_cpu, partition_activations=False)
             checkpoint_blocks(model, deepspeed.checkpointing.checkpoint)
-        if offload_opt:
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, lr=cfg.learning_rate, eps=cfg.adam_eps,
-                                         betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        else:
-            optimizer = adamw(groups, cfg)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config, dist_init_required=False,
-            lr_scheduler=lambda opt: lr_scheduler(opt, cfg, total_steps))
-        backup = getattr(self.engine.optimizer, "backup_optimizer", None)
-        if backup is not None:
-            # Partial offload (offload_optimizer.ratio < 1) steps the GPU-resident part with a second
-            # optimizer that shares the param-group dicts except the first, which it copies once: share
-            # that one too, or the schedule never reaches the first muP group's GPU part.
-            first = self.engine.optimizer.optimizer.param_groups[0]
-            for key, value in backup.defaults.items():
-                first.setdefault(key, value)
-            backup.param_groups[0] = first
-        self.engine.checkpoint_engine.load = safe_ds_load
+            model=model, optimizer=self.client_optimizer(groups, offload_opt), config=ds_config,
+            dist_init_required=False, lr_scheduler=lambda opt: lr_scheduler(opt, cfg, total_steps))
+        self.share_first_group()
+        self.engine.checkpoint_engine.load = safe_ds_load  # DeepSpeed's own load would run pickled code
         if cfg.compile:
             self.engine.compile()  # compiles the module in place: parameter names stay bare
         self.forward_model = self.engine
+
+    def client_optimizer(self, groups, offload_opt):
+        """DeepSpeed's CPU Adam where the optimizer is offloaded, torch's AdamW elsewhere."""
+        cfg = self.cfg
+        if not offload_opt:
+            return adamw(groups, cfg)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, lr=cfg.learning_rate, eps=cfg.adam_eps,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+
+    def share_first_group(self):
+        """Partial offload (offload_optimizer.ratio < 1) steps the GPU-resident part with a second optimizer
+        that shares the param-group dicts except the first, which it copies once: share that one too, or
+        the schedule never reaches the first muP group's GPU part."""
+        backup = getattr(self.engine.optimizer, "backup_optimizer", None)
+        if backup is None:
+            return
+        first = self.engine.optimizer.optimizer.param_groups[0]
+        for key, value in backup.defaults.items():
+            first.setdefault(key, value)
+        backup.param_groups[0] = first
 
     def train_step(self, micro_batches):
         total = torch.zeros((), device=self.device)
@@ -298,9 +77,9 @@ class DeepSpeedEngine(Engine):
         return total / len(micro_batches), norm
 
     def eval_loss(self, x, y):
-        if self.config.get("compile", {}).get("deepcompile"):
-            # DeepCompile compiles a second graph for no_grad or eval mode (over a minute on an H100, and
-            # cuDNN's attention then fails there): evaluate through the training graph, without backward
+        if self.ds_config.get("compile", {}).get("deepcompile"):
+            # DeepCompile compiles a second graph for no_grad or eval mode (slowly, and cuDNN's attention then
+            # fails there): evaluate through the training graph, without backward
             return self.engine(x, y).detach().float()
         with torch.no_grad():
             self.engine.eval()
@@ -332,9 +111,7 @@ class DeepSpeedEngine(Engine):
     def load_model(self, state):
         from deepspeed.utils import safe_set_full_fp32_param
         params = dict(self.engine.module.named_parameters())
-        missing = sorted(set(map(clean_name, params)) - set(state))
-        if missing:
-            raise UsageError(f"checkpoint does not fit this model (missing {missing[:3]}): use the same model flags")
+        check_fits(map(clean_name, params), state)
         for name, p in params.items():
             value = state[clean_name(name)].to(self.device)
             if self.engine.zero_optimization_stage() == 0:
@@ -342,52 +119,3 @@ class DeepSpeedEngine(Engine):
                     p.copy_(value)
             else:
                 safe_set_full_fp32_param(p, value)
-
-
-STALE_BUILD_S = 300
-
-
-def extensions_root():
-    """Where torch's cpp_extension builds DeepSpeed's ops (torch.utils.cpp_extension._get_build_directory)."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return os.environ["TORCH_EXTENSIONS_DIR"]
-    from torch.utils.cpp_extension import get_default_build_root
-    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-    if torch.version.hip:
-        accel = f"rocm{torch.version.hip.replace('.', '')}"
-    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{accel}")
-
-
-def folder_in_use(folder):
-    """Whether a process on this host has a file in the folder open or works in it (what a build does)."""
-    folder = os.path.realpath(folder)
-    for link in glob.glob("/proc/[0-9]*/cwd") + glob.glob("/proc/[0-9]*/fd/*"):
-        try:
-            target = os.readlink(link)
-        except OSError:
-            continue
-        if target == folder or target.startswith(folder + os.sep):
-            return True
-    return False
-
-
-def check_op_build_locks():
-    """torch's cpp_extension waits, silently and forever, while an op's build folder holds a `lock` file
-    (torch/utils/file_baton.py); a build killed half-way leaves one behind. Say so, and clear a stale one."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    for lock in glob.glob(os.path.join(glob.escape(extensions_root()), "*", "lock")):
-        try:
-            age = time.time() - os.path.getmtime(lock)
-        except OSError:
-            continue  # gone meanwhile: a build just finished
-        if age > STALE_BUILD_S and not folder_in_use(os.path.dirname(lock)):
-            try:
-                os.remove(lock)
-                print(f"note: removed a stale DeepSpeed op build lock {lock} ({age / 60:.0f} min old and no process "
-                      "uses its folder: a build was killed)", flush=True)
-                continue
-            except OSError:
-                pass
-        print(f"note: DeepSpeed's op build waits while {lock} exists ({age:.0f}s old); "
-              "if no other process is building DeepSpeed's ops, delete it", flush=True)

@@ -5,80 +5,27 @@ attributes, so the muP groups are built after sharding from parameter names (the
 param_rules take fan-in from the config, i.e. from global shapes). Checkpoints are
 torch.distributed.checkpoint (DCP) folders for exact resume plus the consolidated model.safetensors.
 """
-import functools
-import io
+import contextlib
 import os
-import pickle
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 
-from mupgpt.engines.base import Engine, checkpoint_blocks, safe_load, untrusted
-from mupgpt.errors import UsageError
-from mupgpt.optim import clean_name, muon_settings, param_groups
+from mupgpt.engines.base import Engine, check_fits
+from mupgpt.optim import clean_name
+from mupgpt.safe_load import load_dcp, safe_load
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-METADATA_TYPES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-                  ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
-
-
-class MetadataUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle: only its own dataclasses, sizes, dtypes and paths may come out of it."""
-
-    def find_class(self, module, name):
-        value = getattr(__import__(module, fromlist=[name]), name, None) if module.startswith(("torch", "pathlib")) else None
-        if ((module, name) in METADATA_TYPES or isinstance(value, torch.dtype)
-                or (module == "torch.distributed.checkpoint.metadata" and isinstance(value, type))):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
-
-
-class SafeReader(dcp.FileSystemReader):
-    def __init__(self, path):
-        super().__init__(path)
-        self.metadata = None
-
-    def read_metadata(self, *args, **kwargs):
-        if self.metadata is None:
-            path = self._get_metadata_path(kwargs.get("rank"))
-            try:
-                with open(path, "rb") as f:
-                    self.metadata = MetadataUnpickler(f).load()
-            except pickle.UnpicklingError as e:
-                raise untrusted(path, e) from None
-            except (OSError, EOFError, ValueError, AttributeError, TypeError) as e:
-                raise UsageError(f"{path} is damaged ({e}): resume from an earlier checkpoint") from None
-            if getattr(self.metadata, "storage_meta", None) is None:
-                from torch.distributed.checkpoint.metadata import StorageMeta
-                self.metadata.storage_meta = StorageMeta()
-        self.metadata.storage_meta.load_id = self.load_id
-        return self.metadata
-
-
-class SafePlanner(dcp.DefaultLoadPlanner):
-    """Non-tensor values (LRs, betas) are torch-saved bytes that DCP loads with weights_only=False."""
-
-    def __init__(self, dcp_dir):
-        super().__init__()
-        self.dcp_dir, self.refused = dcp_dir, None
-
-    def load_bytes(self, read_item, value):
-        try:
-            value = safe_load(value, "cpu", name=f"{self.dcp_dir} (value {read_item.dest_index.fqn})")
-        except UsageError as e:
-            self.refused = e  # DCP wraps what its steps raise: load() raises this one instead
-            raise
-        checked = io.BytesIO()
-        torch.save(value, checked)
-        checked.seek(0)
-        super().load_bytes(read_item, checked)
 
 
 class LocalShardStep:
@@ -144,25 +91,32 @@ def reshard_after_forward(index, n_blocks, world):
 
 
 class FSDPEngine(Engine):
-    def __init__(self, cfg, model, world, precision, total_steps, run_dir=None):
-        model.to(world.device)
-        if cfg.gradient_checkpointing:
-            checkpoint_blocks(model, functools.partial(checkpoint, use_reentrant=False))
-        # fp32 master weights; compute in bf16, gradients reduced in fp32
+    def __init__(self, cfg, model, world, precision, total_steps, run_dir=None, ds_config=None):
+        super().__init__(cfg, model, world, precision, total_steps, run_dir, ds_config)
+        model.to(self.device)
+        self.checkpoint_activations()
+        # fp32 master weights; compute in the run's precision, gradients reduced in fp32
         mp = MixedPrecisionPolicy(param_dtype=DTYPES.get(precision), reduce_dtype=torch.float32)
         for i, block in enumerate(model.h):
             fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward(i, len(model.h), world))
         fully_shard(model, mp_policy=mp)  # the root keeps its parameters gathered from forward to backward
-        groups = param_groups(model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, run_dir, muon_settings(cfg))
-        # fused AdamW takes ShardedGradScaler's found-inf in a shape it rejects (torch 2.11, H100)
-        self.fused_adamw = precision != "fp16"
-        super().__init__(cfg, model, groups, world, "fp32", total_steps)  # no autocast: FSDP casts itself
-        self.precision = precision
+        groups = self.param_groups()  # after sharding (the DTensors), before compiling (the bare names)
+        self.forward_model = self.compiled(model) if cfg.compile else model
+        # fp16 steps the DTensor optimizer through ShardedGradScaler, whose found-inf tensor fused AdamW
+        # rejects: that optimizer is the unfused one, and the local-shard step serves the other precisions
+        fused = precision != "fp16"
+        self.start_optimizer(groups, fused=fused)
         if precision == "fp16":  # dynamic loss scaling; ranks agree on skipping a step that overflowed
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
             self.scaler = ShardedGradScaler(self.device.type)
+        else:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
         # the twin is an AdamW: under Muon the optimizer itself steps the DTensors (mupgpt/muon.py)
-        self.local_step = LocalShardStep(self.optimizer) if self.fused_adamw and cfg.optimizer != "muon" else None
+        self.local_step = LocalShardStep(self.optimizer) if fused and cfg.optimizer != "muon" else None
+
+    def autocast(self):
+        """None: FSDP2 casts the parameters to the compute dtype itself (the MixedPrecisionPolicy)."""
+        return contextlib.nullcontext()
 
     def step_optimizer(self):
         if self.local_step is None:  # fp16: the sharded scaler steps (or skips) the DTensor optimizer
@@ -172,9 +126,8 @@ class FSDPEngine(Engine):
     def compiled(self, model):
         """Each block on its own and the head (final norm, readout, loss), as torchtitan compiles under FSDP2:
         torch.compile(model) breaks the graph at FSDP2's hooks in GPT.forward's loop over the blocks and gives
-        up on that frame, so what runs compiled would rest on dynamo's fallback. When the loss ran eagerly
-        this way, compiling it cut the GPU's busy time per step from 43.0 to 32.6 ms on an H200 (GPT-2 124M,
-        bench/RESULTS.md)."""
+        up on that frame, so what runs compiled would rest on dynamo's fallback. The head is compiled too: run
+        eagerly, its loss takes more of the GPU's time per step (bench/RESULTS.md)."""
         for block in model.h:
             block.compile()  # in place: parameter names stay bare
         model.head = torch.compile(model.head)
@@ -184,11 +137,11 @@ class FSDPEngine(Engine):
         self.model.set_requires_gradient_sync(last)
         return super().no_sync(last)
 
-    @torch.no_grad()  # to_local() is an autograd op: 0.75 ms for 149 parameters with grad mode on, 0.05 without
+    @torch.no_grad()  # to_local() is an autograd op: without grad mode it records nothing
     def clip(self):
         """The global grad norm from each rank's local shards (one all-reduce of a scalar) and the clip
-        applied to them: clip_grad_norm_ on the DTensors themselves dispatched every op per parameter and
-        took 2.0-2.8 ms a step on the bench's tiny model (149 parameters, CPU), this 0.8 ms."""
+        applied to them: clip_grad_norm_ on the DTensors themselves dispatches every op per parameter, a
+        host cost that grows with the number of parameters (bench/RESULTS.md)."""
         grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
         squares = torch.nn.utils.get_total_norm(grads).square()
         if self.world.world_size > 1:
@@ -209,15 +162,7 @@ class FSDPEngine(Engine):
     def load(self, path):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
-        planner = SafePlanner(os.path.join(path, "dcp"))
-        reader = SafeReader(planner.dcp_dir)
-        reader.read_metadata()  # refused here, before DCP's own fallbacks and wrapping
-        try:
-            dcp.load(state, storage_reader=reader, planner=planner)
-        except CheckpointException:  # a BaseException
-            if planner.refused:
-                raise planner.refused from None
-            raise
+        load_dcp(state, os.path.join(path, "dcp"))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         if self.local_step is not None:
             self.local_step.reset()
@@ -233,8 +178,6 @@ class FSDPEngine(Engine):
 
     def load_model(self, state):
         names = {clean_name(n): n for n in get_model_state_dict(self.model)}
-        missing = sorted(set(names) - set(state))
-        if missing:
-            raise UsageError(f"checkpoint does not fit this model (missing {missing[:3]}): use the same model flags")
-        full = {names[k]: v for k, v in state.items() if k in names}
+        check_fits(names, state)
+        full = {names[k]: v for k, v in state.items()}
         set_model_state_dict(self.model, full, options=StateDictOptions(full_state_dict=True))
