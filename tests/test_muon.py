@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_one_error_line, losses, run_cli, trainer_args
+from conftest import assert_one_error_line, losses, run_cli, trainer_args
 from mup_model import GPT, GPTConfig
 
 
