@@ -31,7 +31,8 @@ def launch(tmp_path, hosts, **env):
     start = time.monotonic()
     res = subprocess.run([SCRIPT, tmp_path / "hf", "8", str(len(hosts)), "True"], env=env, capture_output=True,
                          text=True, timeout=300)
-    return res, time.monotonic() - start, (bin_dir / "asked").read_text().split() if (bin_dir / "asked").exists() else []
+    asked = bin_dir / "asked"
+    return res, time.monotonic() - start, asked.read_text().split() if asked.exists() else []
 
 
 def test_512_hosts_are_checked_in_parallel_and_the_slow_and_dead_ones_named(tmp_path):
