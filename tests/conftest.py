@@ -80,6 +80,7 @@ def pytest_configure(config):
 SLOW_FILES = {
     "test_bench.py", "test_checkpoint_trust.py", "test_hub_offline.py", "test_multi_node.py", "test_run_safety.py",
     "test_sharded.py", "test_step_counts.py", "test_step_lines.py", "test_sweep_plot.py", "test_tokenizers.py",
+    "test_launcher_preflight.py",
 }
 # Fast tests in those files (in-process, no training)
 FAST_IN_SLOW_FILES = {

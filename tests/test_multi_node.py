@@ -266,6 +266,12 @@ def assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0", "1"))
         assert all(rank_env.get(k) == v for k, v in env.items()), {k: rank_env.get(k) for k in env}
 
 
+def test_real_hosts_pass_the_ssh_check_and_only_the_dead_one_is_named(hosts, tmp_path):
+    (tmp_path / "hf").write_text(f"{hosts.addresses[0]} slots=1\n127.0.0.2 slots=1\n{hosts.addresses[1]} slots=1\n")
+    res = launch([tmp_path / "hf", 1, 3, "True"], {"SSH_ARGS": hosts.ssh_args}, timeout=120)
+    assert res.returncode == 2 and "passwordless ssh failed to: 127.0.0.2 (check keys" in res.stderr, res.stderr
+
+
 def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
     # the output folder and a forwarded value would each run `touch` on every node if a shell there evaluated them,
     # and their %n, %h, %u, %% would change if pdsh's substitution reached them
