@@ -18,10 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def template_path(cfg):
-    if cfg.ds_config:
-        if not os.path.isfile(cfg.ds_config):
-            what = "is a folder" if os.path.isdir(cfg.ds_config) else "no such file"
-            raise UsageError(f"--ds_config {cfg.ds_config}: {what}: give a DeepSpeed JSON file (see ds_configs/)")
+    if cfg.ds_config:  # config_checks.check_paths has checked that it is a file
         return cfg.ds_config
     if cfg.offload != "none":
         if cfg.zero_stage != 3:

@@ -21,11 +21,9 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from mupgpt.engines.base import Engine, check_fits
+from mupgpt.engines.base import HALF_DTYPES, Engine, check_fits
 from mupgpt.optim import clean_name
 from mupgpt.safe_load import load_dcp, safe_load
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LocalShardStep:
@@ -96,7 +94,7 @@ class FSDPEngine(Engine):
         model.to(self.device)
         self.checkpoint_activations()
         # fp32 master weights; compute in the run's precision, gradients reduced in fp32
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES.get(precision), reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=HALF_DTYPES.get(precision), reduce_dtype=torch.float32)
         for i, block in enumerate(model.h):
             fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward(i, len(model.h), world))
         fully_shard(model, mp_policy=mp)  # the root keeps its parameters gathered from forward to backward
