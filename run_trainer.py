@@ -17,7 +17,7 @@ import torch
 
 from mupgpt import checkpoint
 from mupgpt.config import parse_args
-from mupgpt.config_checks import check_config
+from mupgpt.config_checks import check_config, check_shard_group
 from mupgpt.data import Batches, load_data
 from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
@@ -150,6 +150,7 @@ def start(cfg, cleanup):
     check_model_flags(cfg)
     schedule_kwargs(cfg, cfg.max_steps or None)
     backend = resolve_backend(cfg)
+    check_shard_group(cfg, backend, int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = run_directory(cfg, backend)
     device_type = resolve_device(cfg)
     precision = resolve_precision(cfg, backend, device_type)
