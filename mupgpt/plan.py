@@ -63,6 +63,7 @@ def cluster(gpu, gpus_per_node, nodes, peak_tflops=0.0, gpu_memory_gb=0.0, intra
     for name, value in (("gpus_per_node", gpus_per_node), ("nodes", nodes)):
         if value < 1:
             raise UsageError(f"--{name} must be at least 1, not {value}")
+    gpu = {name.lower(): name for name in GPUS}.get(gpu.lower(), gpu)  # h100 is H100
     if gpu not in GPUS and gpu != "custom":
         raise UsageError(f"--gpu {gpu} is not one of {', '.join(GPUS)}{did_you_mean(gpu, list(GPUS))}: "
                          "or pass --gpu custom with --peak_tflops and --gpu_memory_gb")
