@@ -243,7 +243,8 @@ def announce(run, engine, data, mcfg, total_steps):
     groups = world.world_size // cfg.shard_group_size if 0 < cfg.shard_group_size < world.world_size else 1
     sharding = f" ({groups} replicas, each sharded over {cfg.shard_group_size})" if groups > 1 else ""
     print(f"{run.backend}{sharding} | {world.world_size} rank(s) on {world.device} | {run.precision} | "
-          f"{n_params / 1e6:.2f}M params | width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, base {mcfg.base_width} = "
+          f"{n_params / 1e6:.2f}M params | width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, "
+          f"base {mcfg.base_width} = "
           f"{mcfg.base_width // mcfg.base_head_width}x{mcfg.base_head_width} (m={mcfg.width_mult:g}, "
           f"{cfg.parametrization}) | batch {run.global_batch}x{cfg.seq_len} (accum {run.accum}) | {total_steps} steps "
           f"| run dir {run.run_dir}", flush=True)
