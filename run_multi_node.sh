@@ -12,6 +12,7 @@
 #   BACKEND=fsdp|ddp              the trainer backend under torchrun (default fsdp)
 #   MASTER_PORT                   default: derived from the hostfile and arguments (deterministic)
 #   SSH_ARGS                      extra ssh options (e.g. "-i key -o StrictHostKeyChecking=no"), also given to pdsh
+#   SSH_PARALLEL, SSH_TIMEOUT     nodes checked at once (default 64) and seconds each may take (default 15)
 #   SWEEP_WIDTHS, SWEEP_LRS, SWEEP_PARAMETRIZATIONS, SWEEP_SEEDS, SWEEP_DEPTHS, SWEEP_STEPS,
 #   SWEEP_BATCH_SIZES, SWEEP_DIR, or
 #   SWEEP_FILE                    a file of KEY=VALUE lines with those keys
@@ -67,13 +68,14 @@ else
     lineno=$((lineno + 1))
     line=${line%%#*}
     line=${line//$'\r'/}  # a hostfile written on Windows
-    read -r -a words <<< "$line"
+    set -f; words=($line); set +f  # split on blanks without globbing (a here-string per line is slow)
     [ ${#words[@]} -eq 0 ] && continue
     host=${words[0]}
     [ ${#words[@]} -eq 2 ] && [[ ${words[1]} =~ ^slots=([0-9]+)$ ]] ||
       die "$hostfile line $lineno: expected 'host slots=N', got '${line}'"
     slots=${BASH_REMATCH[1]}
-    [[ $host =~ ^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$ || $host =~ ^[0-9A-Fa-f:]+$ ]] ||
+    # a bounded repeat ({0,251}) compiles slowly on every line: the length is checked apart
+    [[ ${#host} -le 253 && ( $host =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ || $host =~ ^[0-9A-Fa-f:]+$ ) ]] ||
       die "$hostfile line $lineno: '$host' is not a plain host name or address"
     [ -z "${seen[$host]:-}" ] || die "$hostfile line $lineno: host '$host' is listed twice"
     seen[$host]=1
@@ -93,11 +95,32 @@ run() {  # print (DRY_RUN) or run a command
 }
 
 # --- passwordless SSH to every node, before anything starts ----------------------------------
-if [ "${DRY_RUN:-0}" != 1 ]; then
-  failed=()
-  for h in "${hosts[@]}"; do
-    ssh -o BatchMode=yes -o ConnectTimeout=5 "${ssh_args[@]}" "$h" true </dev/null >/dev/null 2>&1 || failed+=("$h")
+# Nodes are checked SSH_PARALLEL at a time and each check is bounded by SSH_TIMEOUT, so a hostfile of
+# hundreds of nodes is checked in seconds and a node that hangs is named instead of holding the launch.
+parallel=${SSH_PARALLEL:-64}
+ssh_timeout=${SSH_TIMEOUT:-15}
+[[ $parallel =~ ^[1-9][0-9]*$ ]] || die "SSH_PARALLEL must be a positive integer, not '$parallel'"
+[[ $ssh_timeout =~ ^[1-9][0-9]*$ ]] || die "SSH_TIMEOUT must be a positive integer (seconds), not '$ssh_timeout'"
+unreachable() {  # prints each host in "$@" that `ssh HOST true` fails on, in order, a slow one marked
+  local targets=("$@") pids=() running=0 i code
+  for ((i = 0; i < ${#targets[@]}; i++)); do
+    if ((running >= parallel)); then wait -n || true; running=$((running - 1)); fi  # a slot frees up
+    timeout -k 2 "$ssh_timeout" ssh -o BatchMode=yes -o ConnectTimeout=5 "${ssh_args[@]}" "${targets[i]}" true \
+      </dev/null >/dev/null 2>&1 &
+    pids[i]=$!
+    running=$((running + 1))
   done
+  for ((i = 0; i < ${#targets[@]}; i++)); do  # bash keeps each finished job's status for its pid
+    wait "${pids[i]}" && code=0 || code=$?
+    case $code in
+      0) ;;
+      124|137) echo "${targets[i]} (no answer in ${ssh_timeout} s)" ;;
+      *) echo "${targets[i]}" ;;
+    esac
+  done
+}
+if [ "${DRY_RUN:-0}" != 1 ]; then
+  mapfile -t failed < <(unreachable "${hosts[@]}")
   [ ${#failed[@]} -eq 0 ] || die "passwordless ssh failed to: ${failed[*]} (check keys, sshd and 'ssh -o BatchMode=yes HOST true')"
 fi
 
@@ -294,10 +317,7 @@ fi
 
 # --- a failed run names its nodes ------------------------------------------------------------
 if [ "${rc:-0}" -ne 0 ] && [ "${DRY_RUN:-0}" != 1 ]; then
-  down=()
-  for h in "${hosts[@]}"; do
-    ssh -o BatchMode=yes -o ConnectTimeout=5 "${ssh_args[@]}" "$h" true </dev/null >/dev/null 2>&1 || down+=("$h")
-  done
+  mapfile -t down < <(unreachable "${hosts[@]}")
   failing=$(grep -oE "pdsh@[^:]*: [^:]+: ssh exited with exit code [0-9]+" "$log" 2>/dev/null |
     awk '{print $2}' | tr -d ':' | sort -u | tr '\n' ' ')
   msg="the run failed (exit $rc)"

@@ -17,7 +17,7 @@ import torch
 
 from mupgpt import checkpoint
 from mupgpt.config import parse_args
-from mupgpt.config_checks import check_config
+from mupgpt.config_checks import check_config, check_shard_group
 from mupgpt.data import Batches, load_data
 from mupgpt.engines.base import count_params
 from mupgpt.engines.factory import build
@@ -150,6 +150,7 @@ def start(cfg, cleanup):
     check_model_flags(cfg)
     schedule_kwargs(cfg, cfg.max_steps or None)
     backend = resolve_backend(cfg)
+    check_shard_group(cfg, backend, int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = run_directory(cfg, backend)
     device_type = resolve_device(cfg)
     precision = resolve_precision(cfg, backend, device_type)
@@ -239,8 +240,11 @@ def announce(run, engine, data, mcfg, total_steps):
                 "model": dataclasses.asdict(mcfg), "width_mult": mcfg.width_mult, "torch": torch.__version__}
     write_atomic(os.path.join(run.run_dir, "config.json"),
                  json.dumps({"args": dataclasses.asdict(cfg), "resolved": resolved}, indent=2).encode())
-    print(f"{run.backend} | {world.world_size} rank(s) on {world.device} | {run.precision} | {n_params / 1e6:.2f}M "
-          f"params | width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, base {mcfg.base_width} = "
+    groups = world.world_size // cfg.shard_group_size if 0 < cfg.shard_group_size < world.world_size else 1
+    sharding = f" ({groups} replicas, each sharded over {cfg.shard_group_size})" if groups > 1 else ""
+    print(f"{run.backend}{sharding} | {world.world_size} rank(s) on {world.device} | {run.precision} | "
+          f"{n_params / 1e6:.2f}M params | width {mcfg.width} = {mcfg.n_head}x{mcfg.head_width}, "
+          f"base {mcfg.base_width} = "
           f"{mcfg.base_width // mcfg.base_head_width}x{mcfg.base_head_width} (m={mcfg.width_mult:g}, "
           f"{cfg.parametrization}) | batch {run.global_batch}x{cfg.seq_len} (accum {run.accum}) | {total_steps} steps "
           f"| run dir {run.run_dir}", flush=True)

@@ -95,6 +95,9 @@ class TrainConfig:
     nvme_path: str = _f("", "folder for --offload nvme")
     ds_config: str = _f("", "a DeepSpeed JSON config of your own (the batch, precision and clipping flags are "
                         "filled in)")
+    shard_group_size: int = _f(0, "shard within groups of this many consecutive ranks (a node's GPUs) and replicate "
+                               "across the groups: FSDP2's hybrid sharding, or ZeRO-3's hierarchical partitioning "
+                               "(hpZ) under deepspeed; it divides the number of ranks (0: one group of all ranks)")
     gradient_checkpointing: bool = _f(False, "recompute block activations in the backward pass to save memory")
     compile: bool = _f(False, "torch.compile the model (DeepSpeed: DeepCompile under ZeRO-3 on a GPU; refused under "
                        "ZeRO-0/1/2)")

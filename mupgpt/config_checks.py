@@ -68,7 +68,7 @@ def check_numbers(cfg):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name} must be at least 1, not {getattr(cfg, name)}")
     for name in ("n_kv_head", "mlp_hidden", "base_n_layer", "vocab_size", "train_batch_size", "max_steps",
-                 "num_warmup_steps", "eval_interval", "save_interval", "keep_checkpoints"):
+                 "num_warmup_steps", "eval_interval", "save_interval", "keep_checkpoints", "shard_group_size"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name} must be 0 or more, not {getattr(cfg, name)} (see --help for what 0 means)")
     if not 0 <= cfg.seed < 2 ** 63:
@@ -133,6 +133,25 @@ def check_paths(cfg):
     if cfg.ds_config and not os.path.isfile(cfg.ds_config):
         what = "is a folder" if os.path.isdir(cfg.ds_config) else "no such file"
         raise UsageError(f"--ds_config {cfg.ds_config}: {what}: give a DeepSpeed JSON file (see ds_configs/)")
+
+
+def check_shard_group(cfg, backend, world_size):
+    """--shard_group_size once the backend and the number of ranks are known: groups that tile the ranks, on an
+    engine that shards. Under DeepSpeed it is ZeRO++'s hierarchical partitioning (zero_hpz_partition_size), which
+    is ZeRO-3's; MiCS (mics_shard_size) is gone from this DeepSpeed."""
+    size = cfg.shard_group_size
+    if not size:
+        return
+    if backend not in ("fsdp", "deepspeed"):
+        raise UsageError(f"--shard_group_size {size} shards the model, which --backend {backend} does not: "
+                         "use --backend fsdp, or deepspeed with --zero_stage 3 (or drop the flag)")
+    if backend == "deepspeed" and not cfg.ds_config and cfg.zero_stage != 3:
+        raise UsageError(f"--shard_group_size {size} under DeepSpeed is ZeRO-3's hierarchical partitioning: add "
+                         "--zero_stage 3 (or use --backend fsdp)")
+    if size > world_size or world_size % size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise UsageError(f"--shard_group_size {size} does not split the {world_size} rank(s) into equal groups: use "
+                         f"one of {', '.join(map(str, divisors))} (0 or {world_size}: one group of all ranks)")
 
 
 def check_config(cfg):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mup_model import MUON_SCALES
+from mupgpt import config_checks
 from mupgpt.config import parse_args
 from mupgpt.engines.factory import build
 from mupgpt.errors import ArgumentParser, UsageError, exit_on_usage_error
@@ -145,8 +146,8 @@ def train_config(args, backend, size, seed, sizes):
              "--n_layer", str(args.n_layer), "--seq_len", str(args.seq_len), "--learning_rate", str(args.lr),
              "--per_device_train_batch_size", str(args.batch), "--seed", str(seed), "--grad_clip", "0",
              "--lr_scheduler_type", "constant", "--precision", "fp32", "--backend", backend,
-             "--zero_stage", "3", "--init_std", str(args.init_std), "--optimizer", args.optimizer,
-             "--muon_scale", args.muon_scale, "--muon_lr", str(args.muon_lr)]
+             "--zero_stage", "3", "--init_std", str(args.init_std), "--shard_group_size", str(args.shard_group_size),
+             "--optimizer", args.optimizer, "--muon_scale", args.muon_scale, "--muon_lr", str(args.muon_lr)]
     if args.query_zero_init is not None:
         flags += ["--query_zero_init", str(args.query_zero_init)]
     if args.depths:
@@ -204,12 +205,24 @@ def check_out(out):
         raise UsageError(f"--out {out}: {above if not path.exists() else path} is not writable: give another folder")
 
 
+def check_shard_group(args, backend, sizes):
+    """--shard_group_size as the trainer checks it. Under DeepSpeed it is refused: this check builds a model per
+    size and seed in one process, and DeepSpeed makes its hierarchical-partitioning groups once per process
+    (a second zero.Init asserts that they exist already)."""
+    if args.shard_group_size and backend == "deepspeed":
+        raise UsageError("--shard_group_size under DeepSpeed takes one model per process, and this check builds "
+                         "several: use --backend fsdp under torchrun for a hybrid-sharded check")
+    config_checks.check_shard_group(train_config(args, backend, sizes[0], 0, sizes), backend,
+                                    int(os.environ.get("WORLD_SIZE", "1")))
+
+
 def run(args, world=None):
     sizes = check_args(args)
     backend = args.backend
     if backend == "auto":
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1
         backend = "deepspeed" if args.local_rank >= 0 else ("fsdp" if several else "single")
+    check_shard_group(args, backend, sizes)
     runs, deltas = {}, {}
     for size in sizes:
         runs[size], deltas[size] = [], []
@@ -322,6 +335,9 @@ def build_parser():
                         "q.k/d_head shrinks like d^-1/2 at init)")
     p.add_argument("--backend", default="auto", choices=["auto", "single", "fsdp", "deepspeed"],
                    help="auto: the launcher's (deepspeed or torchrun), else one process")
+    p.add_argument("--shard_group_size", type=int, default=0,
+                   help="fsdp: shard within groups of this many consecutive ranks, replicate across the groups "
+                        "(0: all ranks)")
     p.add_argument("--out", default="coord_check", help="output folder: coord.json and coord.png go there")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p

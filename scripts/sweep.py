@@ -387,6 +387,9 @@ def prepare_sweep(args, extra):
     refuse_swept_flags(args, extra)
     out = Path(os.path.abspath(args.out))
     cfg = parse_args(trainer_flags(points[0], out, extra))  # checks the shared flags once, up front
+    if cfg.shard_group_size:  # each run is one process (run_trainer.py, no torchrun): one rank has nothing to group
+        raise UsageError(f"--shard_group_size {cfg.shard_group_size}: the sweep runs each point as one process, "
+                         "which has no ranks to group: drop it (hybrid sharding runs under torchrun --backend fsdp)")
     for b in sorted({p["train_batch_size"] for p in points if p["train_batch_size"]}):
         if b % cfg.per_device_train_batch_size:
             raise UsageError(f"--batch_sizes {args.batch_sizes}: {b} is not a multiple of the micro batch "

@@ -80,7 +80,7 @@ def pytest_configure(config):
 SLOW_FILES = {
     "test_bench.py", "test_checkpoint_trust.py", "test_hub_offline.py", "test_multi_node.py", "test_run_safety.py",
     "test_sharded.py", "test_step_counts.py", "test_step_lines.py", "test_sweep_plot.py", "test_tokenizers.py",
-    "test_muon.py",
+    "test_launcher_preflight.py", "test_hybrid_shard.py", "test_muon.py",
 }
 # Fast tests in those files (in-process, no training)
 FAST_IN_SLOW_FILES = {
@@ -96,6 +96,9 @@ FAST_IN_SLOW_FILES = {
     "test_sweep_plot.py::test_plot_marks_optima_at_the_grid_edge_and_labels_model_widths",
     "test_sweep_plot.py::test_plot_of_a_batch_size_sweep",
     "test_sweep_plot.py::test_bad_sweep_input_is_one_line_and_exit_2",
+    "test_hybrid_shard.py::test_bad_shard_group_size_is_one_line",
+    "test_hybrid_shard.py::test_negative_shard_group_size_is_refused_as_parsed",
+    "test_hybrid_shard.py::test_a_stage_2_config_of_ones_own_is_refused_under_hybrid_sharding",
 }
 # Slow tests in the other files (a test name covers all its cases; "name[case]" one case)
 SLOW_TESTS = {

@@ -152,3 +152,12 @@ def test_bad_sizes_get_one_line_and_status_2(script, flags):
     """In this process (as __main__); test_tools_input.py runs coord_check.py's refusal as a real process."""
     res = script("scripts/coord_check.py", *flags)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--shard_group_size", "2"], "--backend single does not"),
+    (["--backend", "deepspeed", "--shard_group_size", "2"], "use --backend fsdp"),
+])
+def test_a_shard_group_the_check_cannot_use_is_one_line(script, flags, words):
+    res = script("scripts/coord_check.py", "--head_widths", "8,16", *flags)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and words in res.stderr, res.stderr

@@ -266,6 +266,12 @@ def assert_nothing_ran_and_secret_hidden(tmp_path, res, watch, ranks=("0", "1"))
         assert all(rank_env.get(k) == v for k, v in env.items()), {k: rank_env.get(k) for k in env}
 
 
+def test_real_hosts_pass_the_ssh_check_and_only_the_dead_one_is_named(hosts, tmp_path):
+    (tmp_path / "hf").write_text(f"{hosts.addresses[0]} slots=1\n127.0.0.2 slots=1\n{hosts.addresses[1]} slots=1\n")
+    res = launch([tmp_path / "hf", 1, 3, "True"], {"SSH_ARGS": hosts.ssh_args}, timeout=120)
+    assert res.returncode == 2 and "passwordless ssh failed to: 127.0.0.2 (check keys" in res.stderr, res.stderr
+
+
 def test_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, corpus, data_dir):
     # the output folder and a forwarded value would each run `touch` on every node if a shell there evaluated them,
     # and their %n, %h, %u, %% would change if pdsh's substitution reached them
@@ -315,6 +321,19 @@ def test_torchrun_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, 
     assert one.returncode == 0, one.stderr[-2000:]
     assert losses(out / "two_hosts") == pytest.approx(losses(out / "one_host"), rel=1e-5)
     assert json.loads((out / "two_hosts" / "summary.json").read_text())["steps"] == 4
+
+
+def test_hybrid_sharding_over_two_hosts_trains_like_one_process(hosts, tmp_path, corpus, data_dir):
+    # 2 hosts x 2 ranks, FSDP2 sharding within each host (--shard_group_size 2) and replicating across them
+    out = tmp_path / "out"
+    args = trainer_args(out, corpus, data_dir, "--max_steps", "4", "--train_batch_size", "16")
+    res = launch([hosts.hostfile(tmp_path / "hf", slots=2), 2, 2, "True", *args, "--shard_group_size", "2",
+                  "--run_name", "hybrid"], {**host_env(hosts), "LAUNCHER": "torchrun", "BACKEND": "fsdp"}, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "fsdp (2 replicas, each sharded over 2) | 4 rank(s)" in res.stdout, res.stdout[-3000:]
+    one = run_cli([*args, "--run_name", "one_process"])
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert losses(out / "hybrid") == pytest.approx(losses(out / "one_process"), abs=1e-5)
 
 
 def test_sweep_mode_runs_a_grid_across_both_hosts(hosts, tmp_path, corpus, data_dir):

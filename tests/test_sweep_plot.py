@@ -177,6 +177,7 @@ def test_plot_of_a_depth_sweep_labels_depths_and_gives_the_model_width(tmp_path)
     (["--widths", "8,16,8"], "--widths '8,16,8' gives 8 more than once: give each value once"),
     (["--widths", "8", "--parametrizations", "mup,sp,mup"], "gives mup more than once"),
     (["--widths", "8", "--seeds", "0,1,0"], "--seeds '0,1,0' gives 0 more than once"),
+    (["--widths", "8", "--", "--shard_group_size", "2"], "the sweep runs each point as one process"),
 ])
 def test_bad_sweep_input_is_one_line_and_exit_2(tmp_path, script, args, message):
     """In this process (runpy, as __main__): a real process starts torch's import for each case; the next test

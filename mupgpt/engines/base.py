@@ -21,6 +21,9 @@ from mupgpt.errors import UsageError
 from mupgpt.optim import lr_scheduler, muon_settings, optimizer, param_groups
 from mupgpt.safe_load import safe_load
 
+# the dtype of each half precision, for autocast and for FSDP2's mixed precision policy
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def count_params(model):
     """Parameters without the position embeddings (as nanoGPT), also when ZeRO-3 has partitioned them."""
@@ -83,8 +86,7 @@ class Engine:
     def autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=HALF_DTYPES[self.precision])
 
     def no_sync(self, last):
         return contextlib.nullcontext()

@@ -18,10 +18,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
 def template_path(cfg):
-    if cfg.ds_config:
-        if not os.path.isfile(cfg.ds_config):
-            what = "is a folder" if os.path.isdir(cfg.ds_config) else "no such file"
-            raise UsageError(f"--ds_config {cfg.ds_config}: {what}: give a DeepSpeed JSON file (see ds_configs/)")
+    if cfg.ds_config:  # config_checks.check_paths has checked that it is a file
         return cfg.ds_config
     if cfg.offload != "none":
         if cfg.zero_stage != 3:
@@ -88,6 +85,19 @@ def fill_sizes(zero, width):
             zero[key] = value
 
 
+def fill_shard_group(zero, size, world_size, path):
+    """--shard_group_size as ZeRO++'s hierarchical partitioning (hpZ): besides the ZeRO-3 partition over every
+    rank, each group of `size` consecutive ranks keeps a second partition of the parameters, so the backward
+    pass gathers them inside a node. Gradients and optimizer states stay partitioned over every rank: unlike
+    FSDP2's hybrid sharding the forward gather and the gradient reduce-scatter still span all ranks."""
+    if not size or size >= world_size:
+        return
+    if zero.get("stage") != 3:
+        raise UsageError(f"--shard_group_size {size} under DeepSpeed is ZeRO-3's hierarchical partitioning, but "
+                         f"{path} is stage {zero.get('stage')}: use a stage 3 config (or --backend fsdp)")
+    _set(zero, "zero_hpz_partition_size", size, path, "--shard_group_size")
+
+
 def offloads(zero):
     return any(zero.get(p, {}).get("device", "none") != "none" for p in ("offload_param", "offload_optimizer"))
 
@@ -127,6 +137,7 @@ def ds_config(cfg, precision, global_batch, accum, width):
         raise UsageError("ZeRO stage 0 runs fp32 only here: use --zero_stage 1 (same memory, fp32 master weights) "
                          "or --backend ddp for mixed precision")
     fill_sizes(zero, width)
+    fill_shard_group(zero, cfg.shard_group_size, int(os.environ.get("WORLD_SIZE", "1")), path)
     if cfg.compile:
         deepcompile(config, zero, path, resolve_device(cfg), cfg.gradient_checkpointing)
     check_offload(config, zero, cfg, path)

@@ -4,6 +4,8 @@ Each block is sharded, then the root. fully_shard turns parameters into DTensors
 attributes, so the muP groups are built after sharding from parameter names (the model's
 param_rules take fan-in from the config, i.e. from global shapes). Checkpoints are
 torch.distributed.checkpoint (DCP) folders for exact resume plus the consolidated model.safetensors.
+With --shard_group_size K below the world size the mesh is 2-D, (replicate, shard) = (world / K, K): each
+group of K consecutive ranks shards the model and the groups hold replicas (hybrid sharding, HSDP).
 """
 import contextlib
 import os
@@ -18,14 +20,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from mupgpt.engines.base import Engine, check_fits
+from mupgpt.engines.base import HALF_DTYPES, Engine, check_fits
 from mupgpt.optim import clean_name
 from mupgpt.safe_load import load_dcp, safe_load
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class LocalShardStep:
@@ -82,12 +83,22 @@ class LocalShardStep:
             self._share_new_state()
 
 
-def reshard_after_forward(index, n_blocks, world):
+def reshard_after_forward(index, n_blocks, shard_ranks):
     """Whether a block frees its gathered parameters after forward, to gather them again in backward.
 
-    On one rank a block's shard is the whole block and a second gather saves nothing. The last block's
-    backward starts right after its forward, so it keeps them (as FSDP2 keeps the root's)."""
-    return world.world_size > 1 and index < n_blocks - 1
+    On one rank of a shard group a block's shard is the whole block and a second gather saves nothing. The last
+    block's backward starts right after its forward, so it keeps them (as FSDP2 keeps the root's)."""
+    return shard_ranks > 1 and index < n_blocks - 1
+
+
+def hybrid_mesh(device_type, world_size, group_size):
+    """The 2-D (replicate, shard) mesh of hybrid sharding, or None for FSDP2's own 1-D mesh over every rank
+    (group size 0 or the whole world). Shard groups are consecutive ranks, so on nodes of K GPUs the gathers
+    and reduce-scatters stay inside a node and only the replicas' all-reduce crosses nodes."""
+    if group_size in (0, world_size):
+        return None
+    return init_device_mesh(device_type, (world_size // group_size, group_size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 class FSDPEngine(Engine):
@@ -96,10 +107,13 @@ class FSDPEngine(Engine):
         model.to(self.device)
         self.checkpoint_activations()
         # fp32 master weights; compute in the run's precision, gradients reduced in fp32
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES.get(precision), reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=HALF_DTYPES.get(precision), reduce_dtype=torch.float32)
+        self.mesh = hybrid_mesh(self.device.type, world.world_size, cfg.shard_group_size)
+        shard_ranks = world.world_size if self.mesh is None else self.mesh["shard"].size()
         for i, block in enumerate(model.h):
-            fully_shard(block, mp_policy=mp, reshard_after_forward=reshard_after_forward(i, len(model.h), world))
-        fully_shard(model, mp_policy=mp)  # the root keeps its parameters gathered from forward to backward
+            fully_shard(block, mesh=self.mesh, mp_policy=mp,
+                        reshard_after_forward=reshard_after_forward(i, len(model.h), shard_ranks))
+        fully_shard(model, mesh=self.mesh, mp_policy=mp)  # the root keeps its parameters gathered to backward
         groups = self.param_groups()  # after sharding (the DTensors), before compiling (the bare names)
         self.forward_model = self.compiled(model) if cfg.compile else model
         # fp16 steps the DTensor optimizer through ShardedGradScaler, whose found-inf tensor fused AdamW
@@ -141,10 +155,13 @@ class FSDPEngine(Engine):
     def clip(self):
         """The global grad norm from each rank's local shards (one all-reduce of a scalar) and the clip
         applied to them: clip_grad_norm_ on the DTensors themselves dispatches every op per parameter, a
-        host cost that grows with the number of parameters (bench/RESULTS.md)."""
+        host cost that grows with the number of parameters (bench/RESULTS.md). Under hybrid sharding the
+        sum runs over one shard group: the other groups hold the same gradients."""
         grads = [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
         squares = torch.nn.utils.get_total_norm(grads).square()
-        if self.world.world_size > 1:
+        if self.mesh is not None:
+            dist.all_reduce(squares, group=self.mesh.get_group("shard"))
+        elif self.world.world_size > 1:
             dist.all_reduce(squares)
         norm = squares.sqrt()
         if self.grad_clip > 0:
