@@ -55,6 +55,29 @@ Weight-decay note: torch's AdamW shrinks a weight by lr_group * wd_group per ste
 product independent of width and depth (wd_group = wd / lr_mult), so the pull towards zero per step
 does not fade as hidden LRs shrink ("independent" weight decay).
 
+Muon (--optimizer muon) steps the hidden class instead of AdamW (Muon's authors' split: hidden
+matrices to Muon; embeddings, vectors and the readout to AdamW with their rows above unchanged). Muon's
+update O is the momentum orthogonalized by Newton-Schulz: every singular value near 1, so its spectral
+norm is about 1 whatever the width. Its width rule is the scale s(fan_out, fan_in) the update is
+multiplied by, chosen by --muon_scale, in the hidden matrix's Muon LR: muon_lr * s * d^(a-1). The fused
+q, k, v is orthogonalized and scaled block by block (GPT.muon_blocks).
+
+| --muon_scale | s                          | source                                                               |
+|--------------|----------------------------|----------------------------------------------------------------------|
+| mup          | sqrt(fan_out / fan_in)     | the spectral condition for feature learning (Yang, Simon, Bernstein   |
+|              |                            | 2023): ||dW||_2 ~ sqrt(fan_out/fan_in); Megatron-LM's unit_rms_norm   |
+| moonlight    | 0.2 sqrt(max(fan_out, fan_in)) | Moonlight (Liu et al. 2025, "Muon is Scalable"): update RMS 0.2,  |
+|              |                            | AdamW's; torch's adjust_lr_fn="match_rms_adamw". Grows as sqrt(width): |
+|              |                            | not width-invariant (the comparison the flag exists for)             |
+| none         | 1                          | the bare orthogonalized update                                       |
+
+mup and none differ by a constant per matrix kind (the aspect ratios are fixed as the model widens), so
+both keep the update's spectral norm width-independent; neither has a 1/m, which AdamW needs only because
+its update's RMS, not its spectral norm, is fixed. Depth: Muon's orthogonalization, like Adam's
+normalisation, removes the d^-a the branch puts on the gradient, so CompleteP's d^(a-1) LR carries over;
+Adam's eps * d^-a does not (Muon's eps only guards a division by the gradient's norm). Decay stays
+independent: wd / (LR/muon_lr).
+
 Zero-initialised readout and query are init choices shared by both parametrizations.
 Parameter classes come from names, never from shapes: under ZeRO-3 a parameter's local shape is (0,).
 Each leaf module initialises itself in reset_parameters(), called from its own __init__, so the
@@ -151,8 +174,14 @@ def param_class(name):
     return "hidden"
 
 
-def mup_rules(cfg, fan_in):
-    """The muP / SP rule for each parameter class, given a hidden matrix's fan_in (the table above)."""
+MUON_SCALES = {"mup": lambda fan_out, fan_in: math.sqrt(fan_out / fan_in),
+               "moonlight": lambda fan_out, fan_in: 0.2 * math.sqrt(max(fan_out, fan_in)),
+               "none": lambda fan_out, fan_in: 1.0}
+
+
+def mup_rules(cfg, fan_in, fan_out=None, muon_scale=None):
+    """The muP / SP rule for each parameter class, given a hidden matrix's fan_in (the table above); with
+    muon_scale, also "muon": the hidden matrix's rule when Muon steps it (its LR relative to --muon_lr)."""
     m = cfg.width_mult if cfg.parametrization == "mup" else 1.0
     a = cfg.depth_alpha
     depth_lr, depth_eps = (cfg.depth_mult ** (a - 1), cfg.depth_mult ** -a) if a else (1.0, 1.0)
@@ -161,13 +190,17 @@ def mup_rules(cfg, fan_in):
         readout_std = cfg.hidden_gain / math.sqrt(cfg.base_width)
     else:
         readout_std = cfg.hidden_gain / math.sqrt(cfg.width)
-    return {
+    rules = {
         "hidden": Rule(cfg.hidden_gain / math.sqrt(fan_in), hidden_lr, 1 / hidden_lr, depth_eps),
         "block_vector": Rule(0.0, depth_lr, 0.0, depth_eps),
         "embedding": Rule(cfg.init_std, 1.0, 1.0),
         "readout": Rule(0.0 if cfg.readout_zero_init else readout_std, 1.0, 1.0),
         "final_norm": Rule(0.0, 1.0, 0.0),
     }
+    if muon_scale is not None:
+        muon_lr = MUON_SCALES[muon_scale](fan_out, fan_in) * depth_lr
+        rules["muon"] = Rule(rules["hidden"].init_std, muon_lr, 1 / muon_lr)
+    return rules
 
 
 def output_scale(cfg):
@@ -339,16 +372,34 @@ class GPT(nn.Module):
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    def param_rules(self):
-        """name -> (class, Rule) for every parameter, from names and the config alone."""
-        fan_in = {"c_attn": self.cfg.width, "c_fc": self.cfg.width, "c_gate": self.cfg.width,
-                  "attn.c_proj": self.cfg.width, "mlp.c_proj": self.cfg.mlp_hidden}
+    def param_rules(self, muon_scale=None):
+        """name -> (class, Rule) for every parameter, from names and the config alone; with muon_scale the
+        hidden matrices are class "muon" (Muon steps them)."""
+        w, kv, h = self.cfg.width, self.cfg.n_kv_head * self.cfg.head_width, self.cfg.mlp_hidden
+        fans = {"c_attn": (w, w + 2 * kv), "c_fc": (w, h), "c_gate": (w, h), "attn.c_proj": (w, w),
+                "mlp.c_proj": (h, w)}
         out = {}
         for name, _ in self.named_parameters():
             cls = param_class(name)
-            key = next((k for k in fan_in if f".{k}." in f".{name}"), None)
-            out[name] = (cls, mup_rules(self.cfg, fan_in[key] if key else self.cfg.width)[cls])
+            if muon_scale is not None and cls == "hidden":
+                cls = "muon"
+            key = next((k for k in fans if f".{k}." in f".{name}"), None)
+            fan_in, fan_out = fans[key] if key else (w, w)
+            if cls == "muon" and key == "c_attn":  # q's block sets the LR; muon_blocks scales k and v
+                fan_out = w
+            out[name] = (cls, mup_rules(self.cfg, fan_in, fan_out, muon_scale)[cls])
         return out
+
+    def muon_blocks(self, muon_scale):
+        """name -> (rows, scales) for a matrix Muon orthogonalizes block by block: the fused q, k, v, as
+        separate projections (modded-nanogpt's and Megatron-LM's split qkv), each block's update scaled by
+        its own s(fan_out, fan_in) relative to q's. One Newton-Schulz over the fused matrix would share its
+        unit singular values among q, k and v by their gradients' sizes, and q's share shrinks with width."""
+        w, kv = self.cfg.width, self.cfg.n_kv_head * self.cfg.head_width
+        scale = MUON_SCALES[muon_scale]
+        rel = scale(kv, w) / scale(w, w)
+        return {name: ((w, kv, kv), (1.0, rel, rel)) for name, _ in self.named_parameters()
+                if name.endswith("attn.c_attn.weight")}
 
     def forward(self, idx, targets=None):
         x = self.wte(idx)

@@ -53,6 +53,14 @@ class TrainConfig:
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.95, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
+    optimizer: str = _f("adamw", "adamw, or muon: Muon for the hidden matrices, AdamW (the flags above) for "
+                        "embeddings, vectors and the readout", choices=["adamw", "muon"])
+    muon_lr: float = _f(0.02, "--optimizer muon: base Muon learning rate of the hidden matrices "
+                        "(times --muon_scale's factor)")
+    muon_scale: str = _f("mup", "--optimizer muon: the update's scale per matrix: mup sqrt(fan_out/fan_in), moonlight "
+                         "0.2 sqrt(max(fan_out, fan_in)) (AdamW's RMS), none (see mup_model.py)",
+                         choices=["mup", "moonlight", "none"])
+    muon_momentum: float = _f(0.95, "--optimizer muon: Muon's (Nesterov) momentum")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0: off)")
     lr_scheduler_type: str = _f("cosine", "a transformers get_scheduler type: " + ", ".join(SCHEDULERS))
     num_warmup_steps: int = _f(0, "linear warm-up steps")
@@ -120,6 +128,8 @@ class TrainConfig:
             engine = f"zero{self.zero_stage}" + ("" if self.offload == "none" else f"-{self.offload}")
         length = f"{self.max_steps}steps" if self.max_steps else f"{self.num_train_epochs:g}epochs"
         arch = "" if self.arch == "gpt2" else f"{self.arch}_"
+        if self.optimizer == "muon":
+            arch += f"muon-{self.muon_scale}_mlr{self.muon_lr:g}_"
         return (f"{arch}{self.parametrization}_{self.n_head}x{self.head_width}_d{self.n_layer}_lr{self.learning_rate:g}"
                 f"_s{self.seed}_{engine}_{length}")
 

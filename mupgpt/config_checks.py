@@ -82,6 +82,7 @@ def check_numbers(cfg):
                                   ("init_std", 0, None, "0 or more"), ("output_mult", 0, None, "0 or more"),
                                   ("attn_mult", 0, None, "0 or more"),
                                   ("adam_beta1", 0, 1, "in [0, 1)"), ("adam_beta2", 0, 1, "in [0, 1)"),
+                                  ("muon_lr", 0, None, "positive"), ("muon_momentum", 0, 1, "in [0, 1)"),
                                   ("depth_alpha", None, None, "a finite number")):
         v = getattr(cfg, name)
         strict = rule == "positive"

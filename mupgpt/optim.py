@@ -26,24 +26,45 @@ def clean_name(name):
     return name
 
 
-def param_groups(model, lr, weight_decay, eps=1e-8, run_dir=None):
-    """AdamW groups with their muP LR, decay and eps; writes run_dir/opt_config.json (name -> lr, wd, eps)."""
-    rules = model.param_rules()
+def param_groups(model, lr, weight_decay, eps=1e-8, run_dir=None, muon=None):
+    """AdamW groups with their muP LR, decay and eps; writes run_dir/opt_config.json (name -> lr, wd, eps).
+    muon: (muon_lr, muon_scale) from muon_settings: the hidden matrices become Muon groups ("muon", no eps)."""
+    rules = model.param_rules(muon and muon[1])
+    blocks = model.muon_blocks(muon[1]) if muon else {}
     buckets = defaultdict(list)
     table = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         cls, rule = rules[clean_name(name)]
-        key = (cls, lr * rule.lr_mult, weight_decay * rule.wd_mult, eps * rule.eps_mult)
+        base, geps = (muon[0], 0.0) if cls == "muon" else (lr, eps * rule.eps_mult)
+        key = (cls, base * rule.lr_mult, weight_decay * rule.wd_mult, geps, blocks.get(clean_name(name), ()))
         buckets[key].append(p)
         table[clean_name(name)] = dict(zip(("class", "lr", "weight_decay", "eps"), key))
-    groups = [{"params": ps, "lr": glr, "weight_decay": gwd, "eps": geps, "name": cls}
-              for (cls, glr, gwd, geps), ps in sorted(buckets.items(), key=lambda kv: kv[0])]
+    groups = [{"params": ps, "lr": glr, "weight_decay": gwd, "eps": geps, "name": cls, "blocks": blk}
+              for (cls, glr, gwd, geps, blk), ps in sorted(buckets.items(), key=lambda kv: kv[0])]
+    for group in groups:
+        if group["name"] == "muon":
+            del group["eps"]  # Muon's eps guards its normalisation: torch's default, not Adam's
+        else:
+            del group["blocks"]  # AdamW's groups stay as they were
     if run_dir is not None:
         with open(os.path.join(run_dir, "opt_config.json"), "w") as f:
             json.dump(table, f, indent=1)
     return groups
+
+
+def muon_settings(cfg):
+    """What param_groups needs for Muon's groups: None under AdamW."""
+    return (cfg.muon_lr, cfg.muon_scale) if cfg.optimizer == "muon" else None
+
+
+def optimizer(groups, cfg, fused=True):
+    """AdamW, or under --optimizer muon Muon for the "muon" groups and AdamW for the rest, as one optimizer."""
+    if cfg.optimizer != "muon":
+        return adamw(groups, cfg, fused)
+    from mupgpt.muon import MuonWithAdamW
+    return MuonWithAdamW(groups, cfg, fused)
 
 
 def adamw(groups, cfg, fused=True):

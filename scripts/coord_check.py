@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mup_model import MUON_SCALES
 from mupgpt import config_checks
 from mupgpt.config import parse_args
 from mupgpt.engines.factory import build
@@ -145,7 +146,8 @@ def train_config(args, backend, size, seed, sizes):
              "--n_layer", str(args.n_layer), "--seq_len", str(args.seq_len), "--learning_rate", str(args.lr),
              "--per_device_train_batch_size", str(args.batch), "--seed", str(seed), "--grad_clip", "0",
              "--lr_scheduler_type", "constant", "--precision", "fp32", "--backend", backend,
-             "--zero_stage", "3", "--init_std", str(args.init_std), "--shard_group_size", str(args.shard_group_size)]
+             "--zero_stage", "3", "--init_std", str(args.init_std), "--shard_group_size", str(args.shard_group_size),
+             "--optimizer", args.optimizer, "--muon_scale", args.muon_scale, "--muon_lr", str(args.muon_lr)]
     if args.query_zero_init is not None:
         flags += ["--query_zero_init", str(args.query_zero_init)]
     if args.depths:
@@ -244,7 +246,8 @@ def run(args, world=None):
         judged = verdict(delta_table, runs, from_step, NOT_JUDGED_IN_DEPTH)
     else:
         judged = verdict(table, runs)
-    result = {"arch": args.arch, "parametrization": args.parametrization, "backend": backend,
+    result = {"arch": args.arch, "parametrization": args.parametrization, "optimizer": args.optimizer,
+              "muon_scale": args.muon_scale if args.optimizer == "muon" else None, "backend": backend,
               "world_size": world.world_size,
               "vary": "depth" if args.depths else "head_width", "sizes": sizes,
               "depth_alpha": args.depth_alpha if args.depths else None, "query_zero_init": cfg.query_zero_init,
@@ -323,6 +326,10 @@ def build_parser():
     p.add_argument("--steps", type=int, default=4, help="Adam steps recorded (at least 3)")
     p.add_argument("--seeds", type=int, default=3, help="seeds averaged per width")
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW base learning rate")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the hidden matrices")
+    p.add_argument("--muon_scale", default="mup", choices=list(MUON_SCALES),
+                   help="with --optimizer muon: the update's scale per matrix (see mup_model.py)")
+    p.add_argument("--muon_lr", type=float, default=0.05, help="with --optimizer muon: base Muon learning rate")
     p.add_argument("--query_zero_init", type=int, default=None,
                    help="1: zero-initialised query, 0: random (default: the trainer's, zero; with a random query "
                         "q.k/d_head shrinks like d^-1/2 at init)")

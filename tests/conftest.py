@@ -80,10 +80,13 @@ def pytest_configure(config):
 SLOW_FILES = {
     "test_bench.py", "test_checkpoint_trust.py", "test_hub_offline.py", "test_multi_node.py", "test_run_safety.py",
     "test_sharded.py", "test_step_counts.py", "test_step_lines.py", "test_sweep_plot.py", "test_tokenizers.py",
-    "test_launcher_preflight.py", "test_hybrid_shard.py",
+    "test_launcher_preflight.py", "test_hybrid_shard.py", "test_muon.py",
 }
 # Fast tests in those files (in-process, no training)
 FAST_IN_SLOW_FILES = {
+    "test_muon.py::test_muon_rules_hold_the_update_scale_per_matrix_and_keep_adamw_groups",
+    "test_muon.py::test_fused_qkv_is_orthogonalized_block_by_block",
+    "test_muon.py::test_muon_scale_mup_is_width_free_moonlight_grows_and_depth_follows_completep",
     "test_checkpoint_trust.py::test_stale_tmp_folders_go_at_the_next_save_and_an_interrupted_save_removes_its_own",
     "test_run_safety.py::test_run_name_cannot_leave_the_output_dir",
     "test_sharded.py::test_compile_under_zero3_on_a_gpu_is_deepcompile",

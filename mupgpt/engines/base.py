@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
 from mupgpt.errors import UsageError
-from mupgpt.optim import adamw, lr_scheduler, param_groups
+from mupgpt.optim import lr_scheduler, muon_settings, optimizer, param_groups
 from mupgpt.safe_load import safe_load
 
 # the dtype of each half precision, for autocast and for FSDP2's mixed precision policy
@@ -63,11 +63,12 @@ class Engine:
     def param_groups(self):
         """The muP optimizer groups of the model as it is now (written to run_dir/opt_config.json)."""
         cfg = self.cfg
-        return param_groups(self.model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, self.run_dir)
+        return param_groups(self.model, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps, self.run_dir,
+                            muon_settings(cfg))
 
     def start_optimizer(self, groups, fused=True):
-        """torch's AdamW over the muP groups and the LR schedule over it."""
-        self.optimizer = adamw(groups, self.cfg, fused=fused)
+        """The optimizer over the muP groups (AdamW, or Muon with AdamW: optim.optimizer) and the LR schedule."""
+        self.optimizer = optimizer(groups, self.cfg, fused=fused)
         self.scheduler = lr_scheduler(self.optimizer, self.cfg, self.total_steps)
 
     def checkpoint_activations(self):

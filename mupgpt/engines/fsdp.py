@@ -125,7 +125,8 @@ class FSDPEngine(Engine):
             self.scaler = ShardedGradScaler(self.device.type)
         else:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
-        self.local_step = LocalShardStep(self.optimizer) if fused else None
+        # the twin is an AdamW: under Muon the optimizer itself steps the DTensors (mupgpt/muon.py)
+        self.local_step = LocalShardStep(self.optimizer) if fused and cfg.optimizer != "muon" else None
 
     def autocast(self):
         """None: FSDP2 casts the parameters to the compute dtype itself (the MixedPrecisionPolicy)."""

@@ -1,0 +1,89 @@
+"""Muon for the hidden matrices and AdamW for the rest, as one torch optimizer.
+
+One optimizer, so the schedule (a LambdaLR over every group), the grad scaler, the checkpoints (its
+state_dict holds both halves' state) and DCP's get_state_dict see what they see under AdamW alone.
+The groups come from optim.param_groups: "muon" groups carry their LR and decay from the muP rules
+table (mup_model.py: muon_lr times the --muon_scale factor s), the others are AdamW's groups unchanged.
+
+The Muon step is torch.optim.Muon's: momentum by lerp, Nesterov, torch's Newton-Schulz, decoupled
+decay. It is written out here rather than called, for two reasons: torch's Muon multiplies the LR by
+its own shape factor (adjust_lr_fn: "original" or "match_rms_adamw", no sqrt(fan_out/fan_in) and no
+"none"), while the rules table already holds the factor in each group's LR; and under FSDP2 each rank
+holds a slice of the matrix, but the orthogonalization needs the whole of it. So a DTensor's update is
+gathered whole (full_tensor), orthogonalized on every rank alike and sliced back to the rank's shard
+without communication. The gradient is already the whole batch's: accumulation and the data-parallel
+average finish before the step, so Muon runs once per optimizer step.
+"""
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim._muon import DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's (Keller Jordan's quintic)
+
+
+def newton_schulz(matrix, ns_steps, eps, blocks):
+    """torch's Newton-Schulz in the matrix's dtype (torch computes in bf16); with blocks (rows, scales)
+    each block of rows on its own, times its scale (the fused q, k, v: mup_model.GPT.muon_blocks)."""
+    if not blocks:
+        return _zeropower_via_newtonschulz(matrix, NS_COEFFICIENTS, ns_steps, eps).to(matrix.dtype)
+    rows, scales = blocks
+    return torch.cat([_zeropower_via_newtonschulz(part, NS_COEFFICIENTS, ns_steps, eps).to(matrix.dtype) * scale
+                      for part, scale in zip(matrix.split(list(rows)), scales)])
+
+
+def orthogonalize(update, ns_steps, eps, blocks=()):
+    """The orthogonalized update; a DTensor's is computed on the whole matrix and sliced back to its shard."""
+    if not isinstance(update, DTensor):
+        return newton_schulz(update, ns_steps, eps, blocks)
+    whole = newton_schulz(update.full_tensor(), ns_steps, eps, blocks)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def muon_step(group, state):
+    """One Muon step over a group, as torch.optim.Muon's _single_tensor_muon with the LR taken as given."""
+    lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        buf = state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+        buf.lerp_(p.grad, 1 - momentum)
+        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+        update = orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()))
+        p.mul_(1 - lr * wd)
+        p.add_(update, alpha=-lr)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon over the "muon" groups, torch's AdamW (fused where the engine asks) over the others.
+
+    The AdamW half is a torch.optim.AdamW holding the same group dicts and the same state dict, so
+    hyperparameters the schedule writes reach it and this optimizer's state_dict is the whole state."""
+
+    def __init__(self, groups, cfg, fused=True):
+        for group in groups:
+            if group["name"] == "muon":
+                group.update(momentum=cfg.muon_momentum, nesterov=True, ns_steps=DEFAULT_NS_STEPS, eps=EPS)
+        super().__init__(groups, {})
+        adam = [g for g in self.param_groups if g["name"] != "muon"]
+        self.adamw = torch.optim.AdamW(adam, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                       eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
+        self._link()
+
+    def _link(self):
+        """The AdamW half on this optimizer's own group dicts and state (again after load_state_dict,
+        which replaces both)."""
+        self.adamw.param_groups = [g for g in self.param_groups if g["name"] != "muon"]
+        self.adamw.state = self.state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["name"] == "muon":
+                muon_step(group, self.state)
+        if self.adamw.param_groups:
+            self.adamw.step()

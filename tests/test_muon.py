@@ -1,0 +1,148 @@
+"""--optimizer muon: its rules, and the same training on one process, DDP and FSDP2 (2 gloo ranks)."""
+import json
+import math
+import shutil
+import socket
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import assert_one_error_line, losses, run_cli, trainer_args
+from mup_model import GPT, GPTConfig
+
+
+def free_port():
+    with socket.socket() as s:  # helpers sharing this machine run torchrun too: no fixed port
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port())
+# 10 steps of 8 sequences; every step checkpointed, so step 1's weights and a mid-run resume are at hand
+COMMON = ["--optimizer", "muon", "--max_steps", "10", "--train_batch_size", "8", "--lr_scheduler_type", "cosine",
+          "--weight_decay", "0.1", "--save_interval", "1", "--keep_checkpoints", "0"]
+BACKENDS = {"single": ((sys.executable,), []), "ddp": (TORCHRUN, ["--backend", "ddp"]),
+            "fsdp": (TORCHRUN, ["--backend", "fsdp"])}
+
+
+def test_muon_rules_hold_the_update_scale_per_matrix_and_keep_adamw_groups():
+    cfg = GPTConfig(arch="llama", n_head=4, head_width=16, base_head_width=16, n_kv_head=2)
+    model = GPT(cfg)
+    adamw, muon = model.param_rules(), model.param_rules("mup")
+    w, kv, h = cfg.width, 2 * 16, cfg.mlp_hidden
+    for name, (cls, rule) in muon.items():
+        if adamw[name][0] != "hidden":
+            assert (cls, rule) == adamw[name], name  # embeddings, vectors, readout: AdamW's rules unchanged
+            continue
+        assert cls == "muon" and rule.init_std == adamw[name][1].init_std
+        fans = {"c_attn": (w, w), "c_gate": (w, h), "c_fc": (w, h), "attn.c_proj": (w, w), "mlp.c_proj": (h, w)}
+        fan_in, fan_out = fans[next(k for k in fans if k in name)]
+        assert rule.lr_mult == pytest.approx(math.sqrt(fan_out / fan_in)) and rule.lr_mult * rule.wd_mult == 1
+        moon = model.param_rules("moonlight")[name][1]
+        assert moon.lr_mult == pytest.approx(0.2 * math.sqrt(max(fan_out, fan_in)))
+        assert model.param_rules("none")[name][1].lr_mult == 1
+    # the fused q, k, v is orthogonalized as three blocks, k's and v's scaled by sqrt(kv / w) against q's
+    kv_scale = math.sqrt(kv / w)
+    assert model.muon_blocks("mup") == {f"h.{i}.attn.c_attn.weight": ((w, kv, kv), (1.0, kv_scale, kv_scale))
+                                        for i in range(cfg.n_layer)}
+
+
+def test_fused_qkv_is_orthogonalized_block_by_block():
+    from mupgpt.muon import newton_schulz
+    g = torch.randn(96, 32, generator=torch.Generator().manual_seed(0))
+    g[:32] *= 1e-3  # q's gradient far smaller than k's and v's, as at a zero-initialised query
+    whole, split = newton_schulz(g, 5, 1e-7, ()), newton_schulz(g, 5, 1e-7, ((32, 32, 32), (1.0, 1.0, 1.0)))
+    q_whole, q_split = torch.linalg.matrix_norm(whole[:32], 2), torch.linalg.matrix_norm(split[:32], 2)
+    assert q_split > 0.5 and q_whole < 0.1  # fused, q's block gets almost none of the orthogonal update
+
+
+def test_muon_scale_mup_is_width_free_moonlight_grows_and_depth_follows_completep():
+    def lr(scale, n_head, n_layer=2, alpha=0.0):
+        cfg = GPTConfig(n_head=n_head, head_width=16, base_head_width=16, base_width=32, n_layer=n_layer,
+                        base_n_layer=2, depth_alpha=alpha)
+        return GPT(cfg).param_rules(scale)["h.0.mlp.c_fc.weight"][1].lr_mult
+    assert lr("mup", 2) == lr("mup", 16) == 2.0  # sqrt(4w / w) at every width
+    assert lr("moonlight", 16) == pytest.approx(math.sqrt(8) * lr("moonlight", 2))  # sqrt(width)
+    assert lr("mup", 2, n_layer=8, alpha=1.0) == pytest.approx(2.0)  # d^(a-1) = 1 under CompleteP
+    assert lr("mup", 2, n_layer=8, alpha=0.5) == pytest.approx(2.0 * 4 ** -0.5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus, data_dir):
+    out = tmp_path_factory.mktemp("muon")
+    made = {}
+
+    def get(name, *extra, tag=""):
+        key = name + tag
+        if key not in made:
+            launcher, flags = BACKENDS[name]
+            res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", key, *COMMON, *flags, *extra),
+                          launcher=launcher)
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+            made[key] = out / key
+        return made[key]
+    get.out = out
+    return get
+
+
+def weights(run_dir, step):
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_two_ranks_step_like_one_process(runs, name):
+    one, two = runs("single"), runs(name)
+    assert json.loads((two / "config.json").read_text())["resolved"]["world_size"] == 2
+    first_one, first_two = weights(one, 1), weights(two, 1)
+    for k in first_one:  # per element, within fp32 rounding of the weights
+        torch.testing.assert_close(first_two[k], first_one[k], rtol=1.3e-6, atol=1e-5, msg=k)
+    moved = weights(one, 2)["h.0.mlp.c_fc.weight"] - first_one["h.0.mlp.c_fc.weight"]
+    assert moved.abs().max() > 1e-3  # Muon really steps the hidden matrices (far beyond the tolerance)
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["single", "ddp"])
+def test_accumulation_4_x_2_equals_1_x_8(runs, name):
+    micro = 8 // (2 if name == "ddp" else 1)
+    whole = runs(name, "--per_device_train_batch_size", str(micro), tag="_micro8")
+    accumulated = runs(name, "--per_device_train_batch_size", "2", tag="_micro2")
+    assert losses(accumulated) == pytest.approx(losses(whole), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["single", "ddp", "fsdp"])
+def test_resume_is_bit_for_bit(runs, name, corpus, data_dir):
+    run_dir = runs(name)
+    straight = losses(run_dir)
+    final = load_file(run_dir / "model.safetensors")
+    for step in range(6, 11):  # as if it had stopped after step 5
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{step:08d}")
+    (run_dir / "summary.json").unlink()
+    launcher, flags = BACKENDS[name]
+    res = run_cli(trainer_args(runs.out, corpus, data_dir, "--run_name", name, *COMMON, *flags, "--resume", "auto"),
+                  launcher=launcher)
+    assert res.returncode == 0 and "at step 5" in res.stdout, res.stderr[-3000:]
+    assert losses(run_dir) == straight
+    resumed = load_file(run_dir / "model.safetensors")
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+
+
+def test_deepspeed_refuses_muon_in_one_line(tmp_path, corpus, data_dir):
+    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--optimizer", "muon",
+                               "--max_steps", "2"))
+    assert_one_error_line(res, "--optimizer muon", "fsdp")
+
+
+def test_coordinate_check_passes_muon_under_the_mup_scale_and_flags_moonlight():
+    """16..128 head width, 4 steps, 2 seeds: the mup scale keeps every activation's size; Moonlight's
+    0.2 sqrt(max(fan_out, fan_in)) grows with width and the same check says so."""
+    import coord_check
+    result = {}
+    for scale in ("mup", "moonlight"):
+        args = coord_check.build_parser().parse_args(["--optimizer", "muon", "--muon_scale", scale, "--seeds", "2"])
+        result[scale], _ = coord_check.run(args)
+    assert result["mup"]["passes"], result["mup"]["violations"]
+    assert result["mup"]["optimizer"] == "muon" and result["mup"]["logits_at_step1"] == 0.0
+    assert not result["moonlight"]["passes"]
+    assert result["moonlight"]["slopes"][4]["h.1.mlp"] > 0.15
