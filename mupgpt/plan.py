@@ -106,6 +106,14 @@ def collectives(engine, P, w, K, R):
     if stage == 0:
         return [("all-reduce", "bwd", ring("all-reduce", 4 * P, K), "shard")]
     grad_bytes = 4 if fsdp else w
+    if stage == 3 and not fsdp and R > 1:
+        # DeepSpeed's hpZ: the partition over every rank stays; a second copy partitioned K ways serves the
+        # backward's gathers inside the group, while the forward gather and the gradient reduce-scatter span
+        # all K x R ranks, and the replicas need no all-reduce
+        n = K * R
+        return [("all-gather", "fwd", ring("all-gather", w * P, n), "world"),
+                ("all-gather", "bwd", ring("all-gather", w * P, K), "shard"),
+                ("reduce-scatter", "bwd", ring("reduce-scatter", grad_bytes * P, n), "world")]
     if stage == 3:
         out.append(("all-gather", "fwd", ring("all-gather", w * P, K), "shard"))
         out.append(("all-gather", "bwd", ring("all-gather", w * P, K), "shard"))
@@ -122,6 +130,8 @@ def spans_nodes(c, K, group):
     """Whether a group crosses nodes, ranks numbered node by node: a shard group is K consecutive ranks, a
     replica group every K-th rank."""
     R = c.world // K
+    if group == "world":
+        return c.world > c.gpus_per_node
     span = K if group == "shard" else K * (R - 1) + 1
     return span > c.gpus_per_node if group == "shard" else R > 1 and span > c.gpus_per_node
 
@@ -138,18 +148,21 @@ def shard_groups(c, engine, pinned=0):
     return sorted(sizes | {c.world})
 
 
-def memory_args(model, engine, K):
+def memory_args(model, engine, K, world):
+    """The estimator's arguments: FSDP2's hybrid sharding holds what K ranks hold; DeepSpeed's hpZ keeps
+    the partition over every rank (its second copy is added in plan_row)."""
     stage, fsdp, offload, _ = ENGINES[engine]
-    return SimpleNamespace(**vars(model), world_size=K, stage=stage, fsdp=fsdp,
+    return SimpleNamespace(**vars(model), world_size=K if fsdp else world, stage=stage, fsdp=fsdp,
                            offload="cpu" if offload else "none", offload_ratio=1.0)
 
 
 def plan_row(model, c, engine, K):
     """One engine and shard group size on cluster c: its memory and step time terms (seconds)."""
-    mem = estimate(memory_args(model, engine, K))
+    mem = estimate(memory_args(model, engine, K, c.world))
     P, n_layer = mem["params"], model.n_layer
     w = 4 if model.precision == "fp32" else 2
     R = c.world // K
+    hpz_copy = w * P / K if ENGINES[engine][0] == 3 and not ENGINES[engine][1] and R > 1 else 0.0
     tokens = model.batch * model.seq_len
     compute = tokens * flops_per_token(model) / (c.peak_tflops * 1e12 * c.mfu)
     fwd_share = 1 / 4 if model.gradient_checkpointing else 1 / 3
@@ -170,7 +183,8 @@ def plan_row(model, c, engine, K):
     base = engine.split(" ")[0]
     host = HOST_OVERHEAD_MS[base] / 1000 * groups / HOST_OVERHEAD_GROUPS
     step = compute + exposed + offload + host
-    return {"engine": engine, "shard_group": K, "replicas": R, "memory_gib": mem["per_rank_device_bytes"] / GIB,
+    return {"engine": engine, "shard_group": K, "replicas": R,
+            "memory_gib": (mem["per_rank_device_bytes"] + hpz_copy) / GIB,
             "host_gib": mem["per_rank_host_bytes"] / GIB, "params": P, "compute_s": compute,
             "comm_s": sum(comm.values()), "exposed_comm_s": exposed, "offload_s": offload, "host_s": host,
             "step_s": step, "inter_node_bytes": inter_bytes, "tokens_per_s_per_gpu": tokens / step}

@@ -32,11 +32,16 @@ def test_memory_column_is_the_estimators():
                  "FSDP2": ["--stage", "3", "--fsdp"]}
     assert {r["engine"] for r in rows} == set(est_flags) and len(rows) > len(est_flags)  # shard groups too
     for r in rows:
+        # FSDP2's hybrid sharding holds what its shard group holds; DeepSpeed's hpZ keeps the partition over
+        # every rank and adds a second copy of the bf16 weights partitioned over the group
+        hpz = r["engine"].startswith("ZeRO-3") and r["replicas"] > 1
+        ranks = c.world if hpz else r["shard_group"]
         args = estimate_memory.build_parser().parse_args(
             ["--n_layer", "4", "--n_head", "4", "--head_width", "64", "--vocab", "512", "--seq_len", "256",
-             "--batch", "2", "--world_size", str(r["shard_group"]), *est_flags[r["engine"]]])
+             "--batch", "2", "--world_size", str(ranks), *est_flags[r["engine"]]])
         est = estimate_memory.estimate(args)
-        assert r["memory_gib"] * GIB == pytest.approx(est["per_rank_device_bytes"], rel=1e-12), r
+        second_copy = 2 * r["params"] / r["shard_group"] if hpz else 0
+        assert r["memory_gib"] * GIB == pytest.approx(est["per_rank_device_bytes"] + second_copy, rel=1e-12), r
         assert r["host_gib"] * GIB == pytest.approx(est["per_rank_host_bytes"], rel=1e-12), r
 
 
@@ -58,15 +63,26 @@ def test_bytes_follow_the_zero_paper():
 
 def test_hybrid_sharding_sends_only_the_replica_all_reduce_across_nodes():
     model, c = setup(SMALL + " --gpus_per_node 8 --nodes 2")
-    P = plan_row(model, c, "ZeRO-3", 16)["params"]
-    in_node = plan_row(model, c, "ZeRO-3", 8)  # shard in a node, 2 replicas across nodes
-    assert in_node["inter_node_bytes"] == pytest.approx(ring("all-reduce", 2 * P / 8, 2))
-    assert in_node["inter_node_bytes"] == pytest.approx(2 * P / 8)
-    whole = plan_row(model, c, "ZeRO-3", 16)  # one shard group across both nodes: everything crosses
-    assert whole["inter_node_bytes"] == pytest.approx(total("ZeRO-3", P, 2, 16, 1))
+    P = plan_row(model, c, "FSDP2", 16)["params"]
+    in_node = plan_row(model, c, "FSDP2", 8)  # shard in a node, 2 replicas across nodes
+    assert in_node["inter_node_bytes"] == pytest.approx(ring("all-reduce", 4 * P / 8, 2))  # fp32 gradient shards
+    assert in_node["inter_node_bytes"] == pytest.approx(4 * P / 8)
+    whole = plan_row(model, c, "FSDP2", 16)  # one shard group across both nodes: everything crosses
+    assert whole["inter_node_bytes"] == pytest.approx(total("FSDP2", P, 2, 16, 1))
     assert in_node["comm_s"] < whole["comm_s"]
     one_node, c1 = setup(SMALL + " --gpus_per_node 8 --nodes 1")
     assert plan_row(one_node, c1, "FSDP2", 8)["inter_node_bytes"] == 0
+
+
+def test_deepspeed_hpz_keeps_the_forward_gather_and_reduce_scatter_across_all_ranks():
+    """ZeRO-3 with a shard group is DeepSpeed's hpZ: only the backward's gather stays in the node, and each
+    GPU holds a second copy of the weights partitioned K ways besides the partition over every rank."""
+    model, c = setup(SMALL + " --gpus_per_node 8 --nodes 2")
+    whole, hpz = plan_row(model, c, "ZeRO-3", 16), plan_row(model, c, "ZeRO-3", 8)
+    P = whole["params"]
+    assert hpz["inter_node_bytes"] == pytest.approx(2 * ring("all-gather", 2 * P, 16))  # fwd gather + reduce-scatter
+    assert whole["inter_node_bytes"] == pytest.approx(3 * ring("all-gather", 2 * P, 16))
+    assert hpz["memory_gib"] * GIB == pytest.approx(whole["memory_gib"] * GIB + 2 * P / 8)
 
 
 def test_what_does_not_fit_is_not_listed():
