@@ -20,6 +20,17 @@ TINY = ["--n_layer", "1", "--n_head", "2", "--head_width", "16", "--base_head_wi
 SWEEP_SHARED = [f for i, f in enumerate(TINY) if "--head_width" not in TINY[max(0, i - 1):i + 1]]
 
 
+@pytest.fixture(autouse=True)
+def environment_left_as_found():
+    """Code a test runs in this process may set environment variables (DeepSpeed's accelerator, a rank, a
+    world size); the next test, and every process it starts, sees the environment the suite started with."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A folder of real-looking text files (the test writes them; no third-party text)."""
