@@ -46,7 +46,9 @@ def muon_step(group, state):
     for p in group["params"]:
         if p.grad is None:
             continue
-        buf = state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+        buf = state[p].get("momentum_buffer")
+        if buf is None:  # made once: setdefault would allocate a zero buffer every step
+            buf = state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
         buf.lerp_(p.grad, 1 - momentum)
         update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
         update = orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()))
