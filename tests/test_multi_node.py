@@ -323,14 +323,23 @@ def test_torchrun_two_hosts_train_like_one_host_with_two_ranks(hosts, tmp_path, 
     assert json.loads((out / "two_hosts" / "summary.json").read_text())["steps"] == 4
 
 
-def test_hybrid_sharding_over_two_hosts_trains_like_one_process(hosts, tmp_path, corpus, data_dir):
-    # 2 hosts x 2 ranks, FSDP2 sharding within each host (--shard_group_size 2) and replicating across them
+@pytest.mark.parametrize("launcher,env,first_line", [
+    ("torchrun", {"LAUNCHER": "torchrun", "BACKEND": "fsdp"}, "fsdp (2 replicas, each sharded over 2) | 4 rank(s)"),
+    ("deepspeed", {}, "deepspeed (2 replicas, each sharded over 2) | 4 rank(s)"),
+])
+def test_hybrid_sharding_over_two_hosts_trains_like_one_process(hosts, tmp_path, corpus, data_dir, launcher, env,
+                                                                first_line):
+    # 2 hosts x 2 ranks, sharding within each host (--shard_group_size 2) and replicating across them:
+    # FSDP2's 2-D mesh under torchrun, ZeRO-3 with ZeRO++'s hpZ under the DeepSpeed runner
     out = tmp_path / "out"
     args = trainer_args(out, corpus, data_dir, "--max_steps", "4", "--train_batch_size", "16")
     res = launch([hosts.hostfile(tmp_path / "hf", slots=2), 2, 2, "True", *args, "--shard_group_size", "2",
-                  "--run_name", "hybrid"], {**host_env(hosts), "LAUNCHER": "torchrun", "BACKEND": "fsdp"}, timeout=300)
+                  "--run_name", "hybrid"], {**host_env(hosts), **env}, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert "fsdp (2 replicas, each sharded over 2) | 4 rank(s)" in res.stdout, res.stdout[-3000:]
+    assert first_line in res.stdout, res.stdout[-3000:]
+    if launcher == "deepspeed":
+        zero = json.loads((out / "hybrid" / "ds_config.json").read_text())["zero_optimization"]
+        assert zero["stage"] == 3 and zero["zero_hpz_partition_size"] == 2
     one = run_cli([*args, "--run_name", "one_process"])
     assert one.returncode == 0, one.stderr[-2000:]
     assert losses(out / "hybrid") == pytest.approx(losses(out / "one_process"), abs=1e-5)
