@@ -22,11 +22,13 @@ from mupgpt.config import build_parser as trainer_parser
 from mupgpt.config_file import read_config_file
 from mupgpt.errors import ArgumentParser, exit_on_usage_error
 from mupgpt.plan import (
+    ATTENTION_EFFICIENCY,
+    BANDWIDTH_EFFICIENCY,
     ENGINES,
     GPUS,
     HOST_GBPS,
     INTER_GBPS,
-    MEASURED_MFU,
+    MATMUL_EFFICIENCY,
     check_model,
     cluster,
     human_hours,
@@ -53,12 +55,13 @@ def build_parser():
         p.add_argument(f"--{name}", **kw)
     p.add_argument("--config", default="", help="the trainer's TOML or JSON config: its model keys set the flags "
                    "above (flags given here override it)")
-    p.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPUS)}, or custom (with --peak_tflops and "
-                   "--gpu_memory_gb)")
+    p.add_argument("--gpu", default="H100", help=f"one of {', '.join(GPUS)}, or custom (with --peak_tflops, "
+                   "--gpu_memory_gb and --hbm_gbps)")
     p.add_argument("--gpus_per_node", type=int, default=8, help="GPUs in each node")
     p.add_argument("--nodes", type=int, default=1, help="nodes")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="dense bf16 TFLOP/s per GPU (0: the GPU's)")
     p.add_argument("--gpu_memory_gb", type=float, default=0.0, help="GiB per GPU (0: the GPU's)")
+    p.add_argument("--hbm_gbps", type=float, default=0.0, help="GPU memory GB/s (0: the GPU's)")
     p.add_argument("--intra_gbps", type=float, default=0.0, help="in-node GB/s per GPU per direction (0: the GPU's "
                    "NVLink)")
     p.add_argument("--inter_gbps", type=float, default=INTER_GBPS, help="inter-node GB/s per GPU per direction")
@@ -66,8 +69,9 @@ def build_parser():
                    "GPU's PCIe)")
     p.add_argument("--host_gbps", type=float, default=HOST_GBPS, help="a GPU's share of host memory GB/s, for "
                    "offload's CPU Adam")
-    p.add_argument("--mfu", type=float, default=MEASURED_MFU, help="fraction of peak the model's FLOPs run at on "
-                   "one GPU (default: the project's measured)")
+    p.add_argument("--mfu", type=float, default=0.0, help="fraction of peak every FLOP runs at on one GPU, the "
+                   "optimizer and memory-bound work inside it (0: the roofline of measured matmul, attention and "
+                   "bandwidth efficiencies)")
     p.add_argument("--tokens", type=float, default=0.0, help="token budget, for the time to reach it")
     p.add_argument("--shard_group_size", type=int, default=0, help="shard ZeRO-3 and FSDP2 within groups of this "
                    "many ranks, replicated across groups (0: try the whole world, each node and its divisors)")
@@ -100,8 +104,10 @@ def model_of(args):
 
 
 def print_table(rows, model, c, args):
+    speed = (f"at MFU {c.mfu:g}" if c.mfu else f"(matmuls at {MATMUL_EFFICIENCY:g}, attention at "
+             f"{ATTENTION_EFFICIENCY:g}), HBM {c.hbm_gbps:g} GB/s (at {BANDWIDTH_EFFICIENCY:g})")
     print(f"{model_summary(model)}; {c.nodes} node(s) x {c.gpus_per_node} {args.gpu}, {c.peak_tflops:g} TFLOP/s "
-          f"at MFU {c.mfu:g}, {c.memory_gib:g} GiB, links {c.intra_gbps:g} / {c.inter_gbps:g} GB/s in / across nodes")
+          f"{speed}, {c.memory_gib:g} GiB, links {c.intra_gbps:g} / {c.inter_gbps:g} GB/s in / across nodes")
     head = (f"{'engine':<15}{'shard':>6}{'GiB/GPU':>9}{'compute':>9}{'comm':>8}{'exposed':>9}{'offload':>9}"
             f"{'host':>7}{'step s':>8}{'tok/s/GPU':>11}")
     print(head + ("   to budget" if args.tokens else ""))
@@ -117,7 +123,7 @@ def main():
     model = model_of(args)
     check_model(model)
     c = cluster(args.gpu, args.gpus_per_node, args.nodes, args.peak_tflops, args.gpu_memory_gb, args.intra_gbps,
-                args.inter_gbps, args.pcie_gbps, args.host_gbps, args.mfu)
+                args.inter_gbps, args.pcie_gbps, args.host_gbps, args.mfu, args.hbm_gbps)
     rows = plan(model, c, args.tokens, args.shard_group_size, args.engine)
     if args.json:
         print(json.dumps(rows, indent=2))
