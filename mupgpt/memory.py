@@ -16,7 +16,8 @@ corrected to what DeepSpeed and FSDP2 allocate, as tests/mem_probe.py counts it 
                          (1e9) elements are fetched in between, up to stage3_max_live_parameters (1e9),
                          so below 1e9 parameters the whole model does (w x P), and a reduce bucket of gradients
                          (one layer, at least 2^20 elements: bucket_elements in engines/deepspeed_config.py)
-  FSDP2 (fsdp)           (4 + 4 + 8)/N fp32 shards; plus two blocks gathered, each weight with its
+  FSDP2 (fsdp)           (4 + 4 + 8)/N fp32 shards; plus two groups of blocks gathered (one or two
+                         blocks a group: engines/fsdp.py's blocks_per_group), each weight with its
                          gradient and that gradient's fp32 copy for the reduce-scatter
   offload cpu            Adam, master and fp32 gradients (16/N) and the weight shards (w/N) on the
                          host, x1.5 for DeepSpeed's pinned buffers (18 B/param x 1.5 in bf16, its own
@@ -38,6 +39,7 @@ import torch
 
 from mup_model import GPT, GPTConfig
 from mupgpt.engines.deepspeed_config import bucket_elements
+from mupgpt.engines.fsdp import blocks_per_group, gathered_bytes
 from mupgpt.errors import UsageError
 
 GIB = 2**30
@@ -101,7 +103,8 @@ def estimate(args):
         weights, grads, optim = 4 * P, 4 * P, 8 * P
     elif args.fsdp:
         weights, grads, optim = 4 * P / N, 4 * P / N, 8 * P / N
-        gathered = 2 * layer * (w + w + 4 if half else 8)
+        block = gathered_bytes(layer, half)
+        gathered = 2 * blocks_per_group(block) * block
     else:
         weights = w * P / N if args.stage == 3 else w * P
         grads = (w * P / N if args.stage >= 2 else w * P) + (4 * P / N if half else 0)

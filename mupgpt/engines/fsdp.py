@@ -1,6 +1,6 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) behind the Engine interface.
 
-Each block is sharded, then the root. fully_shard turns parameters into DTensors and drops custom
+Consecutive blocks are sharded in groups (block_groups), then the root. fully_shard turns parameters into DTensors and drops custom
 attributes, so the muP groups are built after sharding from parameter names (the model's
 param_rules take fan-in from the config, i.e. from global shapes). Checkpoints are
 torch.distributed.checkpoint (DCP) folders for exact resume plus the consolidated model.safetensors.
@@ -83,12 +83,36 @@ class LocalShardStep:
             self._share_new_state()
 
 
-def reshard_after_forward(index, n_blocks, shard_ranks):
-    """Whether a block frees its gathered parameters after forward, to gather them again in backward.
+# the most a group of blocks may hold gathered at once when grouping puts more than one block in it
+GROUP_GATHER_BYTES = 2**28
+
+
+def gathered_bytes(numel, half):
+    """What a gathered block of numel parameters holds: each weight in the compute precision, its gradient and
+    that gradient's fp32 copy for the reduce-scatter (fp32: the weight and its gradient)."""
+    return numel * (2 + 2 + 4 if half else 8)
+
+
+def blocks_per_group(block_bytes):
+    """The memory rule for FSDP2's groups: consecutive blocks go two to a fully_shard call when the pair's
+    gathered bytes are at most GROUP_GATHER_BYTES, else one. A group runs its pre- and post-forward and pre-
+    and post-backward hooks, an unshard and a reshard each way and a reduce-scatter every step, whatever its
+    size, so pairs halve that host work; FSDP2 then holds up to two groups gathered (one computing, the next
+    prefetched), four blocks instead of two, which the rule bounds to 2 x GROUP_GATHER_BYTES."""
+    return 2 if 2 * block_bytes <= GROUP_GATHER_BYTES else 1
+
+
+def block_groups(blocks, block_bytes):
+    k = blocks_per_group(block_bytes)
+    return [list(blocks[i:i + k]) for i in range(0, len(blocks), k)]
+
+
+def reshard_after_forward(index, n_groups, shard_ranks):
+    """Whether a group frees its gathered parameters after forward, to gather them again in backward.
 
     On one rank of a shard group a block's shard is the whole block and a second gather saves nothing. The last
-    block's backward starts right after its forward, so it keeps them (as FSDP2 keeps the root's)."""
-    return shard_ranks > 1 and index < n_blocks - 1
+    group's backward starts right after its forward, so it keeps them (as FSDP2 keeps the root's)."""
+    return shard_ranks > 1 and index < n_groups - 1
 
 
 def hybrid_mesh(device_type, world_size, group_size):
@@ -110,9 +134,11 @@ class FSDPEngine(Engine):
         mp = MixedPrecisionPolicy(param_dtype=HALF_DTYPES.get(precision), reduce_dtype=torch.float32)
         self.mesh = hybrid_mesh(self.device.type, world.world_size, cfg.shard_group_size)
         shard_ranks = world.world_size if self.mesh is None else self.mesh["shard"].size()
-        for i, block in enumerate(model.h):
-            fully_shard(block, mesh=self.mesh, mp_policy=mp,
-                        reshard_after_forward=reshard_after_forward(i, len(model.h), shard_ranks))
+        block_bytes = gathered_bytes(sum(p.numel() for p in model.h[0].parameters()), precision in HALF_DTYPES)
+        groups = block_groups(model.h, block_bytes)
+        for i, blocks in enumerate(groups):
+            fully_shard(blocks, mesh=self.mesh, mp_policy=mp,
+                        reshard_after_forward=reshard_after_forward(i, len(groups), shard_ranks))
         fully_shard(model, mesh=self.mesh, mp_policy=mp)  # the root keeps its parameters gathered to backward
         groups = self.param_groups()  # after sharding (the DTensors), before compiling (the bare names)
         self.forward_model = self.compiled(model) if cfg.compile else model
