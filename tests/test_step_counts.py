@@ -42,7 +42,8 @@ def test_a_zero3_step_fetches_each_block_once_each_way(tmp_path, corpus, data_di
     gradients are reduced together. Without the marking a step fetched every submodule (11 per block)."""
     steps = counts(tmp_path, corpus, data_dir, TORCHRUN, "--backend", "deepspeed", "--zero_stage", "3")
     for c in steps.values():
-        assert c["zero3.fetch"] <= 2 * N_LAYER + 10, c  # forward and backward per block, plus embeddings and head
+        # forward and backward per block, plus the root, both embeddings, the final norm and the readout each way
+        assert c["zero3.fetch"] <= 2 * N_LAYER + 10, c
         assert c.get("collective.all_gather_into_tensor", 0) <= N_LAYER, c  # no per-parameter gathers
     for c in ordinary(steps):
         assert c.get("read_back", 0) <= 1, c  # DeepSpeed's own grad-norm check; the loop reads nothing
