@@ -1,7 +1,7 @@
 """FSDP2 (torch.distributed.fsdp.fully_shard) behind the Engine interface.
 
-Consecutive blocks are sharded in groups (block_groups), then the root. fully_shard turns parameters into DTensors and drops custom
-attributes, so the muP groups are built after sharding from parameter names (the model's
+Consecutive blocks are sharded in groups (block_groups), then the root. fully_shard turns parameters into
+DTensors and drops custom attributes, so the muP groups are built after sharding from parameter names (the model's
 param_rules take fan-in from the config, i.e. from global shapes). Checkpoints are
 torch.distributed.checkpoint (DCP) folders for exact resume plus the consolidated model.safetensors.
 With --shard_group_size K below the world size the mesh is 2-D, (replicate, shard) = (world / K, K): each
