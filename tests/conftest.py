@@ -1,4 +1,7 @@
+import contextlib
+import io
 import json
+import logging
 import os
 import runpy
 import signal
@@ -73,6 +76,58 @@ def run_cli(args, launcher=(sys.executable,), env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(args):
+    """The trainer's main() in this process, ending as `python run_trainer.py args` would: the exit status,
+    stdout and stderr. For refusals (no process start, no second import of torch); a few tests keep the real
+    process for the contract end to end."""
+    import run_trainer
+    out, err = io.StringIO(), io.StringIO()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            run_trainer.main(list(map(str, args)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:  # the trainer's signal handlers are not this process's
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        unbind_log_handlers({out: sys.stdout, err: sys.stderr})
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def unbind_log_handlers(streams):
+    """A library imported while stdout was redirected (DeepSpeed's logger binds sys.stdout at import) writes to
+    the real streams again afterwards."""
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for handler in (h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)):
+        if handler.stream in streams:
+            handler.setStream(streams[handler.stream])
+
+
+def lazy_runs(out, corpus, data_dir, common, backends):
+    """Trainer runs under out, each made on first use and then shared: runs(backend, *extra, run_name=backend)
+    is the run folder of `common + backends[backend]'s flags + extra` (backends: name -> (launcher, flags)).
+    A multi-rank launch costs seconds of start-up, so the tests that read one run's outputs share it
+    (the fixture that calls this sets its scope)."""
+    made = {}
+
+    def args(backend, *extra, run_name=None):
+        return trainer_args(out, corpus, data_dir, "--run_name", run_name or backend, *common, *backends[backend][1],
+                            *extra)
+
+    def get(backend, *extra, run_name=None):
+        run_name = run_name or backend
+        if run_name not in made:
+            res = run_cli(args(backend, *extra, run_name=run_name), launcher=backends[backend][0])
+            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+            made[run_name] = out / run_name
+        return made[run_name]
+    get.out, get.args = out, args
+    return get
+
+
 def losses(run_dir, key="loss"):
     rows = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
     return [r[key] for r in rows if key in r]
@@ -110,6 +165,8 @@ FAST_IN_SLOW_FILES = {
     "test_hybrid_shard.py::test_bad_shard_group_size_is_one_line",
     "test_hybrid_shard.py::test_negative_shard_group_size_is_refused_as_parsed",
     "test_hybrid_shard.py::test_a_stage_2_config_of_ones_own_is_refused_under_hybrid_sharding",
+    "test_hybrid_shard.py::test_the_trainer_refuses_a_bad_group_in_one_line",
+    "test_muon.py::test_deepspeed_refuses_muon_in_one_line",
 }
 # Slow tests in the other files (a test name covers all its cases; "name[case]" one case)
 SLOW_TESTS = {
@@ -131,7 +188,6 @@ SLOW_TESTS = {
     "test_estimate_memory.py::test_estimate_holds_the_measured_peak_of_real_training_steps",
     "test_estimate_memory.py::test_bad_input_is_one_line_and_exit_2",
     "test_export_hf.py::test_a_stopped_run_is_exported_with_a_note_naming_its_step",
-    "test_llama.py::test_bad_llama_flags_are_one_line_and_exit_2",
     "test_llama.py::test_llama_trains_exports_samples_and_resumes",
     "test_llama.py::test_llama_fp32_losses_match_one_process",
     "test_llama.py::test_llama_gathered_init_and_first_step_equal_one_process",
@@ -145,7 +201,7 @@ SLOW_TESTS = {
     "test_trainer.py::test_loss_falls_on_the_embedded_corpus",
     "test_trainer.py::test_sigterm_saves_and_the_resumed_run_matches",
     "test_trainer.py::test_ddp_on_two_ranks_matches_one_process",
-    "test_trainer.py::test_bad_input_is_one_line_and_exit_2",
+    "test_trainer.py::test_bad_input_is_one_line_and_exit_2[unknown flag]",
     "test_trainer.py::test_bad_data_and_checkpoints_are_one_line_and_lose_nothing",
     "test_trainer.py::test_prepare_and_sample_scripts",
     "test_trainer.py::test_wandb_without_a_key_logs_offline_and_never_prompts",

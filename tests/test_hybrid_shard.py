@@ -9,7 +9,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from conftest import losses, run_cli, trainer_args
+from conftest import lazy_runs, losses, run_cli, run_main, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.config_checks import check_shard_group
 from mupgpt.errors import UsageError
@@ -27,21 +27,10 @@ HYBRID = ["--shard_group_size", "2", "--save_interval", "5"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus, data_dir):
     """One single-process reference run; each engine's 4-rank hybrid run is made on first use."""
-    out = tmp_path_factory.mktemp("hybrid")
-    res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", "single", *COMMON))
-    assert res.returncode == 0, res.stderr[-2000:]
-    made = {}
-
-    def get(name):
-        if name not in made:
-            args = trainer_args(out, corpus, data_dir, "--run_name", name, *COMMON, *ENGINES[name], *HYBRID)
-            res = run_cli(args, launcher=TORCHRUN4)
-            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-            made[name] = out / name
-        return made[name]
-    get.out = out
-    get.args = lambda name, *extra: trainer_args(out, corpus, data_dir, "--run_name", name, *COMMON, *ENGINES[name],
-                                                 *HYBRID, *extra)
+    get = lazy_runs(tmp_path_factory.mktemp("hybrid"), corpus, data_dir, COMMON,
+                    {"single": ((sys.executable,), []),
+                     **{name: (TORCHRUN4, [*flags, *HYBRID]) for name, flags in ENGINES.items()}})
+    get("single")
     return get
 
 
@@ -122,6 +111,6 @@ def test_a_stage_2_config_of_ones_own_is_refused_under_hybrid_sharding(tmp_path,
 
 
 def test_the_trainer_refuses_a_bad_group_in_one_line(tmp_path, corpus, data_dir):
-    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--shard_group_size", "2"))
+    res = run_main(trainer_args(tmp_path, corpus, data_dir, "--shard_group_size", "2"))
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "--backend single does not" in lines[0], res.stderr[-2000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, losses, run_cli, trainer_args
+from conftest import ROOT, losses, run_cli, run_main, trainer_args
 from mup_model import GPT, GPTConfig, param_class, rope
 from mupgpt.config import parse_args
 from mupgpt.model_config import model_config
@@ -122,7 +122,7 @@ def test_llama_hidden_lrs_scale_with_width_like_gpt2():
      "--seq_len 100000000 is too long: its attention and activations"),  # no table
 ])
 def test_bad_llama_flags_are_one_line_and_exit_2(tmp_path, corpus, data_dir, flags, message):
-    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "1", *flags))
+    res = run_main(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "1", *flags))  # in this process
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-2000:]
     assert not any(tmp_path.iterdir())  # nothing written

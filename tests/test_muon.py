@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_one_error_line, losses, run_cli, trainer_args
+from conftest import assert_one_error_line, lazy_runs, losses, run_cli, run_main, trainer_args
 from mup_model import GPT, GPTConfig
 
 
@@ -71,20 +71,8 @@ def test_muon_scale_mup_is_width_free_moonlight_grows_and_depth_follows_complete
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus, data_dir):
-    out = tmp_path_factory.mktemp("muon")
-    made = {}
-
-    def get(name, *extra, tag=""):
-        key = name + tag
-        if key not in made:
-            launcher, flags = BACKENDS[name]
-            res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", key, *COMMON, *flags, *extra),
-                          launcher=launcher)
-            assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-            made[key] = out / key
-        return made[key]
-    get.out = out
-    return get
+    """Each backend's run, made on first use and shared by the tests."""
+    return lazy_runs(tmp_path_factory.mktemp("muon"), corpus, data_dir, COMMON, BACKENDS)
 
 
 def weights(run_dir, step):
@@ -105,23 +93,23 @@ def test_two_ranks_step_like_one_process(runs, name):
 
 @pytest.mark.parametrize("name", ["single", "ddp"])
 def test_accumulation_4_x_2_equals_1_x_8(runs, name):
-    micro = 8 // (2 if name == "ddp" else 1)
-    whole = runs(name, "--per_device_train_batch_size", str(micro), tag="_micro8")
-    accumulated = runs(name, "--per_device_train_batch_size", "2", tag="_micro2")
+    """8 sequences a step in one micro batch (per rank: 4 on each of DDP's 2 ranks, which is runs("ddp") itself:
+    the per-device batch is 4 there) against micro batches of 2, accumulated."""
+    whole = runs("ddp") if name == "ddp" else runs(name, "--per_device_train_batch_size", "8",
+                                                   run_name=f"{name}_micro8")
+    accumulated = runs(name, "--per_device_train_batch_size", "2", run_name=f"{name}_micro2")
     assert losses(accumulated) == pytest.approx(losses(whole), rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("name", ["single", "ddp", "fsdp"])
-def test_resume_is_bit_for_bit(runs, name, corpus, data_dir):
+def test_resume_is_bit_for_bit(runs, name):
     run_dir = runs(name)
     straight = losses(run_dir)
     final = load_file(run_dir / "model.safetensors")
     for step in range(6, 11):  # as if it had stopped after step 5
         shutil.rmtree(run_dir / "checkpoints" / f"step_{step:08d}")
     (run_dir / "summary.json").unlink()
-    launcher, flags = BACKENDS[name]
-    res = run_cli(trainer_args(runs.out, corpus, data_dir, "--run_name", name, *COMMON, *flags, "--resume", "auto"),
-                  launcher=launcher)
+    res = run_cli(runs.args(name, "--resume", "auto"), launcher=BACKENDS[name][0])
     assert res.returncode == 0 and "at step 5" in res.stdout, res.stderr[-3000:]
     assert losses(run_dir) == straight
     resumed = load_file(run_dir / "model.safetensors")
@@ -129,8 +117,8 @@ def test_resume_is_bit_for_bit(runs, name, corpus, data_dir):
 
 
 def test_deepspeed_refuses_muon_in_one_line(tmp_path, corpus, data_dir):
-    res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--optimizer", "muon",
-                               "--max_steps", "2"))
+    res = run_main(trainer_args(tmp_path, corpus, data_dir, "--backend", "deepspeed", "--optimizer", "muon",
+                                "--max_steps", "2"))
     assert_one_error_line(res, "--optimizer muon", "fsdp")
 
 

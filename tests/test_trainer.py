@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, losses, run_cli, trainer_args
+from conftest import ROOT, losses, run_cli, run_main, trainer_args
 from mupgpt.config import parse_args
 from run_trainer import train
 
@@ -121,9 +121,10 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, corpus, data_dir, case):
+    """The trainer's main() in this process; argparse's own refusal also in a real process, end to end."""
     extra, message = BAD_INPUTS[case]
     args = trainer_args(tmp_path, corpus, data_dir, "--max_steps", "2", *extra)
-    res = run_cli(args)
+    res = run_cli(args) if case == "unknown flag" else run_main(args)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
