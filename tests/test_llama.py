@@ -194,23 +194,27 @@ def test_llama_fp32_losses_match_one_process(single_llama, corpus, data_dir, nam
     assert losses(single_llama / name) == pytest.approx(losses(single_llama / "single"), rel=1e-5)
 
 
-@pytest.mark.parametrize("backend", [["--backend", "deepspeed", "--zero_stage", "3"], ["--backend", "fsdp"]],
-                         ids=["zero3", "fsdp"])
-def test_llama_gathered_init_and_first_step_equal_one_process(tmp_path, backend):
+PROBE_LLAMA = ["--arch", "llama", "--n_kv_head", "2", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def probed_llama(tmp_path_factory):
+    from test_sharded import PROBE_FLAGS, probe
+    return probe(tmp_path_factory.mktemp("probe"), {"zero3": ["--backend", "deepspeed", "--zero_stage", "3"],
+                                                    "fsdp": ["--backend", "fsdp"]}, *PROBE_FLAGS, *PROBE_LLAMA)
+
+
+@pytest.mark.parametrize("name", ["zero3", "fsdp"])
+def test_llama_gathered_init_and_first_step_equal_one_process(probed_llama, name):
     """Under zero.Init (each rank builds its shard) and FSDP2 the gathered llama init is the one-process
     model's, bit for bit, and Adam's first step is the table's for each group (fp32)."""
     from test_sharded import PROBE_FLAGS, first_adamw_step
-    flags = [*PROBE_FLAGS, "--arch", "llama", "--n_kv_head", "2", "--precision", "fp32"]
-    res = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "dist_probe.py"), *backend, *flags], cwd=ROOT,
-                         env={**os.environ, "PROBE_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    cfg = parse_args(flags)
+    cfg = parse_args([*PROBE_FLAGS, *PROBE_LLAMA])
     torch.manual_seed(cfg.seed)
     reference = GPT(model_config(cfg, 257))
     x = torch.randint(0, 257, (8, cfg.seq_len), generator=torch.Generator().manual_seed(0))
     reference(x, x.roll(-1, 1)).backward()
-    init, step1 = load_file(tmp_path / "init.safetensors"), load_file(tmp_path / "step1.safetensors")
+    init, step1 = (load_file(probed_llama / name / f"{step}.safetensors") for step in ("init", "step1"))
     assert set(init) == {n for n, _ in reference.named_parameters()}
     for pname, p in reference.named_parameters():
         assert torch.equal(init[pname], p.detach()), pname

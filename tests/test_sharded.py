@@ -126,7 +126,7 @@ PROBE_FLAGS = ["--n_head", "4", "--head_width", "16", "--base_width", "32", "--b
                "--lr_scheduler_type", "constant", "--learning_rate", str(PROBE_LR), "--weight_decay", str(PROBE_WD),
                "--adam_eps", str(PROBE_EPS), "--grad_clip", "0", "--readout_zero_init", "false"]
 # every backend in bf16 (each runs it on CPU), under torchrun: DeepSpeed runs the same there, and its own
-# launcher took 39 s against torchrun's 21 s per probe on this 2-core machine
+# launcher took 39 s against torchrun's 21 s per probe on this 2-core machine; one launch probes them all
 PROBE_BACKENDS = {
     "ddp": ["--backend", "ddp"],
     "zero1": ["--backend", "deepspeed", "--zero_stage", "1"],
@@ -147,23 +147,34 @@ def first_adamw_step(p, g, cls):
     return p * (1 - decay) - lr * g / (g.abs() + eps)
 
 
+def probe(out, backends, *flags):
+    """tests/dist_probe.py on 2 ranks under torchrun for each of backends ({name: flags}) in one launch; the
+    folder holding each one's init and first step as out/<name>."""
+    import subprocess
+    env = {**os.environ, "PROBE_OUT": str(out), "PROBE_RUNS": json.dumps(backends), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "dist_probe.py"), *flags], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    return probe(tmp_path_factory.mktemp("probe"), PROBE_BACKENDS, *PROBE_FLAGS, "--precision", "bf16")
+
+
 @pytest.mark.parametrize("name", list(PROBE_BACKENDS))
-def test_mup_init_and_group_hyperparameters_survive_every_backend(tmp_path, name):
+def test_mup_init_and_group_hyperparameters_survive_every_backend(probed, name):
     """DDP, ZeRO-1/2/3, ZeRO-3 + CPU offload and FSDP2 on 2 ranks, in bf16: the gathered init is the
     one-process model's (rounded to bf16 where DeepSpeed keeps bf16 weights), and Adam's first step on
     every element is the one the muP table gives its group, per-group LR, weight decay and eps
     together, from the one-process fp32 gradient (bf16 compute: the median error within 2% of the step)."""
-    import subprocess
-    env = {**os.environ, "PROBE_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    probe = [str(ROOT / "tests" / "dist_probe.py"), *PROBE_BACKENDS[name], *PROBE_FLAGS, "--precision", "bf16"]
-    res = subprocess.run([*TORCHRUN, *probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
     cfg = parse_args(PROBE_FLAGS)
     torch.manual_seed(cfg.seed)
     reference = GPT(model_config(cfg, 257))
     x = torch.randint(0, 257, (8, cfg.seq_len), generator=torch.Generator().manual_seed(0))  # the probe's batch
     reference(x, x.roll(-1, 1)).backward()
-    init, step1 = load_file(tmp_path / "init.safetensors"), load_file(tmp_path / "step1.safetensors")
+    init, step1 = load_file(probed / name / "init.safetensors"), load_file(probed / name / "step1.safetensors")
     for pname, p in reference.named_parameters():
         p0 = p.detach()
         assert torch.equal(init[pname], p0) or torch.equal(init[pname], p0.bfloat16().float()), pname
