@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, losses, run_cli, trainer_args
+from conftest import ROOT, losses, run_cli, run_main, trainer_args
 from mupgpt import checkpoint
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "29661")
@@ -194,8 +194,8 @@ def test_a_damaged_checkpoint_named_or_all_damaged_is_one_line_and_changes_nothi
     for resume, message in ((str(copy / "checkpoints" / "step_00000004"),
                              "step_00000004 is not a complete checkpoint, it is damaged (model.safetensors: "),
                             ("auto", "every checkpoint in")):
-        res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume",
-                                   resume))
+        res = run_main(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume",
+                                    resume))
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr[-3000:]
     assert {f: (copy / f).read_bytes() for f in before} == before
@@ -205,8 +205,8 @@ def test_another_model_shape_is_one_line_naming_the_flags(tmp_path, saved, corpu
     _, run_dir = saved
     shutil.copytree(run_dir, tmp_path / "r")
     before = {f: (tmp_path / "r" / f).read_bytes() for f in ("metrics.jsonl", "config.json", "opt_config.json")}
-    res = run_cli([*trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume", "auto"),
-                   "--head_width", "32", "--n_layer", "2"])
+    res = run_main([*trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--max_steps", "8", "--resume",
+                                  "auto"), "--head_width", "32", "--n_layer", "2"])
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
     assert "--head_width 32 (the checkpoint has 16)" in lines[0] and "--n_layer 2 (the checkpoint has 1)" in lines[0]
@@ -240,7 +240,7 @@ def test_an_unchecked_trainer_json_of_another_shape_is_one_line(tmp_path, saved,
     shutil.copytree(run_dir, tmp_path / "r")
     os.remove(folder / "manifest.json")
     (folder / "trainer.json").write_text(json.dumps({**state, "model_config": [1, 2]}))
-    res = run_cli(args)
+    res = run_main(args)
     lines = res.stderr.strip().splitlines()
     assert (res.returncode == 2 and len(lines) == 1
             and "is not a complete checkpoint (trainer.json" in lines[0]), res.stderr

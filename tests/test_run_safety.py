@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, losses, run_cli, trainer_args
+from conftest import ROOT, losses, run_cli, run_main, trainer_args
 from mupgpt.config import parse_args
 from mupgpt.engines.op_builds import extensions_root
 from mupgpt.errors import UsageError
@@ -151,14 +151,14 @@ def test_resume_auto_on_a_finished_run_leaves_it_finished(tmp_path, corpus, data
     assert run_cli(args).returncode == 0
     d = tmp_path / "r"
     before = {f: (d / f).read_bytes() for f in ("summary.json", "metrics.jsonl", "config.json", "model.safetensors")}
-    for resume in ("auto", d / "checkpoints" / "step_00000004"):
-        res = run_cli([*args, "--resume", resume])
+    for resume in ("auto", d / "checkpoints" / "step_00000004"):  # in this process: nothing trains
+        res = run_main([*args, "--resume", resume])
         finished = f"{d} holds a finished run (4 steps): nothing to resume, it is left as it is"
         assert res.returncode == 0 and finished in res.stdout, res.stderr
         assert "Traceback" not in res.stderr
         assert {f: (d / f).read_bytes() for f in before} == before
     os.remove(d / "summary.json")  # a checkpoint past the run's length is refused, not a run of no steps
-    res = run_cli([*args[:-4], "--max_steps", "2", "--save_interval", "2", "--resume", "auto"])
+    res = run_main([*args[:-4], "--max_steps", "2", "--save_interval", "2", "--resume", "auto"])
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "is at step 4, past this run's 2 steps" in lines[0], res.stderr
     assert not (d / "summary.json").exists()
@@ -173,7 +173,7 @@ def test_a_branch_from_an_earlier_checkpoint_of_the_run_directory_is_refused(tmp
     d = tmp_path / "r"
     os.remove(d / "summary.json")  # stopped, not finished: a branch is refused all the same
     before = sorted(p.name for p in d.rglob("*"))
-    res = run_cli([*args[:-6], "--max_steps", "8", "--resume", d / "checkpoints" / "step_00000002"])
+    res = run_main([*args[:-6], "--max_steps", "8", "--resume", d / "checkpoints" / "step_00000002"])
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
     assert lines[0] == (f"error: --resume {d}/checkpoints/step_00000002 is step 2 of {d}, which already went on to "
@@ -225,7 +225,7 @@ def test_an_output_dir_that_cannot_be_written_is_one_line(tmp_path, corpus, data
             pytest.skip(f"cannot mount a read-only tmpfs here ({res.stderr.strip()})")
         words = f"{out} is not writable"
     try:
-        res = run_cli(trainer_args(out, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
+        res = run_main(trainer_args(out, corpus, data_dir, "--run_name", "r", "--max_steps", "2"))
     finally:
         if where == "read-only":
             subprocess.run(["umount", str(out)], check=True)

@@ -142,8 +142,8 @@ def test_bad_data_and_checkpoints_are_one_line_and_lose_nothing(tmp_path, corpus
     ckpt = tmp_path / "r" / "checkpoints" / "step_00000004"
     (ckpt / "trainer.json").write_text("{not json")
     cases.append((["--run_name", "r2", "--resume", str(ckpt)], "not a complete checkpoint"))
-    for extra, message in cases:
-        res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "4", *extra))
+    for extra, message in cases:  # in this process
+        res = run_main(trainer_args(tmp_path, corpus, data_dir, "--max_steps", "4", *extra))
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1 and message in lines[0], res.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
@@ -196,12 +196,12 @@ def test_default_run_names_differ_by_backend_and_length_and_say_what_to_do(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["mup_2x16_d1_lr0.003_s1234_single_3steps",
                                             "mup_2x16_d1_lr0.003_s1234_single_4steps",
                                             "mup_2x16_d1_lr0.003_s1234_zero1_3steps"]
-    finished = run_cli(trainer_args(tmp_path, corpus, data_dir, *common))
+    finished = run_main(trainer_args(tmp_path, corpus, data_dir, *common))
     assert (finished.returncode == 2
             and "already holds a finished run (3 steps): pick another --run_name" in finished.stderr)
     unfinished = tmp_path / "mup_2x16_d1_lr0.003_s1234_single_3steps"
     os.remove(unfinished / "summary.json")  # as if stopped after the step-2 checkpoint
-    res = run_cli(trainer_args(tmp_path, corpus, data_dir, *common))
+    res = run_main(trainer_args(tmp_path, corpus, data_dir, *common))
     assert res.returncode == 2 and "holds an unfinished run: pass --resume auto to continue it" in res.stderr
     resumed = run_cli(trainer_args(tmp_path, corpus, data_dir, *common, "--resume", "auto"))
     assert resumed.returncode == 0 and "at step" in resumed.stdout, resumed.stderr
