@@ -147,8 +147,8 @@ def test_llama_trains_exports_samples_and_resumes(tmp_path, corpus, data_dir):
     assert res.returncode == 0 and "at step 10" in res.stdout, res.stderr[-2000:]
     assert losses(run_dir) == straight
     # a run of the other arch is refused at resume with one line naming the flag
-    res = run_cli([*trainer_args(tmp_path, corpus, data_dir, "--n_head", "4", "--head_width", "8", "--base_head_width",
-                                 "8", "--max_steps", "20", "--run_name", run_dir.name, "--resume", "auto")])
+    res = run_main(trainer_args(tmp_path, corpus, data_dir, "--n_head", "4", "--head_width", "8", "--base_head_width",
+                                "8", "--max_steps", "20", "--run_name", run_dir.name, "--resume", "auto"))
     assert res.returncode == 2 and "--arch gpt2 (the checkpoint has llama)" in res.stderr, res.stderr[-2000:]
     sample = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), str(run_dir), "--max_new_tokens",
                              "8"],
