@@ -421,7 +421,7 @@ def _train(cfg, cleanup):
     run = start(cfg, cleanup)
     refuse_another_history(run)
     world = run.world
-    data, _ = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.barrier)
+    data, _ = load_data(cfg.dataset, cfg.tokenizer, cfg.data_dir, world.is_main, world.together)
     mcfg = model_config(cfg, data.vocab_size)
     if run.trainer_state:  # before the engine writes anything (opt_config.json)
         checkpoint.check_model(run.trainer_state, mcfg)

@@ -224,36 +224,54 @@ def save(engine, run_dir, trainer_state, keep):
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"step_{trainer_state['step']:08d}")
     tmp = final + ".tmp"
+
+    def each(work):  # every rank hears of a failure on any rank; a full disk is the same line on all
+        return world.together(lambda: _full_disk_said(work, run_dir, final))
     try:
-        if world.is_main:
-            for stale in glob.glob(os.path.join(root, "step_*.tmp")):  # left by a kill during an earlier save
-                shutil.rmtree(stale, ignore_errors=True)
-            os.makedirs(tmp)
-        world.barrier()
-        engine.save(tmp)
-        world.barrier()
-        if world.is_main:
-            state = {**trainer_state, "model_config": dataclasses.asdict(engine.model.cfg)}
-            with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                json.dump(state, f)
-            write_manifest(tmp, trainer_state["step"])  # last: a folder with a manifest is complete
-    except BaseException as e:
-        full = isinstance(e, Exception) and _disk_full(e, root)
+        each(lambda: _start_folder(root, tmp) if world.is_main else None)
+        each(lambda: engine.save(tmp))
+        each(lambda: _finish_folder(tmp, trainer_state, engine.model.cfg) if world.is_main else None)
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            previous = checkpoints(run_dir)
-            kept = f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists"
-            raise UsageError(f"the disk is full: could not write checkpoint {os.path.basename(final)} in {root} "
-                             f"({e.__class__.__name__}); "
-                             f"{kept}: free space (or lower --keep_checkpoints) and rerun with --resume auto") from None
         raise
-    if world.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    world.barrier()
+    each(lambda: _put_in_place(tmp, final, run_dir, keep) if world.is_main else None)
     return final
+
+
+def _full_disk_said(work, run_dir, final):
+    """work(), with a full disk turned into the line that says what is kept and what to do."""
+    root = os.path.dirname(final)
+    try:
+        return work()
+    except Exception as e:
+        if not _disk_full(e, root):
+            raise
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+        previous = checkpoints(run_dir)
+        kept = f"the previous checkpoint {previous[-1]} is kept" if previous else "no earlier checkpoint exists"
+        raise UsageError(f"the disk is full: could not write checkpoint {os.path.basename(final)} in {root} "
+                         f"({e.__class__.__name__}); "
+                         f"{kept}: free space (or lower --keep_checkpoints) and rerun with --resume auto") from None
+
+
+def _start_folder(root, tmp):
+    for stale in glob.glob(os.path.join(root, "step_*.tmp")):  # left by a kill during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _finish_folder(tmp, trainer_state, model_cfg):
+    state = {**trainer_state, "model_config": dataclasses.asdict(model_cfg)}
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump(state, f)
+    write_manifest(tmp, trainer_state["step"])  # last: a folder with a manifest is complete
+
+
+def _put_in_place(tmp, final, run_dir, keep):
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path, obj):
@@ -267,8 +285,11 @@ def export(engine, run_dir, model_cfg, step=None, total_steps=None):
     last checkpoint, which holds the same weights. The weights' metadata records the step they are from
     and the run's length, so a model of a stopped run is never taken for a finished one."""
     state = engine.full_state_dict()  # a collective under the sharded backends
-    if not engine.world.is_main:
-        return
+    world = engine.world
+    world.together(lambda: _write_model(state, run_dir, model_cfg, step, total_steps) if world.is_main else None)
+
+
+def _write_model(state, run_dir, model_cfg, step, total_steps):
     meta = {"step": str(step), "total_steps": str(total_steps)} if step is not None else None
     files = {"model.safetensors": lambda f: save_file(state, f, metadata=meta),
              "model_config.json": lambda f: _write_json(f, dataclasses.asdict(model_cfg))}

@@ -7,8 +7,6 @@ import os
 import re
 import socket
 
-import torch
-
 from mupgpt.errors import UsageError
 
 
@@ -84,38 +82,8 @@ def run_lock(run_dir, world):
     """Rank 0 holds an exclusive flock on <run_dir>/.lock for the whole run (the kernel drops it at exit).
 
     A run refused or failed before it trained leaves no run directory behind when it created it."""
-    fd, held_by = None, ""
     created = not os.path.exists(run_dir)
-    if world.is_main:
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            _remove_start(run_dir, created)
-            raise UsageError(f"cannot create the run directory {run_dir} ({e.strerror}"
-                             f"{': ' + e.filename if e.filename and e.filename != run_dir else ''}): "
-                             + ("free space or give another --output_dir" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                                else "give a writable --output_dir")) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        except BlockingIOError:
-            held_by = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
-            os.close(fd)
-            fd = None
-        except OSError as e:
-            os.close(fd)
-            _remove_start(run_dir, created)
-            raise UsageError(f"cannot write {run_dir}/.lock ({e.strerror}): "
-                             + ("free space or give another --output_dir" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                                else "give a writable --output_dir")) from None
-    if world.world_size > 1:
-        msg = [held_by]
-        torch.distributed.broadcast_object_list(msg, src=0)
-        held_by = msg[0]
-    if held_by:
-        raise UsageError(f"{run_dir} is in use by another run ({held_by}): wait for it or pick another --run_name")
+    fd = world.together(lambda: _lock(run_dir, created) if world.is_main else None)
     try:
         yield
     except BaseException:
@@ -127,6 +95,34 @@ def run_lock(run_dir, world):
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def _lock(run_dir, created):
+    """The lock's fd; a run directory that is locked, or cannot be made or written, is one line."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(os.path.join(run_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        _remove_start(run_dir, created)
+        raise UsageError(f"cannot create the run directory {run_dir} ({e.strerror}"
+                         f"{': ' + e.filename if e.filename and e.filename != run_dir else ''}): "
+                         + ("free space or give another --output_dir" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                            else "give a writable --output_dir")) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    except BlockingIOError:
+        held_by = os.read(fd, 200).decode(errors="replace").strip() or "pid unknown"
+        os.close(fd)
+        raise UsageError(f"{run_dir} is in use by another run ({held_by}): wait for it or pick another --run_name")
+    except OSError as e:
+        os.close(fd)
+        _remove_start(run_dir, created)
+        raise UsageError(f"cannot write {run_dir}/.lock ({e.strerror}): "
+                         + ("free space or give another --output_dir" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                            else "give a writable --output_dir")) from None
+    return fd
 
 
 def _remove_start(run_dir, created):

@@ -25,9 +25,34 @@ class World:
     def is_main(self):
         return self.rank == 0
 
-    def barrier(self):
+    def together(self, work):
+        """work() on this rank, then every rank hears whether any rank's failed (a collective, so no rank
+        waits in the next one for a rank that has stopped). A failed rank raises its own error; the others
+        raise a UsageError with the first failed rank's line. Work for rank 0 alone is a no-op elsewhere."""
+        result, error = None, None
+        try:
+            result = work()
+        except Exception as e:
+            error = e
+        line = None if error is None else failure_line(error, self.rank)
+        lines = [line]
         if self.world_size > 1:
-            dist.barrier()
+            lines = [None] * self.world_size
+            dist.all_gather_object(lines, line)
+        if error is not None:
+            raise error
+        failed = [line for line in lines if line is not None]
+        if failed:
+            raise UsageError(failed[0])
+        return result
+
+
+def failure_line(error, rank):
+    """What the other ranks say when a rank fails: its own line for bad input, else what failed where."""
+    if isinstance(error, UsageError):
+        return str(error)
+    first = (str(error).splitlines() or [""])[0][:200]
+    return f"rank {rank} stopped ({error.__class__.__name__}: {first}): its output says why"
 
 
 def check_launcher(backend):

@@ -359,3 +359,58 @@ def test_a_full_disk_at_the_start_is_one_line_and_leaves_no_run_directory(small_
     assert lines[0] == (f"error: cannot write {small_disk}/r/.lock (No space left on device): free space or give "
                         "another --output_dir")
     assert os.listdir(small_disk) == ["ballast"]
+
+
+def torchrun2():
+    import socket
+    with socket.socket() as s:  # helpers sharing this machine run torchrun too: no fixed port
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port)
+
+
+def assert_every_rank_says(res, words):
+    """Work for rank 0 alone failed: each of the 2 ranks stops with the same one line and no rank's traceback
+    (torchrun's own report of a failed child follows; each rank's traceback would be prefixed [rankN])."""
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and len(lines) == 2 and lines[0] == lines[1] and words in lines[0], res.stderr[-3000:]
+    assert not any(line.startswith("[rank") for line in res.stderr.splitlines()), res.stderr[-3000:]
+
+
+def test_a_dataset_refused_on_rank_0_stops_every_rank_with_its_line(tmp_path, data_dir):
+    """Rank 0 prepares the data; when it refuses it, the other rank hears why instead of waiting for it."""
+    (tmp_path / "one_doc.txt").write_text("only one document here\n" * 50)
+    res = run_cli(trainer_args(tmp_path / "out", tmp_path / "one_doc.txt", tmp_path / "data", "--backend", "ddp",
+                               "--max_steps", "2"), launcher=torchrun2())
+    assert_every_rank_says(res, "the dataset has only 1 document(s)")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # a refused start leaves nothing
+
+
+def test_a_locked_run_directory_stops_every_rank_with_its_line(tmp_path, corpus, data_dir):
+    import fcntl
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    with open(run_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 1 on elsewhere\n")
+        lock.flush()
+        res = run_cli(trainer_args(tmp_path, corpus, data_dir, "--run_name", "r", "--backend", "ddp",
+                                   "--max_steps", "2"), launcher=torchrun2())
+    assert_every_rank_says(res, "is in use by another run (pid 1 on elsewhere)")
+
+
+def test_a_full_disk_at_a_two_rank_save_stops_every_rank_with_the_line(small_disk, corpus, data_dir):
+    """Rank 0 writes a DDP checkpoint; a full disk there stops both ranks with the full-disk line and keeps
+    the previous checkpoint, which the run resumes from once there is room."""
+    args = trainer_args(small_disk, corpus, data_dir, "--run_name", "r", "--backend", "ddp", "--save_interval", "2")
+    run_dir = train(small_disk, corpus, data_dir, "r", "--backend", "ddp", "--max_steps", "4", "--save_interval",
+                    "2", launcher=torchrun2())
+    size = sum(f.stat().st_size for f in (run_dir / "checkpoints" / "step_00000004").iterdir())
+    os.remove(run_dir / "summary.json")
+    (small_disk / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - size // 2))
+    res = run_cli([*args, "--max_steps", "6", "--resume", "auto"], launcher=torchrun2())
+    assert_every_rank_says(res, "the disk is full: could not write checkpoint step_00000006")
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002", "step_00000004"]
+    os.remove(small_disk / "ballast")
+    res = run_cli([*args, "--max_steps", "6", "--resume", "auto"], launcher=torchrun2())
+    assert res.returncode == 0 and "at step 4" in res.stdout, res.stderr[-3000:]

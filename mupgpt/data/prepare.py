@@ -82,25 +82,31 @@ def prepare(dataset, tokenizer, out_dir, num_proc=None, documents=None):
 
 
 
-def load_data(dataset, tokenizer_name, data_dir, is_main=True, barrier=lambda: None):
-    """Prepare on first use (rank 0 only; others wait at the barrier), then open the memmaps."""
+def load_data(dataset, tokenizer_name, data_dir, is_main=True, together=lambda work: work()):
+    """Prepare on first use (rank 0 only), then open the memmaps. together is World.together: the other
+    ranks wait for rank 0's preparation and stop with its error line if it fails."""
     def dataset_dir(tok):
         return os.path.join(data_dir, f"{dataset_slug(dataset)}-{tok}")
     tokenizer = resolve_tokenizer(tokenizer_name, dataset_dir)
     path = dataset_dir(tokenizer.name)
-    if is_main and (not os.path.exists(os.path.join(path, "meta.json")) or changed_since(path, dataset)):
-        check_data_dir(data_dir)
-        documents = load_documents(dataset)  # bad input is refused before anything is written
-        with preparing(path):
-            if not os.path.exists(os.path.join(path, "meta.json")):
-                print(f"preparing {dataset} with the {tokenizer.name} tokenizer into {path}", flush=True)
-                prepare(dataset, tokenizer, path, documents=documents)
-            elif changed_since(path, dataset):
-                print(f"{dataset} changed since it was prepared (files added, removed or modified): preparing it "
-                      f"again with the {tokenizer.name} tokenizer into {path}", flush=True)
-                prepare(dataset, tokenizer, path, documents=documents)
-    barrier()
+    together(lambda: prepare_if_needed(dataset, tokenizer, data_dir, path) if is_main else None)
     return open_prepared(path, tokenizer, source_of(dataset)), tokenizer
+
+
+def prepare_if_needed(dataset, tokenizer, data_dir, path):
+    """Prepare the dataset into path unless it is there already, prepared from the files as they are."""
+    if os.path.exists(os.path.join(path, "meta.json")) and not changed_since(path, dataset):
+        return
+    check_data_dir(data_dir)
+    documents = load_documents(dataset)  # bad input is refused before anything is written
+    with preparing(path):
+        if not os.path.exists(os.path.join(path, "meta.json")):
+            print(f"preparing {dataset} with the {tokenizer.name} tokenizer into {path}", flush=True)
+            prepare(dataset, tokenizer, path, documents=documents)
+        elif changed_since(path, dataset):
+            print(f"{dataset} changed since it was prepared (files added, removed or modified): preparing it "
+                  f"again with the {tokenizer.name} tokenizer into {path}", flush=True)
+            prepare(dataset, tokenizer, path, documents=documents)
 
 
 def changed_since(path, dataset):
