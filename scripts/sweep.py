@@ -27,6 +27,8 @@ Everything after `--` goes to every run unchanged (so --num_warmup_steps is the 
 every length; warmup_stable_decay's default decay is the last 20% of each run's steps). A flag the sweep
 sets per run (--head_width, --learning_rate, --parametrization, --seed, --output_dir, --run_name, and
 --n_layer, --max_steps or --train_batch_size when swept) is refused there: it would override the grid.
+Under --optimizer muon, --lr_flag muon_lr makes --lrs the hidden matrices' Muon LR (--muon_lr) instead, and
+--learning_rate after `--` sets the AdamW groups' (embeddings, vectors, readout) for every run.
 Results: <out>/results.jsonl, one row per run (its grid point: max_steps and train_batch_size are null
 unless swept; steps: the steps it ran), read by scripts/plot_mu_scaling.py.
 """
@@ -110,8 +112,7 @@ def parse_list(flag, text, kind):
 
 SIZE_AXES = ("widths", "depths", "steps", "batch_sizes")  # the sweep varies one of these besides the LR
 # trainer flag (argparse dest) -> the sweep flag that sets it for each run; the axes only when given
-OWNED = {"parametrization": "--parametrizations", "head_width": "--widths", "learning_rate": "--lrs",
-         "seed": "--seeds", "output_dir": "--out", "run_name": "--out", "n_layer": "--depths",
+OWNED = {"parametrization": "--parametrizations", "head_width": "--widths", "seed": "--seeds", "output_dir": "--out", "run_name": "--out", "n_layer": "--depths",
          "max_steps": "--steps", "train_batch_size": "--batch_sizes"}
 
 
@@ -135,8 +136,8 @@ def grid(args):
         refuse_repeats(flag, getattr(args, flag), [label(v) for v in values])
     axes = (params, sizes["widths"], sizes["depths"] or [None], sizes["steps"] or [None],
             sizes["batch_sizes"] or [None], lrs, seeds)
-    return [dict(parametrization=p, width=w, depth=d, max_steps=t, train_batch_size=b, lr=lr, seed=s)
-            for p, w, d, t, b, lr, s in itertools.product(*axes)]
+    return [dict(parametrization=p, width=w, depth=d, max_steps=t, train_batch_size=b, lr=lr, seed=s,
+                 lr_flag=args.lr_flag) for p, w, d, t, b, lr, s in itertools.product(*axes)]
 
 
 def refuse_repeats(flag, text, labels):
@@ -156,7 +157,7 @@ def refuse_swept_flags(args, extra):
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     given = vars(parser.parse_args(extra))  # only what the command line after `--` sets
-    for dest, flag in OWNED.items():
+    for dest, flag in {args.lr_flag: "--lrs", **OWNED}.items():
         optional = flag in ("--depths", "--steps", "--batch_sizes")  # set per run only when swept
         if dest in given and (not optional or getattr(args, flag[2:]).strip()):
             raise UsageError(f"--{dest} is given after -- and the sweep sets it for each run from {flag}: "
@@ -165,7 +166,8 @@ def refuse_swept_flags(args, extra):
 
 def trainer_flags(point, out, extra):
     flags = ["--parametrization", point["parametrization"], "--head_width", str(point["width"]),
-             "--learning_rate", repr(point["lr"]), "--seed", str(point["seed"]), "--output_dir", str(out / "runs"),
+             f"--{point['lr_flag']}", repr(point["lr"]), "--seed", str(point["seed"]),
+             "--output_dir", str(out / "runs"),
              "--run_name", run_name(point), "--resume", "auto", "--log_interval", "10"]
     if point["depth"]:
         flags += ["--n_layer", str(point["depth"])]
@@ -178,7 +180,7 @@ def trainer_flags(point, out, extra):
 
 # What the sweep sets per run, and what only changes how a run is watched or saved: neither defines a run's
 # result.
-NOT_SHARED = {"head_width", "learning_rate", "parametrization", "seed", "output_dir", "run_name", "resume",
+NOT_SHARED = {"head_width", "parametrization", "seed", "output_dir", "run_name", "resume",
               "local_rank", "log_interval", "save", "save_interval", "keep_checkpoints", "wandb", "debug",
               "print_profile_results"}
 
@@ -188,7 +190,8 @@ def shared_settings(cfg, points):
     it defines a run, so a sweep folder holds runs of one set of them."""
     swept = {"n_layer": "depth", "max_steps": "max_steps", "train_batch_size": "train_batch_size"}
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
-                if k not in NOT_SHARED and not (k in swept and points[0][swept[k]] is not None)}
+                if k not in NOT_SHARED and k != points[0]["lr_flag"]
+                and not (k in swept and points[0][swept[k]] is not None)}
     for key in ("data_dir", "ds_config", "nvme_path"):
         if settings.get(key):
             settings[key] = os.path.abspath(settings[key])
@@ -387,6 +390,9 @@ def prepare_sweep(args, extra):
     refuse_swept_flags(args, extra)
     out = Path(os.path.abspath(args.out))
     cfg = parse_args(trainer_flags(points[0], out, extra))  # checks the shared flags once, up front
+    if args.lr_flag == "muon_lr" and cfg.optimizer != "muon":
+        raise UsageError("--lr_flag muon_lr sweeps the Muon LR, which only --optimizer muon uses: add "
+                         "--optimizer muon after --, or sweep --lr_flag learning_rate")
     if cfg.shard_group_size:  # each run is one process (run_trainer.py, no torchrun): one rank has nothing to group
         raise UsageError(f"--shard_group_size {cfg.shard_group_size}: the sweep runs each point as one process, "
                          "which has no ranks to group: drop it (hybrid sharding runs under torchrun --backend fsdp)")
@@ -505,6 +511,9 @@ def build_parser():
                    help="global --train_batch_size values, sequences per optimizer step (a batch-size sweep; "
                         "multiples of --per_device_train_batch_size); empty: the trainer's")
     p.add_argument("--lrs", required=True, help="learning rates, e.g. 1e-3,2e-3,4e-3")
+    p.add_argument("--lr_flag", default="learning_rate", choices=["learning_rate", "muon_lr"],
+                   help="the trainer flag --lrs sets: learning_rate (AdamW's), or muon_lr (the Muon LR of the hidden "
+                        "matrices under --optimizer muon; --learning_rate after -- then sets the AdamW groups' LR)")
     p.add_argument("--parametrizations", default="mup,sp", help="mup and/or sp")
     p.add_argument("--seeds", default="0", help="seeds, e.g. 0,1,2")
     p.add_argument("--jobs", type=int, default=None, help="runs at once on this machine (default: one per core)")

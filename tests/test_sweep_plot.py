@@ -256,6 +256,28 @@ def test_a_rerun_with_other_shared_flags_is_refused_not_skipped(tmp_path, corpus
     assert same.returncode == 0 and "1 already done, 1 to run" in same.stdout, same.stdout + same.stderr
 
 
+def test_a_muon_lr_sweep_sets_muon_lr_per_run_and_the_adamw_lr_for_all(tmp_path, corpus, data_dir):
+    """--lr_flag muon_lr: --lrs goes to each run's --muon_lr, --learning_rate after -- to every run, and the
+    folder's shared settings hold the AdamW LR, so another AdamW LR is another sweep."""
+    muon = ["--optimizer", "muon", "--learning_rate", "2e-3"]
+    cmd = sweep_cmd(tmp_path / "s", corpus, data_dir, "--jobs", "1", "--lr_flag", "muon_lr", lrs="0.01,0.04",
+                    steps=2, extra=muon)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    for lr in (0.01, 0.04):
+        args = json.loads((tmp_path / "s" / "runs" / f"mup_w8_lr{lr:g}_s0" / "config.json").read_text())["args"]
+        assert (args["muon_lr"], args["learning_rate"], args["optimizer"]) == (lr, 2e-3, "muon")
+    rows = [json.loads(line) for line in open(tmp_path / "s" / "results.jsonl")]
+    assert sorted((r["lr"], r["lr_flag"]) for r in rows) == [(0.01, "muon_lr"), (0.04, "muon_lr")]
+    other = subprocess.run(cmd[:-1] + ["4e-3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_error_line(other, "holds runs made with other shared flags", "--learning_rate")
+    given = subprocess.run(cmd + ["--muon_lr", "0.1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_error_line(given, "--muon_lr is given after -- and the sweep sets it for each run from --lrs")
+    adamw = subprocess.run(sweep_cmd(tmp_path / "t", corpus, data_dir, "--lr_flag", "muon_lr"), cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert_one_error_line(adamw, "--lr_flag muon_lr sweeps the Muon LR, which only --optimizer muon uses")
+
+
 def test_a_finished_runs_row_comes_from_its_own_files_and_is_never_nan(tmp_path, corpus, data_dir):
     """A finished run whose summary lost its losses (NaN, as a resume of a finished run wrote them) and whose
     log ends in a torn line still gives a finite row; an unreadable summary is one line naming it."""
