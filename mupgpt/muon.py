@@ -5,8 +5,8 @@ state_dict holds both halves' state) and DCP's get_state_dict see what they see 
 The groups come from optim.param_groups: "muon" groups carry their LR and decay from the muP rules
 table (mup_model.py: muon_lr times the --muon_scale factor s), the others are AdamW's groups unchanged.
 
-The Muon step is torch.optim.Muon's: momentum by lerp, Nesterov, torch's Newton-Schulz, decoupled
-decay. It is written out here rather than called, for two reasons: torch's Muon multiplies the LR by
+The Muon step is torch.optim.Muon's: momentum by lerp, Nesterov, torch's Newton-Schulz (in fp32 on a
+CPU: zeropower), decoupled decay. It is written out here rather than called, for two reasons: torch's Muon multiplies the LR by
 its own shape factor (adjust_lr_fn: "original" or "match_rms_adamw", no sqrt(fan_out/fan_in) and no
 "none"), while the rules table already holds the factor in each group's LR; and under FSDP2 each rank
 holds a slice of the matrix, but the orthogonalization needs the whole of it. So a DTensor's update is
@@ -21,14 +21,29 @@ from torch.optim._muon import DEFAULT_NS_STEPS, EPS, _zeropower_via_newtonschulz
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch's (Keller Jordan's quintic)
 
 
-def newton_schulz(matrix, ns_steps, eps, blocks):
-    """torch's Newton-Schulz in the matrix's dtype (torch computes in bf16); with blocks (rows, scales)
-    each block of rows on its own, times its scale (the fused q, k, v: mup_model.GPT.muon_blocks)."""
-    if not blocks:
+def zeropower(matrix, ns_steps, eps):
+    """torch's Newton-Schulz, returned in the matrix's dtype. torch computes it in bf16, which a CPU
+    without bf16 matrix units multiplies many times slower than fp32 (bench/RESULTS.md), so on a CPU
+    the same iteration (torch's coefficients and steps) runs in the matrix's own dtype."""
+    if matrix.device.type != "cpu":
         return _zeropower_via_newtonschulz(matrix, NS_COEFFICIENTS, ns_steps, eps).to(matrix.dtype)
+    a, b, c = NS_COEFFICIENTS
+    tall = matrix.size(0) > matrix.size(1)
+    x = matrix.T if tall else matrix
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def newton_schulz(matrix, ns_steps, eps, blocks):
+    """The orthogonalized matrix (zeropower); with blocks (rows, scales) each block of rows on its own,
+    times its scale (the fused q, k, v: mup_model.GPT.muon_blocks)."""
+    if not blocks:
+        return zeropower(matrix, ns_steps, eps)
     rows, scales = blocks
-    return torch.cat([_zeropower_via_newtonschulz(part, NS_COEFFICIENTS, ns_steps, eps).to(matrix.dtype) * scale
-                      for part, scale in zip(matrix.split(list(rows)), scales)])
+    return torch.cat([zeropower(part, ns_steps, eps) * scale for part, scale in zip(matrix.split(list(rows)), scales)])
 
 
 def orthogonalize(update, ns_steps, eps, blocks=()):

@@ -58,6 +58,21 @@ def test_fused_qkv_is_orthogonalized_block_by_block():
     assert q_split > 0.5 and q_whole < 0.1  # fused, q's block gets almost none of the orthogonal update
 
 
+def test_newton_schulz_on_a_cpu_is_torchs_iteration_in_the_matrixs_dtype():
+    """On a CPU the iteration runs in fp32 (torch's bf16 is many times slower there): it matches the same
+    iteration in fp64 to fp32 precision, which torch's bf16 result does not, and stays torch's otherwise."""
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    from mupgpt.muon import NS_COEFFICIENTS, newton_schulz
+    for shape in ((48, 32), (32, 80)):
+        g = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        ours, exact = newton_schulz(g, 5, 1e-7, ()), newton_schulz(g.double(), 5, 1e-7, ())
+        torchs = _zeropower_via_newtonschulz(g, NS_COEFFICIENTS, 5, 1e-7).float()
+        assert ours.dtype == torch.float32 and exact.dtype == torch.float64
+        assert (ours.double() - exact).abs().max() < 1e-5 < (torchs.double() - exact).abs().max()
+        assert (ours - torchs).abs().max() < 0.05
+
+
 def test_muon_scale_mup_is_width_free_moonlight_grows_and_depth_follows_completep():
     def lr(scale, n_head, n_layer=2, alpha=0.0):
         cfg = GPTConfig(n_head=n_head, head_width=16, base_head_width=16, base_width=32, n_layer=n_layer,
