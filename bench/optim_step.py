@@ -1,0 +1,99 @@
+"""The optimizer step's time under --optimizer muon against adamw on one engine, side by side.
+
+    python bench/optim_step.py --name cpu_optim_step --backend single --repeats 5
+    torchrun --nproc_per_node 2 bench/optim_step.py --name cpu_optim_step_fsdp2 --backend fsdp --repeats 5
+
+Both optimizers are built by the trainer's own engine (mupgpt.engines.factory.build, so FSDP2's AdamW
+steps local shards as in training and its Muon gathers each matrix) on the same model, from the same
+seed. One backward makes the gradients; then the engine's step_optimizer alone is timed, --steps times
+per repeat after --warmup untimed steps (the first steps make the optimizer's state), the repeats
+alternating adamw, muon, adamw, ... so drift on a shared machine falls on both sides. Reported: the
+median ms per step of each, the ratio of medians and each repeat's pair ratio.
+Results: bench/results/<name>.json (rank 0).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from mupgpt.config import parse_args  # noqa: E402
+from mupgpt.engines.factory import build  # noqa: E402
+from mupgpt.errors import ArgumentParser, exit_on_usage_error  # noqa: E402
+from mupgpt.model_config import model_config  # noqa: E402
+from mupgpt.world import init_world  # noqa: E402
+
+VOCAB = 320  # byte tokens, as the trainer pads them
+
+
+def make_engine(args, optimizer, world):
+    """The engine with gradients in place: one forward and backward on a fixed random batch."""
+    cfg = parse_args(["--backend", args.backend, "--optimizer", optimizer, "--n_layer", str(args.n_layer),
+                      "--n_head", str(args.n_head), "--head_width", str(args.head_width), "--seq_len",
+                      str(args.seq_len), "--precision", "fp32", "--tokenizer", "bytes", "--seed", "0"])
+    engine = build(args.backend, cfg, model_config(cfg, VOCAB), world, "fp32", total_steps=10 ** 6)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (args.batch, args.seq_len), generator=gen)
+    engine.forward_model(x, torch.roll(x, -1, 1)).backward()
+    return engine
+
+
+def time_steps(engine, steps):
+    """ms per engine.step_optimizer() over `steps` steps (the gradients stay: each step is the same work)."""
+    if engine.world.world_size > 1:
+        torch.distributed.barrier()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step_optimizer()
+    if engine.world.world_size > 1:
+        torch.distributed.barrier()
+    return (time.perf_counter() - start) * 1000 / steps
+
+
+def main():
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="results go to bench/results/NAME.json")
+    p.add_argument("--backend", default="single", choices=["single", "fsdp"], help="the trainer's --backend")
+    p.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
+    p.add_argument("--n_head", type=int, default=4, help="attention heads")
+    p.add_argument("--head_width", type=int, default=64, help="width of each head")
+    p.add_argument("--seq_len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=8, help="sequences in the one backward")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per repeat")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the repeats")
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats per optimizer")
+    args = p.parse_args()
+    world = init_world(args.backend, "cpu")
+    engines = {name: make_engine(args, name, world) for name in ("adamw", "muon")}
+    for engine in engines.values():
+        time_steps(engine, args.warmup)
+    ms = {name: [] for name in engines}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            ms[name].append(time_steps(engine, args.steps))
+    med = {name: statistics.median(v) for name, v in ms.items()}
+    result = {"args": vars(args), "world_size": world.world_size, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "python": platform.python_version(), "load_average": os.getloadavg(),
+              "ms_per_step": ms, "median_ms": med, "muon_over_adamw": med["muon"] / med["adamw"],
+              "pair_ratios": [m / a for a, m in zip(ms["adamw"], ms["muon"])]}
+    if world.is_main:
+        out = ROOT / "bench" / "results" / f"{args.name}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{args.backend} x{world.world_size}: adamw {med['adamw']:.2f} ms, muon {med['muon']:.2f} ms per step, "
+              f"muon/adamw {result['muon_over_adamw']:.2f}x (pairs: "
+              f"{', '.join(f'{r:.2f}' for r in result['pair_ratios'])}); load {result['load_average'][0]:.1f} -> {out}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    exit_on_usage_error(main)
