@@ -112,8 +112,8 @@ def parse_list(flag, text, kind):
 
 SIZE_AXES = ("widths", "depths", "steps", "batch_sizes")  # the sweep varies one of these besides the LR
 # trainer flag (argparse dest) -> the sweep flag that sets it for each run; the axes only when given
-OWNED = {"parametrization": "--parametrizations", "head_width": "--widths", "seed": "--seeds", "output_dir": "--out", "run_name": "--out", "n_layer": "--depths",
-         "max_steps": "--steps", "train_batch_size": "--batch_sizes"}
+OWNED = {"parametrization": "--parametrizations", "head_width": "--widths", "seed": "--seeds", "output_dir": "--out",
+         "run_name": "--out", "n_layer": "--depths", "max_steps": "--steps", "train_batch_size": "--batch_sizes"}
 
 
 def grid(args):
