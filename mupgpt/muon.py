@@ -8,11 +8,11 @@ table (mup_model.py: muon_lr times the --muon_scale factor s), the others are Ad
 The Muon step is torch.optim.Muon's: momentum by lerp, Nesterov, torch's Newton-Schulz (in fp32 on a
 CPU: zeropower), decoupled decay. It is written out here rather than called, for two reasons: torch's
 Muon multiplies the LR by its own shape factor (adjust_lr_fn: "original" or "match_rms_adamw", no
-sqrt(fan_out/fan_in) and no "none"), while the rules table already holds the factor in each group's
-LR; and under FSDP2 each rank holds a slice of the matrix, but the orthogonalization needs the whole of it. So a DTensor's update is
-gathered whole (full_tensor), orthogonalized on every rank alike and sliced back to the rank's shard
-without communication. The gradient is already the whole batch's: accumulation and the data-parallel
-average finish before the step, so Muon runs once per optimizer step.
+sqrt(fan_out/fan_in) and no "none"), while the rules table already holds the factor in each group's LR;
+and under FSDP2 each rank holds a slice of the matrix, but the orthogonalization needs the whole of it.
+So a DTensor's update is gathered whole (full_tensor), orthogonalized on every rank alike and sliced
+back to the rank's shard without communication. The gradient is already the whole batch's: accumulation
+and the data-parallel average finish before the step, so Muon runs once per optimizer step.
 """
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
