@@ -16,20 +16,18 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from mupgpt.config import parse_args
+from mupgpt.engines.factory import build
+from mupgpt.errors import ArgumentParser, exit_on_usage_error
+from mupgpt.model_config import model_config
+from mupgpt.world import init_world
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from mupgpt.config import parse_args  # noqa: E402
-from mupgpt.engines.factory import build  # noqa: E402
-from mupgpt.errors import ArgumentParser, exit_on_usage_error  # noqa: E402
-from mupgpt.model_config import model_config  # noqa: E402
-from mupgpt.world import init_world  # noqa: E402
 
 VOCAB = 320  # byte tokens, as the trainer pads them
 
