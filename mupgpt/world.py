@@ -25,6 +25,10 @@ class World:
     def is_main(self):
         return self.rank == 0
 
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
     def together(self, work):
         """work() on this rank, then every rank hears whether any rank's failed (a collective, so no rank
         waits in the next one for a rank that has stopped). A failed rank raises its own error; the others
