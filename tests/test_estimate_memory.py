@@ -70,9 +70,11 @@ MEASURED = {
 }
 
 
-# ZeRO-3's fp32 peak moves with when its asynchronous gathers and reduces are freed, by up to a quarter
-# between runs of the same steps on a loaded machine (bench/RESULTS.md, "Memory per stage")
-LOWEST_RATIO = {"ZeRO-3 fp32, 2 ranks": 0.7}
+# The sharded peaks move with when asynchronous gathers and reduces are freed (bench/RESULTS.md, "Memory
+# per stage"): ZeRO-3's fp32 peak by up to a quarter between runs on a loaded machine; FSDP2's estimate
+# counts both gathered groups of two blocks with their gradients, which the peak nears only when the
+# prefetch lands early
+RATIO_BOUNDS = {"ZeRO-3 fp32, 2 ranks": (0.7, 1.25), "FSDP2 bf16, 2 ranks": (0.8, 1.35)}
 
 
 @pytest.mark.parametrize("name", MEASURED)
@@ -98,7 +100,8 @@ def test_estimate_holds_the_measured_peak_of_real_training_steps(name):
     predicted = estimate(*model, "--batch", d["batch"], "--vocab", 257, "--precision", precision, *est_flags)
     ratio = predicted["per_rank_device_bytes"] / max(peaks)
     print(f"{name}: predicted / measured = {ratio:.3f}")
-    assert LOWEST_RATIO.get(name, 0.8) <= ratio <= 1.25, (predicted, peaks)
+    low, high = RATIO_BOUNDS.get(name, (0.8, 1.25))
+    assert low <= ratio <= high, (predicted, peaks)
 
 
 def test_zero_stages_shard_what_deepspeed_allocates():
