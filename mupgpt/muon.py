@@ -54,21 +54,30 @@ def orthogonalize(update, ns_steps, eps, blocks=()):
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
 
 
+def muon_update(grad, buf, group):
+    """Muon's update from a whole gradient: momentum by lerp into buf (in place), Nesterov, orthogonalized."""
+    buf.lerp_(grad, 1 - group["momentum"])
+    update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+    return orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()))
+
+
 @torch.no_grad()
 def muon_step(group, state):
     """One Muon step over a group, as torch.optim.Muon's _single_tensor_muon with the LR taken as given."""
-    lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
     for p in group["params"]:
         if p.grad is None:
             continue
         buf = state[p].get("momentum_buffer")
         if buf is None:  # made once: setdefault would allocate a zero buffer every step
             buf = state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-        buf.lerp_(p.grad, 1 - momentum)
-        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-        update = orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()))
-        p.mul_(1 - lr * wd)
-        p.add_(update, alpha=-lr)
+        apply(p, muon_update(p.grad, buf, group), group)
+
+
+@torch.no_grad()
+def apply(p, update, group):
+    """Decoupled decay, then the update times the group's LR."""
+    p.mul_(1 - group["lr"] * group["weight_decay"])
+    p.add_(update, alpha=-group["lr"])
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -77,7 +86,10 @@ class MuonWithAdamW(torch.optim.Optimizer):
     The AdamW half is a torch.optim.AdamW holding the same group dicts and the same state dict, so
     hyperparameters the schedule writes reach it and this optimizer's state_dict is the whole state."""
 
-    def __init__(self, groups, cfg, fused=True):
+    def __init__(self, groups, cfg, fused=True, given_updates=False):
+        """given_updates: the Muon groups' gradients already hold Muon's update (under DeepSpeed, whose flat
+        partitions are no matrices: engines/deepspeed_muon.py), so their step only applies it."""
+        self.given_updates = given_updates
         for group in groups:
             if group["name"] == "muon":
                 group.update(momentum=cfg.muon_momentum, nesterov=True, ns_steps=DEFAULT_NS_STEPS, eps=EPS)
@@ -100,7 +112,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            if group["name"] == "muon":
+            if group["name"] == "muon" and self.given_updates:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        apply(p, p.grad, group)
+            elif group["name"] == "muon":
                 muon_step(group, self.state)
         if self.adamw.param_groups:
             self.adamw.step()

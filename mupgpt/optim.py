@@ -59,12 +59,13 @@ def muon_settings(cfg):
     return (cfg.muon_lr, cfg.muon_scale) if cfg.optimizer == "muon" else None
 
 
-def optimizer(groups, cfg, fused=True):
-    """AdamW, or under --optimizer muon Muon for the "muon" groups and AdamW for the rest, as one optimizer."""
+def optimizer(groups, cfg, fused=True, given_updates=False):
+    """AdamW, or under --optimizer muon Muon for the "muon" groups and AdamW for the rest, as one optimizer
+    (given_updates: see MuonWithAdamW)."""
     if cfg.optimizer != "muon":
         return adamw(groups, cfg, fused)
     from mupgpt.muon import MuonWithAdamW
-    return MuonWithAdamW(groups, cfg, fused)
+    return MuonWithAdamW(groups, cfg, fused, given_updates)
 
 
 def adamw(groups, cfg, fused=True):

@@ -75,10 +75,6 @@ def resolve_backend(cfg):
         backend = "deepspeed" if launched_by_deepspeed else "ddp" if several else "single"
     else:
         check_launcher(backend)
-    if backend == "deepspeed" and cfg.optimizer == "muon":
-        raise UsageError("--optimizer muon runs on --backend single, ddp and fsdp, not deepspeed (DeepSpeed's ZeRO "
-                         "Muon clips by the norm of its orthogonalized updates, not of the gradient): use --backend "
-                         "fsdp to shard, or --optimizer adamw")
     if backend != "deepspeed" and (cfg.offload != "none" or cfg.ds_config):
         flag = f"--offload {cfg.offload}" if cfg.offload != "none" else "--ds_config"
         raise UsageError(f"{flag} is a DeepSpeed setting but the backend is {backend}: add --backend deepspeed "

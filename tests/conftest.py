@@ -166,7 +166,7 @@ FAST_IN_SLOW_FILES = {
     "test_hybrid_shard.py::test_negative_shard_group_size_is_refused_as_parsed",
     "test_hybrid_shard.py::test_a_stage_2_config_of_ones_own_is_refused_under_hybrid_sharding",
     "test_hybrid_shard.py::test_the_trainer_refuses_a_bad_group_in_one_line",
-    "test_muon.py::test_deepspeed_refuses_muon_in_one_line",
+    "test_muon.py::test_deepspeed_refuses_muon_in_fp16",
 }
 # Slow tests in the other files (a test name covers all its cases; "name[case]" one case)
 SLOW_TESTS = {

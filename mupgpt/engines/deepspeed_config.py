@@ -65,6 +65,9 @@ def fill_from_flags(config, cfg, precision, global_batch, accum, path):
     _set(config, "train_batch_size", global_batch, path, "--train_batch_size")
     _set(config, "gradient_accumulation_steps", accum, path, "--train_batch_size")
     _set(config, "gradient_clipping", cfg.grad_clip, path, "--grad_clip")
+    if cfg.optimizer == "muon":  # Muon clips by the gradient's norm before DeepSpeed's step (deepspeed_muon.py)
+        config["gradient_clipping"] = 0.0
+        config["zero_allow_untested_optimizer"] = True  # MuonWithAdamW: torch's AdamW and Muon's step, elementwise
     for key, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         _set(config.setdefault(key, {}), "enabled", on, path, "--precision")
     if precision == "fp16":

@@ -9,8 +9,9 @@ import torch
 
 from mup_model import GPT
 from mupgpt.engines.base import Engine, check_fits, checkpoint_blocks
+from mupgpt.engines.deepspeed_muon import ZeroMuon
 from mupgpt.errors import UsageError
-from mupgpt.optim import adamw, clean_name, lr_scheduler
+from mupgpt.optim import adamw, clean_name, lr_scheduler, optimizer
 from mupgpt.safe_load import safe_ds_load
 
 
@@ -23,11 +24,19 @@ def build_model(mcfg, config):
     return GPT(mcfg)
 
 
+def check_muon(cfg, precision):
+    """Muon under DeepSpeed runs in fp32 or bf16: under fp16 the loss scale would reach its updates."""
+    if cfg.optimizer == "muon" and precision == "fp16":
+        raise UsageError("--optimizer muon under deepspeed runs in fp32 or bf16, not fp16: use --precision bf16")
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, cfg, model, world, precision, total_steps, run_dir=None, ds_config=None):
         import deepspeed
         super().__init__(cfg, model, world, precision, total_steps, run_dir, ds_config)
+        check_muon(cfg, precision)
         groups = self.param_groups()
+        self.muon = ZeroMuon(model, groups, cfg.grad_clip, self.device) if cfg.optimizer == "muon" else None
         offload_opt = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") != "none"
         if cfg.gradient_checkpointing:
             # with the optimizer offloaded, GPU memory is what is short: keep the checkpoints in host memory
@@ -45,8 +54,11 @@ class DeepSpeedEngine(Engine):
         self.forward_model = self.engine
 
     def client_optimizer(self, groups, offload_opt):
-        """DeepSpeed's CPU Adam where the optimizer is offloaded, torch's AdamW elsewhere."""
+        """DeepSpeed's CPU Adam where the optimizer is offloaded, torch's AdamW elsewhere; under Muon, AdamW
+        with Muon groups that apply the updates ZeroMuon writes as their gradients."""
         cfg = self.cfg
+        if self.muon:
+            return optimizer(groups, cfg, given_updates=True)
         if not offload_opt:
             return adamw(groups, cfg)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -66,13 +78,15 @@ class DeepSpeedEngine(Engine):
         backup.param_groups[0] = first
 
     def train_step(self, micro_batches):
-        total = torch.zeros((), device=self.device)
-        for x, y in micro_batches:
+        total, norm = torch.zeros((), device=self.device), None
+        for i, (x, y) in enumerate(micro_batches):
             loss = self.engine(x, y)
             self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+            if self.muon and i == len(micro_batches) - 1:
+                norm = self.muon.prepare()
             self.engine.step()  # a real optimizer step (and schedule step) only at the boundary
             total += loss.detach().float()
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if norm is None else norm
         norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
         return total / len(micro_batches), norm
 
@@ -89,12 +103,16 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path):
         self.engine.save_checkpoint(path, tag="deepspeed")
+        if self.muon:
+            self.muon.save(path)
         self.save_consolidated(path)
 
     def load(self, path):
         load_path, _ = self.engine.load_checkpoint(path, tag="deepspeed", load_module_strict=True)
         if load_path is None:
             raise UsageError(f"{path} holds no DeepSpeed state: resume it with the backend that wrote it")
+        if self.muon:
+            self.muon.load(path)
         self.load_rng(path)
 
     def full_state_dict(self):

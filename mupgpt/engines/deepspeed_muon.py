@@ -1,0 +1,117 @@
+"""Muon under DeepSpeed ZeRO-0/1/2/3: each hidden matrix's whole gradient orthogonalized once a step, by one rank.
+
+DeepSpeed 0.19.8 ships a ZeRO Muon (deepspeed/runtime/zero/muon) that is not one process's Muon: it
+clips by the norm of the orthogonalized updates instead of the gradient's, multiplies each update by its
+own shape factor sqrt(max(1, rows / cols)) on top of the rules table's, and under ZeRO-1/2 orthogonalizes
+the fused q, k, v as one matrix. So DeepSpeed runs plain ZeRO here, with an optimizer whose Muon groups
+only apply a given update (MuonWithAdamW(given_updates=True)), and ZeroMuon runs Muon itself between the
+last backward of a step and DeepSpeed's step, through DeepSpeed's public gradient API (safe_get_full_grad,
+safe_set_full_grad):
+1. Every parameter's whole gradient is gathered in turn. Their squares sum to the gradient norm, the same
+   on every rank, and every gradient is clipped by it as clip_grad_norm_ does; DeepSpeed's own clipping is
+   off (deepspeed_config), since it would clip by the norm of what it is handed.
+2. Muon parameter i belongs to rank i mod world size: that rank alone keeps its momentum and runs its
+   Newton-Schulz (memory and work split by parameter, as torchtitan's distributed Muon does), then
+   broadcasts the update, and every rank writes its own shard of it where DeepSpeed keeps the gradient.
+The momentum is saved by name, a file per rank; on resume each rank takes the names it owns from
+whichever file holds them.
+"""
+import glob
+import os
+
+import torch
+import torch.distributed as dist
+
+from mupgpt.errors import UsageError
+from mupgpt.muon import muon_update
+from mupgpt.optim import clean_name
+from mupgpt.safe_load import safe_load
+
+CLIP_EPS = 1e-6  # clip_grad_norm_'s: max_norm / (norm + 1e-6)
+
+
+def momentum_file(path, rank):
+    return os.path.join(path, f"muon_momentum_rank{rank}.pt")
+
+
+class ZeroMuon:
+    def __init__(self, model, groups, grad_clip, device):
+        """groups: the client optimizer's param groups before deepspeed.initialize (their params are the
+        model's then; DeepSpeed swaps in its flat partitions after)."""
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        muon_group = {id(p): g for g in groups if g["name"] == "muon" for p in g["params"]}
+        named = [(clean_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.muon = [(i % self.world_size, name, p, muon_group[id(p)])
+                     for i, (name, p) in enumerate([(n, p) for n, p in named if id(p) in muon_group])]
+        self.mine = {id(p) for owner, _, p, _ in self.muon if owner == self.rank}
+        self.momentum = {}  # name -> fp32 buffer, for the Muon parameters this rank owns
+        self.grad_clip, self.device = grad_clip, device
+
+    @torch.no_grad()
+    def prepare(self):
+        """Between a step's last backward and DeepSpeed's step: the gradient norm (returned, before clipping),
+        every gradient clipped by it, and each Muon gradient replaced by its update. Every rank calls it."""
+        norm, grads = self.norm_and_own_grads()
+        scale = min(1.0, self.grad_clip / (norm.item() + CLIP_EPS)) if self.grad_clip > 0 else 1.0
+        if scale < 1.0:
+            for p in self.params:
+                set_grad(p, full_grad(p) * scale)
+        for owner, name, p, group in self.muon:
+            update = torch.empty(shape(p), dtype=torch.float32, device=self.device)
+            if owner == self.rank:
+                grad = grads.pop(id(p)) * scale
+                if name not in self.momentum:
+                    self.momentum[name] = torch.zeros_like(grad)
+                buf = self.momentum[name]
+                update.copy_(muon_update(grad, buf, group))
+            dist.broadcast(update, src=owner)
+            set_grad(p, update)
+        return norm
+
+    def norm_and_own_grads(self):
+        """The whole gradient's norm (the same on every rank) and the whole gradients of this rank's Muon
+        parameters: each parameter's gradient is gathered once, and the others are let go at once."""
+        squares, grads = torch.zeros((), dtype=torch.float64, device=self.device), {}
+        for p in self.params:
+            grad = full_grad(p)
+            squares += grad.double().square().sum()
+            if id(p) in self.mine:
+                grads[id(p)] = grad
+        return squares.sqrt().float(), grads
+
+    def save(self, path):
+        torch.save({name: buf.cpu() for name, buf in self.momentum.items()}, momentum_file(path, self.rank))
+
+    def load(self, path):
+        """Each rank takes the momentum of the parameters it owns from whichever rank's file holds it."""
+        saved = {}
+        for f in sorted(glob.glob(momentum_file(path, "*"))):
+            saved.update(safe_load(f))
+        mine = [(name, p) for owner, name, p, _ in self.muon if owner == self.rank]
+        missing = [name for name, _ in mine if name not in saved]
+        if not saved:
+            raise UsageError(f"{path} was not written by --optimizer muon: resume it with the optimizer that wrote it")
+        if missing:
+            raise UsageError(f"{path} holds no Muon momentum for {missing[0]}: resume it with the model that wrote it")
+        self.momentum = {name: saved[name].to(self.device) for name, _ in mine}
+
+
+def full_grad(p):
+    from deepspeed.utils import safe_get_full_grad
+    return safe_get_full_grad(p).float().reshape(shape(p))
+
+
+def set_grad(p, value):
+    """Write value as p's gradient; each rank keeps its own shard of it. ZeRO-3 reads its shard at rank x
+    shard size, so the last shard's padding is added."""
+    from deepspeed.utils import safe_set_full_grad
+    if hasattr(p, "ds_id"):
+        flat = value.flatten()
+        value = torch.cat([flat, flat.new_zeros(p.partition_numel() * dist.get_world_size() - flat.numel())])
+    safe_set_full_grad(p, value)
+
+
+def shape(p):
+    """A parameter's whole shape (ZeRO-3 leaves a (0,)-shaped placeholder in the module)."""
+    return getattr(p, "ds_shape", p.shape)
