@@ -98,8 +98,10 @@ class ZeroMuon:
 
 
 def full_grad(p):
+    """p's whole gradient, in fp32, as a copy: under ZeRO-0 DeepSpeed hands back p.grad itself, which set_grad
+    then overwrites."""
     from deepspeed.utils import safe_get_full_grad
-    return safe_get_full_grad(p).float().reshape(shape(p))
+    return safe_get_full_grad(p).to(torch.float32, copy=True).reshape(shape(p))
 
 
 def set_grad(p, value):
