@@ -138,6 +138,8 @@ def init_world(backend, device_type):
         if backend == "deepspeed":
             import deepspeed
             deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
+            if device_type == "cpu":
+                unlink_shm_buffer()
         else:
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
     if dist.is_initialized():
@@ -150,6 +152,19 @@ def init_world(backend, device_type):
 
 
 _started_process_group = False
+
+
+def unlink_shm_buffer():
+    """DeepSpeed's CPU all-reduce maps a shared-memory file per rank (/dev/shm, about 69 MB each) and never
+    unlinks it, so every run on another port leaves its files in RAM until /dev/shm is full. Once every rank
+    has mapped every other's (the barrier), each removes its own name; the mappings last as long as the process."""
+    if os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE"):
+        return  # DeepSpeed makes the files only when every rank is on this machine
+    dist.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if os.path.exists(name):
+        os.unlink(name)
 
 
 def exit_process(code=0):

@@ -1,4 +1,5 @@
 """--optimizer muon: its rules, and the same training on one process, DDP, FSDP2 and ZeRO-1/2/3 (2 gloo ranks)."""
+import glob
 import json
 import math
 import shutil
@@ -26,6 +27,7 @@ COMMON = ["--optimizer", "muon", "--max_steps", "10", "--train_batch_size", "8",
           "--weight_decay", "0.1", "--save_interval", "1", "--keep_checkpoints", "0"]
 BACKENDS = {"single": ((sys.executable,), []), "ddp": (TORCHRUN, ["--backend", "ddp"]),
             "fsdp": (TORCHRUN, ["--backend", "fsdp"]),
+            "zero0": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "0"]),
             "zero1": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "1"]),
             "zero2": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "2"]),
             "zero3": (DEEPSPEED, ["--zero_stage", "3"]),
@@ -99,7 +101,7 @@ def weights(run_dir, step):
     return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "zero0", "zero1", "zero2", "zero3", "zero3_offload"])
 def test_two_ranks_step_like_one_process(runs, name):
     one, two = runs("single"), runs(name)
     assert json.loads((two / "config.json").read_text())["resolved"]["world_size"] == 2
@@ -118,6 +120,14 @@ def test_zero3_offloaded_to_nvme_steps_like_one_process(libaio, runs, tmp_path):
     nvme = runs("zero3_offload", "--offload", "nvme", "--nvme_path", tmp_path, run_name="zero3_nvme")
     assert any(tmp_path.rglob("*"))  # DeepSpeed's swap files went there
     assert losses(nvme) == pytest.approx(losses(runs("single")), rel=1e-5, abs=1e-5)
+
+
+def test_deepspeed_leaves_no_shared_memory_behind(runs):
+    """DeepSpeed's CPU all-reduce names a 69 MB /dev/shm file per rank after the master port; the trainer
+    unlinks them once mapped, or each run on a new port would keep its files in RAM."""
+    runs("zero3")
+    port = DEEPSPEED[DEEPSPEED.index("--master_port") + 1]
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
 @pytest.mark.parametrize("name", ["single", "ddp", "zero1", "zero2", "zero3"])
