@@ -10,8 +10,10 @@ CPU: zeropower), decoupled decay. It is written out here rather than called, for
 Muon multiplies the LR by its own shape factor (adjust_lr_fn: "original" or "match_rms_adamw", no
 sqrt(fan_out/fan_in) and no "none"), while the rules table already holds the factor in each group's LR;
 and under FSDP2 each rank holds a slice of the matrix, but the orthogonalization needs the whole of it.
-So a DTensor's update is gathered whole (full_tensor), orthogonalized on every rank alike and sliced
-back to the rank's shard without communication. The gradient is already the whole batch's: accumulation
+So a DTensor's update is gathered whole (full_tensor) and orthogonalized by the one rank that owns the
+matrix, which scatters the shards (owners; on a 2-D hybrid mesh every rank orthogonalizes it and keeps
+its own slice). Under DeepSpeed the gradients are flat partitions, so Muon runs before DeepSpeed's step
+instead (engines/deepspeed_muon.py) and the step here only applies it (given_updates). The gradient is already the whole batch's: accumulation
 and the data-parallel average finish before the step, so Muon runs once per optimizer step.
 """
 import torch
@@ -46,31 +48,46 @@ def newton_schulz(matrix, ns_steps, eps, blocks):
     return torch.cat([zeropower(part, ns_steps, eps) * scale for part, scale in zip(matrix.split(list(rows)), scales)])
 
 
-def orthogonalize(update, ns_steps, eps, blocks=()):
-    """The orthogonalized update; a DTensor's is computed on the whole matrix and sliced back to its shard."""
+def orthogonalize(update, ns_steps, eps, blocks=(), owner=None):
+    """The orthogonalized update. A DTensor's is computed on the whole matrix and sliced back to its shard:
+    by owner alone (its rank in a 1-D mesh), which scatters the shards, or else by every rank alike."""
     if not isinstance(update, DTensor):
         return newton_schulz(update, ns_steps, eps, blocks)
-    whole = newton_schulz(update.full_tensor(), ns_steps, eps, blocks)
-    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
+    whole, mesh = update.full_tensor(), update.device_mesh
+    if owner is None:
+        return distribute_tensor(newton_schulz(whole, ns_steps, eps, blocks), mesh, update.placements,
+                                 src_data_rank=None)
+    if mesh.get_local_rank() == owner:
+        whole = newton_schulz(whole, ns_steps, eps, blocks)
+    return distribute_tensor(whole, mesh, update.placements, src_data_rank=owner)
 
 
-def muon_update(grad, buf, group):
+def muon_update(grad, buf, group, owner=None):
     """Muon's update from a whole gradient: momentum by lerp into buf (in place), Nesterov, orthogonalized."""
     buf.lerp_(grad, 1 - group["momentum"])
     update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-    return orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()))
+    return orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()), owner)
+
+
+def owners(params):
+    """Who orthogonalizes each sharded matrix: matrix i on rank i mod the mesh's size, so the ranks split
+    the Newton-Schulz work (as torchtitan's distributed Muon). Only on 1-D meshes: on FSDP2's 2-D hybrid
+    mesh every rank still orthogonalizes every matrix."""
+    sharded = [p for p in params if isinstance(p, DTensor) and p.device_mesh.ndim == 1]
+    return {id(p): i % p.device_mesh.size() for i, p in enumerate(sharded)}
 
 
 @torch.no_grad()
-def muon_step(group, state):
-    """One Muon step over a group, as torch.optim.Muon's _single_tensor_muon with the LR taken as given."""
+def muon_step(group, state, owner=None):
+    """One Muon step over a group, as torch.optim.Muon's _single_tensor_muon with the LR taken as given.
+    owner: id(param) -> the rank that orthogonalizes it (owners), for sharded matrices."""
     for p in group["params"]:
         if p.grad is None:
             continue
         buf = state[p].get("momentum_buffer")
         if buf is None:  # made once: setdefault would allocate a zero buffer every step
             buf = state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-        apply(p, muon_update(p.grad, buf, group), group)
+        apply(p, muon_update(p.grad, buf, group, (owner or {}).get(id(p))), group)
 
 
 @torch.no_grad()
@@ -94,6 +111,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             if group["name"] == "muon":
                 group.update(momentum=cfg.muon_momentum, nesterov=True, ns_steps=DEFAULT_NS_STEPS, eps=EPS)
         super().__init__(groups, {})
+        self.owners = owners([p for g in self.param_groups if g["name"] == "muon" for p in g["params"]])
         adam = [g for g in self.param_groups if g["name"] != "muon"]
         self.adamw = torch.optim.AdamW(adam, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                        eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
@@ -117,6 +135,6 @@ class MuonWithAdamW(torch.optim.Optimizer):
                     if p.grad is not None:
                         apply(p, p.grad, group)
             elif group["name"] == "muon":
-                muon_step(group, self.state)
+                muon_step(group, self.state, self.owners)
         if self.adamw.param_groups:
             self.adamw.step()
