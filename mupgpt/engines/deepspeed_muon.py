@@ -7,9 +7,9 @@ the fused q, k, v as one matrix. So DeepSpeed runs plain ZeRO here, with an opti
 only apply a given update (MuonWithAdamW(given_updates=True)), and ZeroMuon runs Muon itself between the
 last backward of a step and DeepSpeed's step, through DeepSpeed's public gradient API (safe_get_full_grad,
 safe_set_full_grad):
-1. Every parameter's whole gradient is gathered in turn. Their squares sum to the gradient norm, the same
-   on every rank, and every gradient is clipped by it as clip_grad_norm_ does; DeepSpeed's own clipping is
-   off (deepspeed_config), since it would clip by the norm of what it is handed.
+1. The gradient norm, the same on every rank (norm_and_own_grads), clips every gradient as clip_grad_norm_
+   does; DeepSpeed's own clipping is off (deepspeed_config), since it would clip by the norm of what it
+   is handed.
 2. Muon parameter i belongs to rank i mod world size: that rank alone keeps its momentum and runs its
    Newton-Schulz (memory and work split by parameter, as torchtitan's distributed Muon does), then
    broadcasts the update, and every rank writes its own shard of it where DeepSpeed keeps the gradient.
@@ -44,6 +44,7 @@ class ZeroMuon:
         self.params = [p for _, p in named]
         self.muon = [(i % self.world_size, name, p, muon_group[id(p)])
                      for i, (name, p) in enumerate([(n, p) for n, p in named if id(p) in muon_group])]
+        self.is_muon = {id(p) for _, _, p, _ in self.muon}
         self.mine = {id(p) for owner, _, p, _ in self.muon if owner == self.rank}
         self.momentum = {}  # name -> fp32 buffer, for the Muon parameters this rank owns
         self.grad_clip, self.device = grad_clip, device
@@ -56,29 +57,36 @@ class ZeroMuon:
         scale = min(1.0, self.grad_clip / (norm.item() + CLIP_EPS)) if self.grad_clip > 0 else 1.0
         if scale < 1.0:
             for p in self.params:
-                set_grad(p, full_grad(p) * scale)
+                if id(p) not in self.is_muon:  # the Muon gradients are scaled below, then replaced
+                    scale_grad(p, scale)
         for owner, name, p, group in self.muon:
             update = torch.empty(shape(p), dtype=torch.float32, device=self.device)
             if owner == self.rank:
                 grad = grads.pop(id(p)) * scale
                 if name not in self.momentum:
                     self.momentum[name] = torch.zeros_like(grad)
-                buf = self.momentum[name]
-                update.copy_(muon_update(grad, buf, group))
+                update.copy_(muon_update(grad, self.momentum[name], group))
             dist.broadcast(update, src=owner)
             set_grad(p, update)
         return norm
 
     def norm_and_own_grads(self):
         """The whole gradient's norm (the same on every rank) and the whole gradients of this rank's Muon
-        parameters: each parameter's gradient is gathered once, and the others are let go at once."""
-        squares, grads = torch.zeros((), dtype=torch.float64, device=self.device), {}
+        parameters. Each Muon gradient is gathered whole once and let go at once on the ranks that do not
+        own it; the others are too, except under ZeRO-3, where each rank sums the squares of its own
+        shards and one all-reduce adds them up, so the norm adds no gathers there."""
+        whole = torch.zeros((), dtype=torch.float64, device=self.device)
+        shards, grads = torch.zeros_like(whole), {}
         for p in self.params:
+            if id(p) not in self.is_muon and hasattr(p, "ds_id"):
+                shards += own_shard(p).double().square().sum()
+                continue
             grad = full_grad(p)
-            squares += grad.double().square().sum()
+            whole += grad.double().square().sum()
             if id(p) in self.mine:
                 grads[id(p)] = grad
-        return squares.sqrt().float(), grads
+        dist.all_reduce(shards)
+        return (whole + shards).sqrt().float(), grads
 
     def save(self, path):
         torch.save({name: buf.cpu() for name, buf in self.momentum.items()}, momentum_file(path, self.rank))
@@ -112,6 +120,23 @@ def set_grad(p, value):
         flat = value.flatten()
         value = torch.cat([flat, flat.new_zeros(p.partition_numel() * dist.get_world_size() - flat.numel())])
     safe_set_full_grad(p, value)
+
+
+def own_shard(p):
+    """This rank's shard of a ZeRO-3 parameter's gradient, without the padding of the last shard."""
+    from deepspeed.utils import safe_get_local_grad
+    shard = safe_get_local_grad(p).flatten()
+    start = shard.numel() * dist.get_rank()
+    return shard[:max(0, min(shard.numel(), p.ds_numel - start))]
+
+
+def scale_grad(p, scale):
+    """p's gradient times scale: under ZeRO-3 each rank scales its own shard, elsewhere the whole is rewritten."""
+    if hasattr(p, "ds_id"):
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+        safe_set_local_grad(p, safe_get_local_grad(p) * scale)
+    else:
+        set_grad(p, full_grad(p) * scale)
 
 
 def shape(p):
