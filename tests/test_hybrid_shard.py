@@ -57,6 +57,15 @@ def test_fp32_losses_match_one_process(runs, name):
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
+def test_muon_under_hybrid_sharding_steps_like_one_process(runs, name):
+    """Muon orthogonalizes whole matrices: FSDP2 gathers each over its shard group, ZeRO-3 (ZeroMuon) over all
+    4 ranks, and the losses are one process's Muon's."""
+    mine = runs(name, "--optimizer", "muon", run_name=f"{name}_muon")
+    single = runs("single", "--optimizer", "muon", run_name="single_muon")
+    assert losses(mine) == pytest.approx(losses(single), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", list(ENGINES))
 def test_consolidated_export_equals_one_process(runs, name):
     mine, single = load_file(runs(name) / "model.safetensors"), load_file(runs.out / "single" / "model.safetensors")
     assert mine.keys() == single.keys()
