@@ -48,25 +48,15 @@ def newton_schulz(matrix, ns_steps, eps, blocks):
     return torch.cat([zeropower(part, ns_steps, eps) * scale for part, scale in zip(matrix.split(list(rows)), scales)])
 
 
-def orthogonalize(update, ns_steps, eps, blocks=(), owner=None):
-    """The orthogonalized update. A DTensor's is computed on the whole matrix and sliced back to its shard:
-    by owner alone (its rank in a 1-D mesh), which scatters the shards, or else by every rank alike."""
-    if not isinstance(update, DTensor):
-        return newton_schulz(update, ns_steps, eps, blocks)
-    whole, mesh = update.full_tensor(), update.device_mesh
-    if owner is None:
-        return distribute_tensor(newton_schulz(whole, ns_steps, eps, blocks), mesh, update.placements,
-                                 src_data_rank=None)
-    if mesh.get_local_rank() == owner:
-        whole = newton_schulz(whole, ns_steps, eps, blocks)
-    return distribute_tensor(whole, mesh, update.placements, src_data_rank=owner)
-
-
-def muon_update(grad, buf, group, owner=None):
-    """Muon's update from a whole gradient: momentum by lerp into buf (in place), Nesterov, orthogonalized."""
+def nesterov(grad, buf, group):
+    """Muon's momentum (by lerp into buf, in place) and the Nesterov update it gives, not yet orthogonalized."""
     buf.lerp_(grad, 1 - group["momentum"])
-    update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
-    return orthogonalize(update, group["ns_steps"], group["eps"], group.get("blocks", ()), owner)
+    return grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+
+
+def muon_update(grad, buf, group):
+    """Muon's update from a whole gradient: momentum, Nesterov, orthogonalized."""
+    return newton_schulz(nesterov(grad, buf, group), group["ns_steps"], group["eps"], group.get("blocks", ()))
 
 
 def owners(params):
@@ -77,17 +67,44 @@ def owners(params):
     return {id(p): i % p.device_mesh.size() for i, p in enumerate(sharded)}
 
 
+def orthogonalize_sharded(items):
+    """items: (update DTensor, group, owner rank or None) -> the orthogonalized DTensors, in order. In three
+    passes, so that the owners' Newton-Schulz runs at the same time: each update is gathered whole and kept
+    by its owner (by every rank where it has none), the kept ones are orthogonalized, and each owner
+    scatters its result's shards (where there is no owner, each rank keeps its own slice)."""
+    kept = []
+    for u, _, o in items:  # the gathers, in the same order on every rank
+        whole = u.full_tensor()
+        kept.append(whole if o is None or u.device_mesh.get_local_rank() == o else None)
+    done = [w if w is None else newton_schulz(w, g["ns_steps"], g["eps"], g.get("blocks", ()))
+            for w, (_, g, _) in zip(kept, items)]
+    out = []
+    for w, (u, _, o) in zip(done, items):  # the scatters: only the owner's tensor is read
+        w = torch.empty(u.shape, dtype=u.dtype, device=u.device) if w is None else w
+        out.append(distribute_tensor(w, u.device_mesh, u.placements, src_data_rank=o))
+    return out
+
+
 @torch.no_grad()
-def muon_step(group, state, owner=None):
-    """One Muon step over a group, as torch.optim.Muon's _single_tensor_muon with the LR taken as given.
-    owner: id(param) -> the rank that orthogonalizes it (owners), for sharded matrices."""
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        buf = state[p].get("momentum_buffer")
-        if buf is None:  # made once: setdefault would allocate a zero buffer every step
-            buf = state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
-        apply(p, muon_update(p.grad, buf, group, (owner or {}).get(id(p))), group)
+def muon_step(groups, state, owner):
+    """One Muon step over the Muon groups, as torch.optim.Muon's _single_tensor_muon with the LR taken as
+    given. owner: id(param) -> the rank that orthogonalizes it (owners), for sharded matrices."""
+    sharded = []
+    for group in groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            buf = state[p].get("momentum_buffer")
+            if buf is None:  # made once: setdefault would allocate a zero buffer every step
+                buf = state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            update = nesterov(p.grad, buf, group)
+            if isinstance(update, DTensor):
+                sharded.append((p, group, update))
+            else:
+                apply(p, newton_schulz(update, group["ns_steps"], group["eps"], group.get("blocks", ())), group)
+    results = orthogonalize_sharded([(u, g, owner.get(id(p))) for p, g, u in sharded])
+    for (p, group, _), update in zip(sharded, results):
+        apply(p, update, group)
 
 
 @torch.no_grad()
@@ -129,12 +146,11 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            if group["name"] == "muon" and self.given_updates:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        apply(p, p.grad, group)
-            elif group["name"] == "muon":
-                muon_step(group, self.state, self.owners)
+        muon = [g for g in self.param_groups if g["name"] == "muon"]
+        if self.given_updates:
+            for p, group in ((p, g) for g in muon for p in g["params"] if p.grad is not None):
+                apply(p, p.grad, group)
+        else:
+            muon_step(muon, self.state, self.owners)
         if self.adamw.param_groups:
             self.adamw.step()

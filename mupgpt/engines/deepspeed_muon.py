@@ -59,13 +59,17 @@ class ZeroMuon:
             for p in self.params:
                 if id(p) not in self.is_muon:  # the Muon gradients are scaled below, then replaced
                     scale_grad(p, scale)
+        updates = {}  # all of this rank's first, so the owners' Newton-Schulz runs at the same time
         for owner, name, p, group in self.muon:
-            update = torch.empty(shape(p), dtype=torch.float32, device=self.device)
             if owner == self.rank:
                 grad = grads.pop(id(p)) * scale
                 if name not in self.momentum:
                     self.momentum[name] = torch.zeros_like(grad)
-                update.copy_(muon_update(grad, self.momentum[name], group))
+                updates[id(p)] = muon_update(grad, self.momentum[name], group).contiguous()  # to broadcast
+        for owner, _, p, _ in self.muon:
+            update = updates.pop(id(p), None)
+            if update is None:
+                update = torch.empty(shape(p), dtype=torch.float32, device=self.device)
             dist.broadcast(update, src=owner)
             set_grad(p, update)
         return norm
