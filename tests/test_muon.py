@@ -131,12 +131,15 @@ def test_deepspeed_leaves_no_shared_memory_behind(runs):
 
 
 @pytest.mark.parametrize("name", ["single", "ddp", "zero1", "zero2", "zero3"])
-def test_accumulation_4_x_2_equals_1_x_8(runs, name):
-    """8 sequences a step in one micro batch (per rank: 4 on each of 2 ranks, which is the backend's own run: the
-    per-device batch is 4 there) against micro batches of 2, accumulated."""
-    whole = runs(name) if name != "single" else runs(name, "--per_device_train_batch_size", "8",
-                                                     run_name=f"{name}_micro8")
-    accumulated = runs(name, "--per_device_train_batch_size", "2", run_name=f"{name}_micro2")
+def test_accumulation_4_equals_1(runs, name):
+    """8 sequences a step, each rank's share in one micro batch (one process: 1 x 8; 2 ranks: 1 x 4 each, the
+    backend's own run) against 4 accumulated micro batches (4 x 2; 2 ranks: 4 x 1 each)."""
+    if name == "single":
+        whole, micro = runs(name, "--per_device_train_batch_size", "8", run_name=f"{name}_micro8"), "2"
+    else:
+        whole, micro = runs(name), "1"
+    accumulated = runs(name, "--per_device_train_batch_size", micro, run_name=f"{name}_accumulated")
+    assert json.loads((accumulated / "config.json").read_text())["resolved"]["gradient_accumulation_steps"] == 4
     assert losses(accumulated) == pytest.approx(losses(whole), rel=1e-5, abs=1e-5)
 
 
