@@ -71,7 +71,8 @@ def time_steps(step, steps, world):
 def main():
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="results go to bench/results/NAME.json")
-    p.add_argument("--backend", default="single", choices=["single", "fsdp", "deepspeed"], help="the trainer's --backend")
+    p.add_argument("--backend", default="single", choices=["single", "fsdp", "deepspeed"],
+                   help="the trainer's --backend")
     p.add_argument("--zero_stage", type=int, default=3, help="--backend deepspeed: the ZeRO stage")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     p.add_argument("--n_layer", type=int, default=4, help="transformer blocks")

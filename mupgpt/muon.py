@@ -5,16 +5,17 @@ state_dict holds both halves' state) and DCP's get_state_dict see what they see 
 The groups come from optim.param_groups: "muon" groups carry their LR and decay from the muP rules
 table (mup_model.py: muon_lr times the --muon_scale factor s), the others are AdamW's groups unchanged.
 
-The Muon step is torch.optim.Muon's: momentum by lerp, Nesterov, torch's Newton-Schulz (in fp32 on a
-CPU: zeropower), decoupled decay. It is written out here rather than called, for two reasons: torch's
-Muon multiplies the LR by its own shape factor (adjust_lr_fn: "original" or "match_rms_adamw", no
+The Muon step is torch.optim.Muon's: momentum by lerp, Nesterov, torch's Newton-Schulz (in fp32 on a CPU:
+zeropower), decoupled decay. It is written out here rather than called, for two reasons: torch's Muon
+multiplies the LR by its own shape factor (adjust_lr_fn: "original" or "match_rms_adamw", no
 sqrt(fan_out/fan_in) and no "none"), while the rules table already holds the factor in each group's LR;
 and under FSDP2 each rank holds a slice of the matrix, but the orthogonalization needs the whole of it.
 So a DTensor's update is gathered whole (full_tensor) and orthogonalized by the one rank that owns the
 matrix, which scatters the shards (owners; on a 2-D hybrid mesh every rank orthogonalizes it and keeps
 its own slice). Under DeepSpeed the gradients are flat partitions, so Muon runs before DeepSpeed's step
-instead (engines/deepspeed_muon.py) and the step here only applies it (given_updates). The gradient is already the whole batch's: accumulation
-and the data-parallel average finish before the step, so Muon runs once per optimizer step.
+instead (engines/deepspeed_muon.py) and the step here only applies it (given_updates). The gradient is
+already the whole batch's: accumulation and the data-parallel average finish before the step, so Muon
+runs once per optimizer step.
 """
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor

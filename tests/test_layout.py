@@ -54,11 +54,12 @@ def test_backends_are_one_module_each_and_know_only_the_base():
     engines = ROOT / "mupgpt" / "engines"
     assert {p.name for p in engines.glob("*.py")} == {"__init__.py", "factory.py", "base.py", "single.py", "ddp.py",
                                                        "fsdp.py", "deepspeed_zero.py", "deepspeed_config.py",
-                                                       "op_builds.py"}
+                                                       "deepspeed_muon.py", "op_builds.py"}
     modules = {module_name(p): p for p in SOURCES}
     # a backend knows the base, the engine it extends (DDP the single one) and its own library's helpers
     allowed = {"single": set(), "ddp": {"mupgpt.engines.single"}, "fsdp": set(),
-               "deepspeed_zero": {"mupgpt.engines.deepspeed_config", "mupgpt.engines.op_builds"}}
+               "deepspeed_zero": {"mupgpt.engines.deepspeed_config", "mupgpt.engines.deepspeed_muon",
+                                  "mupgpt.engines.op_builds"}}
     for backend, extra in allowed.items():
         deps = {d for d in imports(engines / f"{backend}.py", modules) if d.startswith("mupgpt.engines")}
         assert deps <= {"mupgpt.engines", "mupgpt.engines.base", *extra}, (backend, deps)

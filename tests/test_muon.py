@@ -30,8 +30,8 @@ BACKENDS = {"single": ((sys.executable,), []), "ddp": (TORCHRUN, ["--backend", "
             "zero0": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "0"]),
             "zero1": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "1"]),
             "zero2": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "2"]),
-            "zero3": (DEEPSPEED, ["--zero_stage", "3"]),
-            "zero3_offload": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu"])}  # ZeRO-3 as users launch it, with zero.Init
+            "zero3": (DEEPSPEED, ["--zero_stage", "3"]),  # as users launch it: the model built in zero.Init
+            "zero3_offload": (TORCHRUN, ["--backend", "deepspeed", "--zero_stage", "3", "--offload", "cpu"])}
 
 
 def test_muon_rules_hold_the_update_scale_per_matrix_and_keep_adamw_groups():
