@@ -157,7 +157,8 @@ _started_process_group = False
 def unlink_shm_buffer():
     """DeepSpeed's CPU all-reduce maps a shared-memory file per rank (/dev/shm, about 69 MB each) and never
     unlinks it, so every run on another port leaves its files in RAM until /dev/shm is full. Once every rank
-    has mapped every other's (the barrier), each removes its own name; the mappings last as long as the process."""
+    has mapped every other's (the barrier), each removes its own name; the mappings last as long as the process.
+    Called where DeepSpeed's comm starts: init_world, and the engine (when torch.distributed came first)."""
     if os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE"):
         return  # DeepSpeed makes the files only when every rank is on this machine
     dist.barrier()

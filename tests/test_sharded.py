@@ -1,5 +1,6 @@
 """ZeRO-1/2/3 (+ CPU offload) and FSDP2 on 2 real CPU ranks (gloo), through the real launchers: ZeRO-3 through
 DeepSpeed's own, the other ZeRO stages through torchrun, which runs the same engine with fewer processes."""
+import glob
 import json
 import math
 import os
@@ -155,6 +156,8 @@ def probe(out, backends, *flags):
     res = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "dist_probe.py"), *flags], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    # DeepSpeed's comm starts after torch.distributed here (DDP is probed first): its /dev/shm buffers go too
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{TORCHRUN[-1]}_*")
     return out
 
 

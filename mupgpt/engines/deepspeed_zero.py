@@ -13,6 +13,7 @@ from mupgpt.engines.deepspeed_muon import ZeroMuon
 from mupgpt.errors import UsageError
 from mupgpt.optim import adamw, clean_name, lr_scheduler, optimizer
 from mupgpt.safe_load import safe_ds_load
+from mupgpt.world import unlink_shm_buffer
 
 
 def build_model(mcfg, config):
@@ -47,6 +48,8 @@ class DeepSpeedEngine(Engine):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=self.client_optimizer(groups, offload_opt), config=ds_config,
             dist_init_required=False, lr_scheduler=lambda opt: lr_scheduler(opt, cfg, total_steps))
+        if self.device.type == "cpu":  # DeepSpeed's comm starts here where torch.distributed was started first
+            unlink_shm_buffer()
         self.share_first_group()
         self.engine.checkpoint_engine.load = safe_ds_load  # DeepSpeed's own load would run pickled code
         if cfg.compile:
